@@ -1,0 +1,258 @@
+"""The diffusion math only: the forward process, eps/x0/v conversions, the posterior, the
+training loss and the variational bound. Knows nothing of the network's insides (rule 4).
+
+Shapes: x is (B, C, H, W); t is a (B,) long tensor of indices into the schedule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import DiffusionConfig
+from .schedules import NoiseSchedule
+
+Clip = Literal["none", "clip", "dynamic"]
+CLIPS: tuple[str, ...] = ("none", "clip", "dynamic")
+Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """a[t] shaped (B, 1, ..., 1) to broadcast over x; stays on t's device (no host sync)."""
+    return a[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+def q_sample(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """DDPM Eq. 4: x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
+    return extract(s.sqrt_alpha_bar, t, x0.ndim) * x0 + extract(s.sqrt_one_minus_alpha_bar, t, x0.ndim) * noise
+
+
+def x0_from_eps(s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """DDPM Eq. 4 solved for x0."""
+    n = x_t.ndim
+    return extract(s.sqrt_recip_alpha_bar, t, n) * x_t - extract(s.sqrt_recipm1_alpha_bar, t, n) * eps
+
+
+def eps_from_x0(s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """DDPM Eq. 4 solved for eps."""
+    n = x_t.ndim
+    return (extract(s.sqrt_recip_alpha_bar, t, n) * x_t - x0) / extract(s.sqrt_recipm1_alpha_bar, t, n)
+
+
+def v_from(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Salimans & Ho Sec. 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0."""
+    return extract(s.sqrt_alpha_bar, t, x0.ndim) * eps - extract(s.sqrt_one_minus_alpha_bar, t, x0.ndim) * x0
+
+
+def x0_from_v(s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Salimans & Ho: x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v."""
+    return extract(s.sqrt_alpha_bar, t, x_t.ndim) * x_t - extract(s.sqrt_one_minus_alpha_bar, t, x_t.ndim) * v
+
+
+def target_for(objective: str, s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """What the network is trained to output for this objective."""
+    if objective == "eps":
+        return eps
+    if objective == "x0":
+        return x0
+    return v_from(s, x0, t, eps)
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
+    """Imagen Sec. 2.3: clip each image to its own percentile of |x0| (at least 1), rescale."""
+    q = torch.quantile(x0.abs().flatten(1), percentile, dim=1).clamp(min=1.0)
+    q = q.reshape(-1, *([1] * (x0.ndim - 1)))
+    return x0.clamp(-q, q) / q
+
+
+class Prediction(NamedTuple):
+    """The network's output in every form the samplers use."""
+
+    eps: torch.Tensor
+    x0: torch.Tensor
+    var_frac: torch.Tensor | None  # learned interpolation in [0, 1] between log beta-tilde and log beta
+
+
+def interpret(s: NoiseSchedule, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+              objective: str, learn_sigma: bool, clip: str = "none") -> Prediction:
+    """One conversion from any objective's raw output to (eps, x0), with optional x0 clipping."""
+    var_frac = None
+    if learn_sigma:
+        out, v = out.chunk(2, dim=1)
+        var_frac = (v + 1) / 2
+    if objective == "eps":
+        eps, x0 = out, x0_from_eps(s, x_t, t, out)
+    elif objective == "x0":
+        x0, eps = out, None
+    else:
+        x0, eps = x0_from_v(s, x_t, t, out), None
+    if clip != "none":
+        x0 = x0.clamp(-1, 1) if clip == "clip" else dynamic_threshold(x0)
+        eps = None
+    if eps is None:
+        eps = eps_from_x0(s, x_t, t, x0)
+    return Prediction(eps, x0, var_frac)
+
+
+class Denoiser:
+    """The network plus the conversions: ``denoiser(x_t, t) -> Prediction``.
+
+    ``t`` indexes ``schedule``; the network sees ``schedule.timesteps[t]``, the step it was
+    trained on.
+    """
+
+    def __init__(self, net: Network, schedule: NoiseSchedule, *, objective: str = "eps",
+                 learn_sigma: bool = False, clip: str = "none"):
+        self.net, self.schedule = net, schedule
+        self.objective, self.learn_sigma, self.clip = objective, learn_sigma, clip
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
+        out = self.net(x_t, self.schedule.timesteps[t])
+        return interpret(self.schedule, out.float(), x_t, t, objective=self.objective,
+                         learn_sigma=self.learn_sigma, clip=self.clip)
+
+
+class Posterior(NamedTuple):
+    mean: torch.Tensor
+    variance: torch.Tensor
+    log_variance: torch.Tensor
+
+
+def q_posterior(s: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Posterior:
+    """DDPM Eqs. 6-7: q(x_{t-1} | x_t, x0) = N(mu-tilde, beta-tilde)."""
+    n = x_t.ndim
+    mean = extract(s.posterior_mean_coef1, t, n) * x0 + extract(s.posterior_mean_coef2, t, n) * x_t
+    return Posterior(mean, extract(s.posterior_variance, t, n).expand_as(x_t),
+                     extract(s.posterior_log_variance_clipped, t, n).expand_as(x_t))
+
+
+def p_log_variance(s: NoiseSchedule, t: torch.Tensor, ndim: int, *, variance: str,
+                   var_frac: torch.Tensor | None = None) -> torch.Tensor:
+    """log sigma_t^2 of p(x_{t-1}|x_t): beta-tilde, beta (DDPM Sec. 3.2), or learned
+    (Improved DDPM Eq. 15)."""
+    min_log = extract(s.posterior_log_variance_clipped, t, ndim)
+    # "beta" uses beta-tilde at t=0 as improved-diffusion does, so L_0 stays finite
+    betas = torch.cat([s.posterior_variance[1:2], s.betas[1:]]) if s.T > 1 else s.betas
+    max_log = extract(torch.log(betas), t, ndim)
+    if variance == "learned":
+        if var_frac is None:
+            raise ValueError("learned variance needs a model trained with learn_sigma")
+        return var_frac * max_log + (1 - var_frac) * min_log
+    return max_log if variance == "beta" else min_log
+
+
+# ---------------------------------------------------------------- training loss
+
+
+class LossTerms(NamedTuple):
+    loss: torch.Tensor  # scalar to minimise
+    per_sample: torch.Tensor  # (B,) the weighted simple loss per sample, before the mean
+    vlb: torch.Tensor | None  # (B,) L_t in bits/dim, when learning variances
+
+
+def _elementwise(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if kind == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    if kind == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    return F.smooth_l1_loss(pred, target, reduction="none")
+
+
+def snr(s: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at t."""
+    ab = s.alpha_bar[t]
+    return ab / (1 - ab)
+
+
+def loss_weight(cfg: DiffusionConfig, s: NoiseSchedule, t: torch.Tensor) -> torch.Tensor | None:
+    """Min-SNR-gamma weights (Hang et al. Eq. 9), expressed for the chosen objective."""
+    if cfg.loss_weighting == "uniform":
+        return None
+    r = snr(s, t)
+    w = r.clamp(max=cfg.min_snr_gamma)
+    if cfg.objective == "eps":
+        return w / r
+    if cfg.objective == "v":
+        return w / (r + 1)
+    return w
+
+
+def sample_noise(x0: torch.Tensor, offset: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise, plus per-channel offset noise (Guttenberg 2023) when offset > 0."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if offset > 0:
+        b, c = x0.shape[:2]
+        noise = noise + offset * torch.randn((b, c, *([1] * (x0.ndim - 2))), generator=generator,
+                                             device=x0.device, dtype=x0.dtype)
+    return noise
+
+
+def training_losses(net: Network, s: NoiseSchedule, cfg: DiffusionConfig, x0: torch.Tensor,
+                    t: torch.Tensor, noise: torch.Tensor, *, learn_sigma: bool = False) -> LossTerms:
+    """DDPM Algorithm 1 (any objective, weighting and loss type); with learned variances the
+    improved-DDPM hybrid L_simple + lambda L_vlb, stop-gradient on the mean in L_vlb."""
+    x_t = q_sample(s, x0, t, noise)
+    out = net(x_t, t).float()
+    vlb = None
+    if learn_sigma:
+        out, v = out.chunk(2, dim=1)
+        frozen = torch.cat([out.detach(), v], dim=1)
+        pred = interpret(s, frozen, x_t, t, objective=cfg.objective, learn_sigma=True)
+        vlb = vlb_term(s, pred, x0, x_t, t, variance="learned")
+    per = _elementwise(cfg.loss, out, target_for(cfg.objective, s, x0, t, noise)).flatten(1).mean(1)
+    w = loss_weight(cfg, s, t)
+    if w is not None:
+        per = per * w
+    loss = per.mean()
+    if vlb is not None:
+        # L_vlb = T * E_t[L_t]; improved-diffusion's lambda = 1e-3 with this scaling
+        loss = loss + cfg.vlb_weight * s.T * vlb.mean()
+    return LossTerms(loss, per.detach(), None if vlb is None else vlb.detach())
+
+
+# ---------------------------------------------------------------- variational bound
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """DDPM Eq. 13: log-probability of 8-bit data x in [-1, 1] under a Gaussian binned into
+    256 buckets of width 2/255, the outer buckets extended to infinity. Elementwise, nats."""
+    centered = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = _std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def vlb_term(s: NoiseSchedule, pred: Prediction, x0: torch.Tensor, x_t: torch.Tensor,
+             t: torch.Tensor, *, variance: str) -> torch.Tensor:
+    """DDPM Eq. 5: L_{t-1} = KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0, and the
+    decoder's -log p(x0|x1) for t = 0. Per sample, in bits per dimension."""
+    true = q_posterior(s, x0, x_t, t)
+    mean = q_posterior(s, pred.x0, x_t, t).mean
+    logvar = p_log_variance(s, t, x_t.ndim, variance=variance, var_frac=pred.var_frac)
+    kl = normal_kl(true.mean, true.log_variance, mean, logvar).flatten(1).mean(1) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)
+
+
+def prior_bpd(s: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
+    """L_T = KL(q(x_T|x0) || N(0, I)) per sample, in bits per dimension."""
+    t = torch.full((x0.shape[0],), s.T - 1, device=x0.device, dtype=torch.long)
+    mean = extract(s.sqrt_alpha_bar, t, x0.ndim) * x0
+    logvar = torch.log(extract(1 - s.alpha_bar, t, x0.ndim)).expand_as(x0)
+    return normal_kl(mean, logvar, torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).mean(1) / math.log(2.0)
