@@ -1,0 +1,34 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $@
+
+# Debian's Fashion-MNIST package, where this machine can install it (root and apt-get);
+# otherwise ddpm finds or downloads the files itself (see README, "Data").
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST: $(FMNIST)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) \
+	  || echo "note: could not install dataset-fashion-mnist; ddpm will look elsewhere"; \
+	else echo "note: not root or no apt-get; ddpm will look for Fashion-MNIST elsewhere"; fi
+
+demo: setup data
+	$(VENV)/bin/ddpm demo
+
+test: setup data
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs bench/out .pytest_cache

@@ -1,0 +1,20 @@
+"""ddpm: denoising diffusion probabilistic models in PyTorch, as a library and a command."""
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig, preset
+from .data import load_dataset, load_fashion_mnist, load_image_folder
+from .diffusion import Denoiser, q_sample, training_losses
+from .errors import DdpmError
+from .forward import noise_figure
+from .nn import UNet
+from .sampling import SampleConfig, generate, load_model
+from .schedules import NoiseSchedule
+from .train import train
+from .viz import save_gif, save_grid
+
+__version__ = "0.1.0"
+__all__ = [
+    "Checkpoint", "DataConfig", "DdpmError", "Denoiser", "DiffusionConfig", "ModelConfig", "NoiseSchedule",
+    "RunConfig", "SampleConfig", "TrainConfig", "UNet", "generate", "load_checkpoint", "load_dataset",
+    "load_fashion_mnist", "load_image_folder", "load_model", "noise_figure", "preset", "q_sample",
+    "save_checkpoint", "save_gif", "save_grid", "train", "training_losses",
+]

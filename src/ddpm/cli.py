@@ -1,0 +1,255 @@
+"""The ``ddpm`` command: parse, build a config, call the library. No logic of its own."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import DdpmError
+
+# flag dest -> (config section, field)
+TRAIN_FLAGS: dict[str, tuple[str, str]] = {
+    "dim": ("model", "dim"), "dim_mults": ("model", "dim_mults"), "use_convnext": ("model", "use_convnext"),
+    "learn_sigma": ("model", "learn_sigma"), "grad_checkpoint": ("model", "grad_checkpoint"),
+    "timesteps": ("diffusion", "timesteps"), "schedule": ("diffusion", "schedule"),
+    "loss": ("diffusion", "loss"), "objective": ("diffusion", "objective"),
+    "loss_weighting": ("diffusion", "loss_weighting"), "min_snr_gamma": ("diffusion", "min_snr_gamma"),
+    "offset_noise": ("diffusion", "offset_noise"), "vlb_weight": ("diffusion", "vlb_weight"),
+    "dataset": ("data", "source"), "image_size": ("data", "image_size"), "channels": ("data", "channels"),
+    "data": ("data", "data_dir"),
+    "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "lr_schedule": ("train", "lr_schedule"),
+    "warmup_steps": ("train", "warmup_steps"), "epochs": ("train", "epochs"), "max_steps": ("train", "max_steps"),
+    "minutes": ("train", "minutes"), "ema_decay": ("train", "ema_decay"), "max_grad_norm": ("train", "max_grad_norm"),
+    "sample_every": ("train", "sample_every"), "checkpoint_every": ("train", "checkpoint_every"),
+    "keep": ("train", "keep"), "log_every": ("train", "log_every"), "seed": ("train", "seed"),
+    "compile": ("train", "compile"), "channels_last": ("train", "channels_last"),
+}
+BUDGET = ("epochs", "max_steps", "minutes")
+
+
+def _csv_ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and diffusion")
+    g.add_argument("--dim", type=int)
+    g.add_argument("--dim-mults", type=_csv_ints, help="e.g. 1,2,4")
+    g.add_argument("--use-convnext", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
+                   help="learn the reverse variances (improved DDPM hybrid loss)")
+    g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--timesteps", type=int, help="T, the number of diffusion steps")
+    g.add_argument("--schedule", help="linear | cosine | quadratic | sigmoid")
+    g.add_argument("--loss", help="l1 | l2 | huber")
+    g.add_argument("--objective", help="eps | x0 | v")
+    g.add_argument("--loss-weighting", help="uniform | min_snr")
+    g.add_argument("--min-snr-gamma", type=float)
+    g.add_argument("--offset-noise", type=float)
+    g.add_argument("--vlb-weight", type=float)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="fashion-mnist (default) or a folder of PNG/JPEG images")
+    g.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--channels", type=int)
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--lr-schedule", help="constant | cosine")
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--minutes", type=float)
+    g.add_argument("--ema-decay", type=float, help="0 turns EMA off")
+    g.add_argument("--max-grad-norm", type=float)
+    g.add_argument("--sample-every", type=int, help="steps between sample grids (0: never)")
+    g.add_argument("--checkpoint-every", type=int)
+    g.add_argument("--keep", type=int, help="checkpoints kept")
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """Preset or --config file (or the run's own config on --resume), then the flags on top."""
+    from .config import RunConfig, override, preset
+
+    run_cfg = Path(args.run_dir) / "config.json" if args.run_dir else None
+    if args.config:
+        cfg = RunConfig.load(args.config)
+    elif args.resume and run_cfg is not None and run_cfg.is_file() and args.preset is None:
+        cfg = RunConfig.load(run_cfg)
+    else:
+        cfg = preset(args.preset or "seed")
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k, None) is not None}
+    if any(k in given for k in BUDGET):  # a budget flag replaces the preset's budget
+        given = {**{k: None for k in BUDGET}, **given}
+    if given.get("dataset") not in (None, "fashion-mnist") and "channels" not in given:
+        pass  # image folders keep the preset's channel count unless asked
+    sections: dict[str, dict[str, Any]] = {}
+    for k, v in given.items():
+        sec, fld = TRAIN_FLAGS[k]
+        sections.setdefault(sec, {})[fld] = v
+    if "channels" in given:
+        sections.setdefault("model", {})["channels"] = given["channels"]
+    new = {sec: override(getattr(cfg, sec), **fl) for sec, fl in sections.items()}
+    from dataclasses import replace
+    return replace(cfg, **new)
+
+
+def _run_dir(args: argparse.Namespace, default_name: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    return Path("runs") / (args.name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    if args.resume and not (args.out or args.name):
+        raise DdpmError("--resume needs the run: give --out RUN_DIR or --name NAME")
+    args.run_dir = str(_run_dir(args, args.preset or "seed")) if (args.out or args.name) else None
+    cfg = build_config(args)
+    run_dir = Path(args.run_dir) if args.run_dir else _run_dir(args, cfg.preset)
+    res = train(cfg, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
+    print(f"done: step {res.step}, {res.images_per_sec:.1f} images/s; checkpoint {res.checkpoint}")
+    print(f"sample with: ddpm sample {run_dir}")
+    return 0
+
+
+def _sample_config(args: argparse.Namespace) -> Any:
+    from .config import override
+    from .sampling import SampleConfig
+
+    return override(SampleConfig(), sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta,
+                    variance=args.variance, clip=args.clip, n=args.n, batch_size=args.batch_size,
+                    seed=args.seed, use_ema=not args.no_ema)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .checkpoint import atomic_write_bytes
+    from .sampling import generate, load_model
+    from .viz import save_gif, save_grid
+
+    scfg = _sample_config(args)
+    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    out = Path(args.out) if args.out else model.source.parent.parent / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.index is not None and not 0 <= args.index < min(scfg.n, scfg.batch_size):
+        raise DdpmError(f"--index must be between 0 and {min(scfg.n, scfg.batch_size) - 1}, got {args.index}")
+    frames = args.gif_show if args.gif else "none"
+    t0 = time.perf_counter()
+    s = generate(model, scfg, frames=frames, frame_index=args.index, progress=True)
+    dt = time.perf_counter() - t0
+    print(f"sampler {scfg.sampler}: {s.steps} steps, {s.nfe} network evaluations per image; "
+          f"{scfg.n} images in {dt:.1f}s ({scfg.n / dt:.1f} images/s)")
+    import io
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=s.images.numpy())
+    atomic_write_bytes(out / "samples.npz", buf.getvalue())
+    save_grid(s.images[:64] if args.index is None else s.images[:64], out / "grid.png")
+    written = [out / "grid.png", out / "samples.npz"]
+    if args.gif:
+        written.append(save_gif(s.frames, out / "denoising.gif", scale=4 if args.index is not None else 2))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_noise(args: argparse.Namespace) -> int:
+    from .forward import noise_figure
+
+    path = noise_figure(args.image, out=args.out, ts=args.t, schedule=args.schedule, timesteps=args.timesteps,
+                        size=args.size, data_dir=args.data, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(minutes=args.minutes, out=args.out, device=args.device, data_dir=args.data)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddpm", description="Denoising diffusion probabilistic models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (a run folder under runs/)")
+    t.add_argument("--preset", help="seed (the seed's recipe) | fast (small, for CPUs)")
+    t.add_argument("--config", help="a config.json to train from (e.g. RUN/config.json)")
+    t.add_argument("--name", help="run name: the run lives in runs/NAME")
+    t.add_argument("--out", help="run folder (instead of runs/NAME)")
+    t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.add_argument("--no-progress", action="store_true")
+    _add_train_flags(t)
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples from a run or checkpoint")
+    s.add_argument("run", help="run folder or checkpoint folder")
+    _add_sample_flags(s)
+    s.add_argument("--out", help="output folder (default RUN/samples)")
+    s.add_argument("--gif", action="store_true", help="also write denoising.gif")
+    s.add_argument("--gif-show", default="x_t", choices=["x_t", "x0"], help="animate x_t or the predicted x0")
+    s.add_argument("--index", type=int, help="animate only image K of the grid")
+    s.set_defaults(fn=cmd_sample)
+
+    nz = sub.add_parser("noise", help="the forward process figure: one image noised at several t")
+    nz.add_argument("--image", help="PNG/JPEG (default: a Fashion-MNIST image)")
+    nz.add_argument("--t", type=_csv_ints, default=(0, 50, 100, 150, 199))
+    nz.add_argument("--schedule", default="linear")
+    nz.add_argument("--timesteps", type=int, default=200)
+    nz.add_argument("--size", type=int, default=28)
+    nz.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
+    nz.add_argument("--seed", type=int, default=0)
+    nz.add_argument("--out", default="noise.png")
+    nz.set_defaults(fn=cmd_noise)
+
+    d = sub.add_parser("demo", help="train the fast preset for a few minutes, then sample a grid and a GIF")
+    d.add_argument("--minutes", type=float, default=5.0)
+    d.add_argument("--out", help="run folder (default runs/demo-TIME)")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def _add_sample_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--sampler", default="ddpm", help="ddpm | ddim | dpm++2m | heun")
+    s.add_argument("--steps", type=int, help="sampling steps (default: the sampler's own)")
+    s.add_argument("--spacing", default="uniform", help="uniform | quadratic | trailing")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic) to 1")
+    s.add_argument("--variance", default="beta_tilde", help="ddpm: beta_tilde | beta | learned")
+    s.add_argument("--clip", default="clip", help="x0 clipping: clip | dynamic | none")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    s.add_argument("--device", default="auto")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    try:
+        return fn(args)
+    except DdpmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Sample-quality evaluation that works offline: FD, KID, precision/recall and class statistics.
+
+Images are embedded by a small Fashion-MNIST classifier (:mod:`ddpm.features`, shipped with
+the package), so the numbers are "FD-FMNIST", not Inception FID: comparable between our runs,
+not with published CIFAR/ImageNet FIDs. Each report carries ``fd_reference``, the FD of as many
+real *training* images against the same reference: the floor a perfect model would reach.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .checkpoint import atomic_write_bytes
+from .data import load_fashion_mnist, load_image_folder
+from .errors import DdpmError
+from .features import FeatureNet, default_feature_net, weights_digest
+from .metrics import classifier_stats, frechet_distance, gaussian_stats, kid, precision_recall
+
+log = logging.getLogger(__name__)
+
+FMNIST_SPLITS = {"fashion-mnist-test": "test", "fashion-mnist-train": "train"}
+CACHE_VERSION = 1
+INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                         "weights-inception-2015-12-05-6726825d.pth")
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """The numbers of one evaluation; sampler/steps/nfe/source are the caller's (dataclasses.replace)."""
+
+    n_samples: int
+    fd: float  # FD-FMNIST of the samples against the reference set
+    fd_reference: float | None  # the same for n_samples real training images: the floor
+    kid_mean: float
+    kid_std: float
+    precision: float
+    recall: float
+    mean_confidence: float
+    class_entropy_bits: float  # log2(10) = 3.32 for a perfectly balanced sample
+    class_histogram: tuple[int, ...]
+    feature_net_accuracy: float | None
+    reference: str
+    n_reference: int
+    seconds: float
+    seed: int
+    sampler: str | None = None
+    steps: int | None = None
+    nfe: int | None = None
+    source: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["class_histogram"] = list(self.class_histogram)
+        return d
+
+    def summary(self) -> str:
+        """One line for logs and the command's output."""
+        floor = "" if self.fd_reference is None else f" (real-data floor {self.fd_reference:.2f})"
+        return (f"n={self.n_samples} FD={self.fd:.2f}{floor} KID={self.kid_mean * 1e3:.2f}e-3"
+                f"±{self.kid_std * 1e3:.2f}e-3 precision={self.precision:.3f} recall={self.recall:.3f}"
+                f" confidence={self.mean_confidence:.3f} class-entropy={self.class_entropy_bits:.3f} bits")
+
+
+class ReferenceStats(NamedTuple):
+    features: torch.Tensor  # (N, D) float32
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+
+
+# ---------------------------------------------------------------- reference statistics and their cache
+
+def stats_cache_dir() -> Path:
+    """Where reference features are cached: $XDG_CACHE_HOME/ddpm/eval-stats (default ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ddpm" / "eval-stats"
+
+
+def _images_digest(images: torch.Tensor) -> str:
+    h = hashlib.sha256(f"{images.dtype}:{tuple(images.shape)};".encode())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_path(net: FeatureNet, images: torch.Tensor) -> Path:
+    key = hashlib.sha256(f"v{CACHE_VERSION}:{weights_digest(net)}:{_images_digest(images)}".encode())
+    return stats_cache_dir() / f"ref-{key.hexdigest()[:24]}.safetensors"
+
+
+def _read_cached(path: Path) -> ReferenceStats | None:
+    try:
+        t = load_safetensors_bytes(path.read_bytes())
+        return ReferenceStats(t["features"], t["mu"].numpy(), t["sigma"].numpy())
+    except FileNotFoundError:
+        return None
+    except (OSError, SafetensorError, KeyError) as e:  # a damaged cache is rebuilt, never fatal
+        log.warning("ignoring unreadable statistics cache %s: %s", path, e)
+        return None
+
+
+def _write_cached(path: Path, stats: ReferenceStats) -> None:
+    blob = save_safetensors_bytes({"features": stats.features.contiguous(),
+                                   "mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, blob)
+    except OSError as e:  # a read-only home must not stop an evaluation
+        log.warning("could not cache reference statistics in %s: %s", path, e)
+
+
+def reference_stats(net: FeatureNet, images: torch.Tensor, *, cache: bool = True) -> ReferenceStats:
+    """Features, mean and covariance of the reference images, cached by (weights, data) digest."""
+    net.check_images(images)
+    path = _cache_path(net, images) if cache else None
+    if path is not None and (hit := _read_cached(path)) is not None:
+        return hit
+    feats = net.embed_and_classify(images).features
+    stats = ReferenceStats(feats, *gaussian_stats(feats))
+    if path is not None:
+        _write_cached(path, stats)
+    return stats
+
+
+def resolve_images(spec: str | torch.Tensor, net: FeatureNet, data_dir: str | Path | None = None
+                   ) -> tuple[str, torch.Tensor]:
+    """A named Fashion-MNIST split, an image folder, or a uint8 tensor -> (name, images)."""
+    if isinstance(spec, torch.Tensor):
+        return "tensor", spec
+    if spec in FMNIST_SPLITS:
+        return spec, load_fashion_mnist(FMNIST_SPLITS[spec], data_dir)
+    if Path(spec).is_dir():
+        return spec, load_image_folder(spec, net.config.size, net.config.channels)
+    raise DdpmError(f"unknown reference {spec!r}: use {', '.join(FMNIST_SPLITS)} or an image folder")
+
+
+# ---------------------------------------------------------------- the report
+
+def _floor_fd(net: FeatureNet, pool: torch.Tensor, n: int, ref: ReferenceStats, gen: torch.Generator) -> float:
+    """FD of n real images drawn (seeded, without replacement) from `pool` against the reference."""
+    net.check_images(pool)
+    idx = torch.randperm(len(pool), generator=gen)[:n]
+    return frechet_distance(*gaussian_stats(net.embed_and_classify(pool[idx]).features), ref.mu, ref.sigma)
+
+
+def evaluate_images(images: torch.Tensor, *, feature_net: FeatureNet | None = None,
+                    reference: str | torch.Tensor = "fashion-mnist-test",
+                    floor: str | torch.Tensor | None = "fashion-mnist-train",
+                    data_dir: str | Path | None = None, seed: int = 0, kid_subsets: int = 100,
+                    kid_subset_size: int = 1000, pr_k: int = 3, cache: bool = True) -> EvalReport:
+    """FD, KID, precision/recall and class statistics of uint8 images against a reference set."""
+    t0 = time.perf_counter()
+    net = feature_net if feature_net is not None else default_feature_net()
+    net.check_images(images)
+    if len(images) <= pr_k:
+        raise DdpmError(f"need more than {pr_k} images to evaluate, got {len(images)}")
+    ref_name, ref_images = resolve_images(reference, net, data_dir)
+    ref = reference_stats(net, ref_images, cache=cache)
+    fake = net.embed_and_classify(images)
+    # One generator per use, so that skipping the floor changes no other number.
+    fd_floor = None if floor is None else _floor_fd(net, resolve_images(floor, net, data_dir)[1],
+                                                    len(images), ref, torch.Generator().manual_seed(seed))
+    # P/R radii depend on set size (denser sets, smaller balls): compare equal numbers of points.
+    pick = torch.randperm(len(ref.features), generator=torch.Generator().manual_seed(seed))[:len(images)]
+    pr = precision_recall(ref.features[pick], fake.features, k=pr_k)
+    kid_result = kid(fake.features, ref.features, subsets=kid_subsets, subset_size=kid_subset_size,
+                     generator=torch.Generator().manual_seed(seed))
+    cls = classifier_stats(fake.logits)
+    return EvalReport(
+        n_samples=len(images), fd=frechet_distance(*gaussian_stats(fake.features), ref.mu, ref.sigma),
+        fd_reference=fd_floor, kid_mean=kid_result.mean, kid_std=kid_result.std,
+        precision=pr.precision, recall=pr.recall, mean_confidence=cls.mean_confidence,
+        class_entropy_bits=cls.class_entropy_bits, class_histogram=cls.histogram,
+        feature_net_accuracy=net.meta.test_accuracy if net.meta else None, reference=ref_name,
+        n_reference=len(ref.features), seconds=round(time.perf_counter() - t0, 3), seed=seed)
+
+
+# ---------------------------------------------------------------- Inception FID (optional)
+
+def _inception_help(reason: str) -> str:
+    return (f"Inception FID needs the Inception weights on disk: pass --inception-weights PATH "
+            f"({reason}; download {INCEPTION_WEIGHTS_URL} on a machine with internet, and "
+            f"`pip install torchmetrics[image]`, which brings torch-fidelity)")
+
+
+def _as_rgb(images: torch.Tensor) -> torch.Tensor:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise DdpmError(f"Inception FID expects uint8 (N, 1 or 3, H, W) images, got "
+                        f"{images.dtype} {tuple(images.shape)}")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def inception_fid(images: torch.Tensor, ref_images: torch.Tensor, weights_path: str | Path | None,
+                  *, batch_size: int = 100) -> float:
+    """Classic FID on Inception-v3 pool3 features (Heusel et al. 2017) via torchmetrics, offline."""
+    if weights_path is None or not Path(weights_path).is_file():
+        raise DdpmError(_inception_help("none given" if weights_path is None else f"{weights_path} not found"))
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        raise DdpmError(_inception_help("torchmetrics with torch-fidelity is not installed")) from None
+    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights_path))
+    for batch, real in [(b, True) for b in _as_rgb(ref_images).split(batch_size)] + \
+                       [(b, False) for b in _as_rgb(images).split(batch_size)]:
+        metric.update(batch, real=real)
+    return float(metric.compute())

@@ -1,0 +1,46 @@
+"""The forward process figure: one image noised at several t (the seed's illustration)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data import from_model_range, load_fashion_mnist, load_image, to_model_range
+from .diffusion import q_sample
+from .errors import DdpmError
+from .schedules import NoiseSchedule
+from .viz import noise_strip, save_png
+
+
+def noise_figure(image: str | Path | None = None, *, out: str | Path = "noise.png", ts: Sequence[int] = (0, 50, 100, 150, 199),
+                 schedule: str = "linear", timesteps: int = 200, size: int = 28, data_dir: str | None = None,
+                 seed: int = 0) -> Path:
+    """q_sample of one image at each t in ``ts``, side by side, written to ``out``."""
+    sched = NoiseSchedule.create(schedule, timesteps)
+    bad = [t for t in ts if not 0 <= t < timesteps]
+    if bad or not ts:
+        raise DdpmError(f"every --t must be in [0, {timesteps - 1}] for T={timesteps}, got {list(ts)}")
+    if image is None:
+        x = load_fashion_mnist("train", data_dir)[0]
+        if size != x.shape[-1]:
+            x = torch.nn.functional.interpolate(x[None].float(), size=(size, size), mode="bilinear",
+                                                antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
+    else:
+        x = load_image(image, size, 3 if _is_colour(image) else 1)
+    x0 = to_model_range(x)[None].expand(len(ts), -1, -1, -1)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=gen)
+    noise = noise[:1].expand_as(x0)  # the same noise at every t, so only the level changes
+    xt = q_sample(sched, x0, torch.as_tensor(list(ts)), noise)
+    return save_png(noise_strip(from_model_range(xt), list(ts)), out)
+
+
+def _is_colour(path: str | Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.mode not in ("L", "LA", "I", "I;16", "1")
+    except (OSError, UnidentifiedImageError):
+        return False  # load_image reports the unreadable file

@@ -1,0 +1,138 @@
+"""From a checkpoint to images: load the model, run a sampler in batches, record frames."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, load_into
+from .config import RunConfig
+from .data import from_model_range
+from .diffusion import CLIPS, Denoiser
+from .errors import DdpmError
+from .nn import UNet
+from .samplers import SamplerOptions, check_options, get_sampler
+from .schedules import NoiseSchedule, space_timesteps
+from .viz import make_grid
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to draw samples: which sampler, how many steps, how many images."""
+
+    sampler: str = "ddpm"
+    steps: int | None = None  # None: the sampler's default (all T for ddpm)
+    spacing: Literal["uniform", "quadratic", "trailing"] = "uniform"
+    eta: float = 0.0
+    variance: Literal["beta_tilde", "beta", "learned"] = "beta_tilde"
+    clip: Literal["none", "clip", "dynamic"] = "clip"
+    n: int = 64
+    batch_size: int = 256
+    seed: int = 0
+    use_ema: bool = True
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto -> cuda when available, else cpu; a cuda request without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DdpmError("--device cuda asked for, but this PyTorch sees no CUDA device")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise DdpmError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def make_schedule(cfg: RunConfig) -> NoiseSchedule:
+    d = cfg.diffusion
+    return NoiseSchedule.create(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+
+
+@dataclass
+class LoadedModel:
+    """A trained network with its schedule and config, ready to sample."""
+
+    net: UNet
+    schedule: NoiseSchedule
+    config: RunConfig
+    step: int
+    source: Path
+
+    def denoiser(self, clip: str = "none") -> Denoiser:
+        d = self.config.diffusion
+        return Denoiser(self.net, self.schedule, objective=d.objective,
+                        learn_sigma=self.config.model.learn_sigma, clip=clip)
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedModel:
+    """A run folder or checkpoint -> the network (EMA weights by default) in eval mode."""
+    ck = load_checkpoint(path)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    net = UNet(ck.config.model)
+    load_into(net, ck.sampling_weights(use_ema), ck.path)
+    net = net.to(dev).eval()
+    return LoadedModel(net, make_schedule(ck.config).to(dev), ck.config, ck.step, ck.path)
+
+
+@dataclass
+class Samples:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    nfe: int
+    steps: int
+    frames: list[np.ndarray] = field(default_factory=list)  # grids of x_t (or x0) during sampling
+
+
+def check_sample_config(model: LoadedModel, cfg: SampleConfig) -> int:
+    """Validate against the model; return the number of steps to run."""
+    spec = get_sampler(cfg.sampler)
+    if cfg.clip not in CLIPS:
+        raise DdpmError(f"unknown clip {cfg.clip!r}; choose one of: {', '.join(CLIPS)}")
+    if cfg.n < 1 or cfg.batch_size < 1:
+        raise DdpmError(f"--n and --batch-size must be at least 1, got {cfg.n} and {cfg.batch_size}")
+    T = model.schedule.T
+    steps = min(spec.default_steps or T, T) if cfg.steps is None else cfg.steps
+    space_timesteps(T, steps, cfg.spacing)  # raises on bad steps / spacing
+    check_options(cfg.sampler, SamplerOptions(cfg.eta, cfg.variance), model.config.model.learn_sigma)
+    return steps
+
+
+@torch.inference_mode()
+def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "x_t", "x0"] = "none",
+             frame_index: int | None = None, max_frames: int = 100, progress: bool = False) -> Samples:
+    """Draw ``cfg.n`` images in batches; optionally record grids of the first batch's denoising."""
+    steps = check_sample_config(model, cfg)
+    spec = get_sampler(cfg.sampler)
+    dev = model.schedule.alpha_bar.device
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    timesteps = space_timesteps(model.schedule.T, steps, cfg.spacing)
+    mc = model.config
+    shape = (mc.model.channels, mc.data.image_size, mc.data.image_size)
+    out, recorded = [], []
+    every = max(1, steps // max_frames)
+    denoiser = model.denoiser(cfg.clip)
+    for start in range(0, cfg.n, cfg.batch_size):
+        b = min(cfg.batch_size, cfg.n - start)
+        x_T = torch.randn((b, *shape), generator=gen, device=dev)
+        on_step = None
+        if frames != "none" and start == 0:
+            on_step = _recorder(recorded, frames, frame_index, every, steps)
+            recorded.append(_frame(x_T, frame_index))
+        x = spec.fn(denoiser, x_T, timesteps, options=SamplerOptions(cfg.eta, cfg.variance),
+                    generator=gen, on_step=on_step)
+        out.append(from_model_range(x).cpu())
+    return Samples(torch.cat(out), spec.nfe(steps), steps, recorded)
+
+
+def _frame(x: torch.Tensor, index: int | None) -> np.ndarray:
+    imgs = from_model_range(x if index is None else x[index:index + 1]).cpu()
+    return make_grid(imgs)
+
+
+def _recorder(frames: list[np.ndarray], what: str, index: int | None, every: int, steps: int):
+    def on_step(i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        if i % every == 0 or i == steps - 1:
+            frames.append(_frame(x_t if what == "x_t" else x0, index))
+    return on_step
