@@ -23,7 +23,7 @@ import torch
 
 from ddpm.diffusion import Denoiser
 from ddpm.errors import DdpmError
-from ddpm.samplers import SAMPLERS, SamplerOptions, get_sampler, sample
+from ddpm.samplers import SAMPLERS, SamplerOptions, count_nfe, get_sampler, sample
 from ddpm.samplers import ddim as ddim_mod
 from ddpm.schedules import NoiseSchedule, space_timesteps
 
@@ -254,9 +254,10 @@ def flow_error(name: str, s: NoiseSchedule, steps: int, spacing: str = "uniform"
 
 
 # (sampler, spacing, coarse steps, fine steps, error bound at the fine steps, least error ratio)
-# Measured relative RMS errors on cosine T=200: ddim uniform 25 -> 0.054, 50 -> 0.027 (first
-# order: ratio 2); heun 10 -> 0.027, 20 -> 0.007 (ratio ~4); dpm++2m quadratic 10 -> 0.022,
-# 20 -> 0.0016 (ratio > 4), dpm++2m uniform 50 -> 0.010, 100 -> 0.0026.
+# Measured relative RMS errors on cosine T=200: ddim uniform 25 -> 0.060, 50 -> 0.030 (first
+# order: ratio 2); heun uniform 10 -> 0.026, 20 -> 0.0069 (ratio 3.8), trailing 0.019 -> 0.0059;
+# dpm++2m quadratic 10 -> 0.022, 20 -> 0.0018, uniform 50 -> 0.0097, 100 -> 0.0023 (ratio 4.3).
+# The maps are deterministic given x_T, so these bounds carry no Monte Carlo error.
 FLOW_CASES = [
     ("ddim", "uniform", 25, 50, 0.035, 1.7),
     ("heun", "uniform", 10, 20, 0.012, 3.0),
@@ -279,7 +280,8 @@ def test_ode_samplers_linear1000(name: str, linear1000: NoiseSchedule) -> None:
     """The seed-style linear schedule with T=1000 (sigma_max ~157 > EDM's 80 for Heun)."""
     steps = {"ddim": 100, "heun": 50, "dpm++2m": 100}[name]
     e = flow_error(name, linear1000, steps)
-    assert e < {"ddim": 0.03, "heun": 0.012, "dpm++2m": 0.025}[name], e
+    # measured: ddim 0.028, heun 0.0030, dpm++2m 0.014
+    assert e < {"ddim": 0.033, "heun": 0.006, "dpm++2m": 0.018}[name], e
 
 
 @pytest.mark.parametrize("name", ["ddim", "heun", "dpm++2m"])
@@ -360,21 +362,19 @@ def test_nfe_table_matches_network_calls(name: str, steps: int) -> None:
     s = small(30)
     net, counter = counted(s)
     sample(name, Denoiser(net, s), torch.randn(2, 1, 2, 2), steps, generator=torch.Generator().manual_seed(0))
-    assert counter[0] == SAMPLERS[name].nfe(steps)
+    assert counter[0] == count_nfe(name, s.alpha_bar, steps)
     if name == "heun":
-        assert SAMPLERS[name].nfe(steps) == 2 * steps - 1
+        assert count_nfe(name, s.alpha_bar, steps) == 2 * steps - 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src/ddpm/samplers/__init__.py SAMPLERS['heun'].nfe = 2s-1, but heun.sample skips the "
-    "correction out of sigma > SIGMA_MAX=80, so with cosine (sigma_max ~4000 at T=200) or "
-    "linear T=1000 (~157) it makes 2s-2 network calls"))
-@pytest.mark.parametrize("sched", ["cosine"])
-def test_heun_nfe_with_large_sigma_max(sched: str) -> None:
-    s = NoiseSchedule.create(sched, 200)
+# cosine (sigma_max ~4000 at T=200) and linear T=1000 (~157): Heun skips the correction out
+# of sigma > 80, so it makes 2s - 2 calls, and the table must say so
+@pytest.mark.parametrize(("sched", "T"), [("cosine", 200), ("linear", 1000)])
+def test_heun_nfe_with_large_sigma_max(sched: str, T: int) -> None:
+    s = NoiseSchedule.create(sched, T)
     net, counter = counted(s)
     sample("heun", Denoiser(net, s), torch.randn(2, 1, 2, 2), 10)
-    assert counter[0] == SAMPLERS["heun"].nfe(10)
+    assert counter[0] == count_nfe("heun", s.alpha_bar, 10) == 18
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))

@@ -44,11 +44,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also leave litter behind
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -76,35 +80,76 @@ class Checkpoint:
 
 def save_checkpoint(run_dir: Path, *, config: RunConfig, step: int, model: dict[str, torch.Tensor],
                     ema: dict[str, torch.Tensor] | None, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write a checkpoint for ``step`` atomically, point ``latest`` at it, prune old ones."""
+    """Write a checkpoint for ``step`` atomically, point ``latest`` at it, prune old ones.
+
+    A failed write (full disk, read-only folder) leaves every earlier checkpoint and ``latest``
+    untouched and raises a one-line DdpmError naming the last good checkpoint.
+    """
     ck_root = run_dir / "checkpoints"
-    ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / f"step-{step:08d}"
-    tmp = ck_root / f".step-{step:08d}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        save_file(_cpu_state(model), str(tmp / "model.safetensors"))
-        if ema is not None:
-            save_file(_cpu_state(ema), str(tmp / "ema.safetensors"))
-        (tmp / "config.json").write_text(config.to_json())
-        torch.save(state, tmp / "state.pt")
-        files = sorted(p.name for p in tmp.iterdir())
-        meta = {"format_version": FORMAT_VERSION, "step": step,
-                "sha256": {name: _sha256(tmp / name) for name in files}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        for p in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(run_dir / LATEST, final.name + "\n")
+        ck_root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(ck_root)
+        tmp = ck_root / f".step-{step:08d}.tmp{os.getpid()}"
+        tmp.mkdir()
+        try:
+            _write_files(tmp, config, step, model, ema, state)
+            _replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(run_dir / LATEST, final.name + "\n")
+    except OSError as e:
+        raise DdpmError(f"cannot write checkpoint {final}: {e.strerror or e}; "
+                        f"the last good checkpoint is {last_good_checkpoint(run_dir)}") from None
     _prune(ck_root, keep, final)
     return final
+
+
+def _write_files(folder: Path, config: RunConfig, step: int, model: dict[str, torch.Tensor],
+                 ema: dict[str, torch.Tensor] | None, state: dict[str, Any]) -> None:
+    save_file(_cpu_state(model), str(folder / "model.safetensors"))
+    if ema is not None:
+        save_file(_cpu_state(ema), str(folder / "ema.safetensors"))
+    (folder / "config.json").write_text(config.to_json())
+    torch.save(state, folder / "state.pt")
+    files = sorted(p.name for p in folder.iterdir())
+    meta = {"format_version": FORMAT_VERSION, "step": step,
+            "sha256": {name: _sha256(folder / name) for name in files}}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    for p in folder.iterdir():  # data on disk before the rename makes it visible
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` is renamed aside first, as a folder
+    cannot be renamed over a non-empty one, and deleted only once ``src`` is in place."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_temporaries(ck_root: Path) -> None:
+    """Half-written checkpoints of a killed process (their names start with a dot)."""
+    for p in ck_root.glob(".step-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def last_good_checkpoint(run_dir: Path) -> str:
+    """The checkpoint `--resume` would use, or a note that there is none (for error messages)."""
+    try:
+        return str(resolve_checkpoint(run_dir))
+    except DdpmError:
+        return "none (no checkpoint was written yet)"
 
 
 def _prune(ck_root: Path, keep: int, newest: Path) -> None:
@@ -135,10 +180,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def _verify(ck: Path) -> dict[str, Any]:
     try:
         meta = json.loads((ck / "meta.json").read_text())
-        expected = meta["sha256"]
-        version = meta["format_version"]
+        expected, version, step = meta["sha256"], meta["format_version"], meta["step"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DdpmError(f"checkpoint {ck} has an unreadable meta.json ({e})") from None
+    if not (isinstance(expected, dict) and isinstance(version, int) and isinstance(step, int)
+            and all(isinstance(k, str) and isinstance(v, str) and "/" not in k for k, v in expected.items())
+            and {"model.safetensors", "config.json"} <= expected.keys()):
+        raise DdpmError(f"checkpoint {ck} has a malformed meta.json (not written by `ddpm train`?)")
     if version > FORMAT_VERSION:
         raise DdpmError(f"checkpoint {ck} has format {version}; this ddpm reads up to {FORMAT_VERSION}")
     for name, digest in expected.items():

@@ -91,8 +91,6 @@ def build_config(args: argparse.Namespace) -> Any:
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k, None) is not None}
     if any(k in given for k in BUDGET):  # a budget flag replaces the preset's budget
         given = {**{k: None for k in BUDGET}, **given}
-    if given.get("dataset") not in (None, "fashion-mnist") and "channels" not in given:
-        pass  # image folders keep the preset's channel count unless asked
     sections: dict[str, dict[str, Any]] = {}
     for k, v in given.items():
         sec, fld = TRAIN_FLAGS[k]
@@ -118,7 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     args.run_dir = str(_run_dir(args, args.preset or "seed")) if (args.out or args.name) else None
     cfg = build_config(args)
     run_dir = Path(args.run_dir) if args.run_dir else _run_dir(args, cfg.preset)
-    res = train(cfg, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
+    res = train(cfg, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress,
+                tensorboard=not args.no_tensorboard)
     print(f"done: step {res.step}, {res.images_per_sec:.1f} images/s; checkpoint {res.checkpoint}")
     print(f"sample with: ddpm sample {run_dir}")
     return 0
@@ -143,9 +142,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     scfg = _sample_config(args)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
     out = Path(args.out) if args.out else model.source.parent.parent / "samples"
-    out.mkdir(parents=True, exist_ok=True)
     if args.index is not None and not 0 <= args.index < min(scfg.n, scfg.batch_size):
         raise DdpmError(f"--index must be between 0 and {min(scfg.n, scfg.batch_size) - 1}, got {args.index}")
+    out.mkdir(parents=True, exist_ok=True)
     frames = args.gif_show if args.gif else "none"
     t0 = time.perf_counter()
     s = generate(model, scfg, frames=frames, frame_index=args.index, progress=True)
@@ -156,7 +155,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     buf = io.BytesIO()
     np.savez_compressed(buf, images=s.images.numpy())
     atomic_write_bytes(out / "samples.npz", buf.getvalue())
-    save_grid(s.images[:64] if args.index is None else s.images[:64], out / "grid.png")
+    save_grid(s.images[:64], out / "grid.png")
     written = [out / "grid.png", out / "samples.npz"]
     if args.gif:
         written.append(save_gif(s.frames, out / "denoising.gif", scale=4 if args.index is not None else 2))
@@ -180,6 +179,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")
+    return 0
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    from .plots import plot_schedules
+
+    print(f"wrote {plot_schedules(args.out, args.timesteps)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpm", description="Denoising diffusion probabilistic models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -192,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-tensorboard", action="store_true",
+                   help="no TensorBoard events in RUN/tb (written only when tensorboard is installed)")
     _add_train_flags(t)
     t.set_defaults(fn=cmd_train)
 
@@ -221,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto")
     d.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
     d.set_defaults(fn=cmd_demo)
+
+    pl = sub.add_parser("plot", help="a run's loss curves (overall and per quarter of t), lr and gradient norm")
+    pl.add_argument("run", help="run folder")
+    pl.add_argument("--out", help="PNG to write (default RUN/loss.png)")
+    pl.set_defaults(fn=cmd_plot)
+
+    sc = sub.add_parser("schedules", help="alpha_bar and signal-to-noise ratio of the four beta schedules")
+    sc.add_argument("--timesteps", type=int, default=1000)
+    sc.add_argument("--out", default="schedules.png")
+    sc.set_defaults(fn=cmd_schedules)
     return p
 
 
@@ -248,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 if __name__ == "__main__":

@@ -205,6 +205,8 @@ def _from_dict(cls: type[T], d: dict[str, Any], prefix: str) -> T:
 
 def from_dict(cls: type[T], d: dict[str, Any]) -> T:
     """Build a (nested) config dataclass from a JSON-style dict, checking every value."""
+    if not isinstance(d, dict):
+        raise DdpmError(f"a config must be a JSON object, got {type(d).__name__}")
     return _from_dict(cls, d, "")
 
 

@@ -74,7 +74,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) - start != expected:
         raise DdpmError(f"IDX file {path} holds {len(raw) - start} data bytes, "
                         f"its header {dims} promises {expected} (truncated or corrupt)")
-    return np.frombuffer(raw, dtype, offset=start).reshape(dims).astype(dtype.newbyteorder("="))
+    try:
+        return np.frombuffer(raw, dtype, offset=start).reshape(dims).astype(dtype.newbyteorder("="))
+    except ValueError as e:  # e.g. a zero dimension beside absurd ones
+        raise DdpmError(f"IDX file {path} has an impossible shape {dims} ({e})") from None
 
 
 def cache_dir() -> Path:

@@ -133,14 +133,18 @@ def p_log_variance(s: NoiseSchedule, t: torch.Tensor, ndim: int, *, variance: st
     """log sigma_t^2 of p(x_{t-1}|x_t): beta-tilde, beta (DDPM Sec. 3.2), or learned
     (Improved DDPM Eq. 15)."""
     min_log = extract(s.posterior_log_variance_clipped, t, ndim)
-    # "beta" uses beta-tilde at t=0 as improved-diffusion does, so L_0 stays finite
-    betas = torch.cat([s.posterior_variance[1:2], s.betas[1:]]) if s.T > 1 else s.betas
-    max_log = extract(torch.log(betas), t, ndim)
     if variance == "learned":
         if var_frac is None:
             raise ValueError("learned variance needs a model trained with learn_sigma")
+        # Eq. 15 with the true beta_t at every t (improved-diffusion's LEARNED_RANGE), so the
+        # decoder's variance at t=0 is learned too
+        max_log = extract(torch.log(s.betas), t, ndim)
         return var_frac * max_log + (1 - var_frac) * min_log
-    return max_log if variance == "beta" else min_log
+    if variance != "beta":
+        return min_log
+    # "beta" uses beta-tilde at t=0 as improved-diffusion's FIXED_LARGE does, so L_0 stays finite
+    betas = torch.cat([s.posterior_variance[1:2], s.betas[1:]]) if s.T > 1 else s.betas
+    return extract(torch.log(betas), t, ndim)
 
 
 # ---------------------------------------------------------------- training loss

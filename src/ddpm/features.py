@@ -57,7 +57,9 @@ class TrainRecipe:
     label_smoothing: float
     augment: str
     train_images: int
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float  # process CPU time, less sensitive to other load on the machine
+    threads: int
     torch_version: str = torch.__version__
 
 
@@ -196,6 +198,21 @@ def _train_epoch(net, opt, sched, images, labels, batch_size, gen, label_smoothi
     return total / max(1, len(images) // batch_size)
 
 
+def _train(config: FeatureNetConfig, images, labels, *, epochs, batch_size, lr, weight_decay,
+           label_smoothing, max_shift, gen, log) -> FeatureNet:
+    net = FeatureNet(config)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * (len(images) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps))
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        net.train()
+        loss = _train_epoch(net, opt, sched, images, labels, batch_size, gen, label_smoothing, max_shift)
+        if log:
+            log(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f} ({time.perf_counter() - t0:.0f} s)")
+    return net.eval()
+
+
 def fit_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 8, batch_size: int = 128,
                    lr: float = 3e-3, seed: int = 0, test_images: torch.Tensor | None = None,
                    test_labels: torch.Tensor | None = None, channels: int = 1, size: int = 28,
@@ -207,24 +224,21 @@ def fit_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 
     _check_training_data(images, labels, config)
     if batch_size < 1 or batch_size > len(images):
         raise DdpmError(f"batch size {batch_size} must be between 1 and the {len(images)} images")
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # weight init and dropout use the global stream
-    net = FeatureNet(config)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * (len(images) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps))
-    t0 = time.perf_counter()
-    for epoch in range(epochs):
-        net.train()
-        loss = _train_epoch(net, opt, sched, images, labels.long(), batch_size, gen, label_smoothing, max_shift)
-        if log:
-            log(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f} ({time.perf_counter() - t0:.0f} s)")
-    net.eval()
+    if (test_images is None) != (test_labels is None):
+        raise DdpmError("pass test_images and test_labels together")
+    with torch.random.fork_rng(devices=[]):  # init and dropout draw from the global stream
+        torch.manual_seed(seed)
+        t0, c0 = time.perf_counter(), time.process_time()
+        net = _train(config, images, labels.long(), epochs=epochs, batch_size=batch_size, lr=lr,
+                     weight_decay=weight_decay, label_smoothing=label_smoothing, max_shift=max_shift,
+                     gen=torch.Generator().manual_seed(seed), log=log)
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     acc = None if test_images is None else accuracy(net, test_images, test_labels)
     net.meta = FeatureNetMeta(test_accuracy=acc, recipe=TrainRecipe(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, weight_decay=weight_decay,
         label_smoothing=label_smoothing, augment=f"hflip p=0.5, shift <= {max_shift} px",
-        train_images=len(images), seconds=round(time.perf_counter() - t0, 1)))
+        train_images=len(images), seconds=round(seconds, 1), cpu_seconds=round(cpu_seconds, 1),
+        threads=torch.get_num_threads()))
     return FitResult(net, acc)
 
 

@@ -123,7 +123,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
         x = spec.fn(denoiser, x_T, timesteps, options=SamplerOptions(cfg.eta, cfg.variance),
                     generator=gen, on_step=on_step)
         out.append(from_model_range(x).cpu())
-    return Samples(torch.cat(out), spec.nfe(steps), steps, recorded)
+    return Samples(torch.cat(out), spec.nfe(model.schedule.alpha_bar, timesteps), steps, recorded)
 
 
 def _frame(x: torch.Tensor, index: int | None) -> np.ndarray:

@@ -1,4 +1,10 @@
-"""The training loop: step, EMA, logging, periodic samples, checkpoints, resume, signals."""
+"""The training loop: step, EMA, logging, periodic samples, checkpoints, resume, signals.
+
+Resuming is exact: a run killed at any moment and restarted with ``resume=True`` ends, on the
+same device and thread count, with the same bits as a run that was never stopped, because the
+checkpoint holds everything the next step reads (weights, EMA, optimiser, learning-rate
+schedule, step, data order, the noise generator and torch's global RNG).
+"""
 from __future__ import annotations
 
 import copy
@@ -6,24 +12,30 @@ import json
 import math
 import os
 import signal
+import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_text, load_checkpoint, load_into, save_checkpoint
+from .checkpoint import (Checkpoint, atomic_write_text, last_good_checkpoint, load_checkpoint, load_into,
+                         save_checkpoint)
 from .config import RunConfig
 from .data import Batches, load_dataset
 from .diffusion import sample_noise, training_losses
 from .errors import DdpmError
 from .nn import UNet, check_image_size, count_parameters
 from .sampling import LoadedModel, SampleConfig, generate, make_schedule, resolve_device
-from .viz import save_grid
+from .viz import make_grid, save_grid
 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
+MAX_TIMESTEPS = 1_000_000  # far above any discrete schedule in use; beyond, the tables alone fill memory
+LOG_NAME = "log.jsonl"
 
 
 @dataclass
@@ -33,6 +45,15 @@ class TrainResult:
     checkpoint: Path | None
     images_per_sec: float
     interrupted: bool
+    skipped: int = 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint; exit status 128 + signum."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 class _StopFlag:
@@ -52,7 +73,7 @@ class _StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
-            os._exit(128 + signum)
+            os._exit(128 + signum)  # the user insists: no checkpoint, no cleanup
         self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
@@ -69,6 +90,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        # the warm-up depends on the step alone, so a resumed run continues the same curve
         d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         ema_p = list(self.model.parameters())
         torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - d)
@@ -102,27 +124,82 @@ def step_budget(cfg: RunConfig, steps_per_epoch: int) -> int | None:
     return min(budgets) if budgets else None
 
 
-def validate(cfg: RunConfig) -> None:
-    """Reject nonsensical settings before any data is loaded."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _validate_train(cfg: RunConfig) -> None:
     tc = cfg.train
+    for name in ("lr", "epochs", "minutes", "ema_decay", "max_grad_norm"):
+        v = getattr(tc, name)
+        if v is not None and not math.isfinite(v):  # NaN passes every comparison below
+            raise DdpmError(f"{_flag(name)} must be a finite number, got {v}")
     if tc.batch_size < 1:
         raise DdpmError(f"batch size must be at least 1, got {tc.batch_size}")
     if not tc.lr > 0:
         raise DdpmError(f"learning rate must be positive, got {tc.lr}")
     if not 0 <= tc.ema_decay < 1:
         raise DdpmError(f"EMA decay must be in [0, 1), got {tc.ema_decay}")
-    for name in ("epochs", "max_steps", "minutes"):
+    for name in ("epochs", "max_steps", "minutes", "max_grad_norm"):
         v = getattr(tc, name)
         if v is not None and v <= 0:
-            raise DdpmError(f"--{name.replace('_', '-')} must be positive, got {v}")
+            raise DdpmError(f"{_flag(name)} must be positive, got {v}")
+    for name, least in (("log_every", 1), ("keep", 1), ("sample_n", 1), ("checkpoint_every", 0),
+                        ("sample_every", 0), ("warmup_steps", 0)):
+        if getattr(tc, name) < least:
+            raise DdpmError(f"{_flag(name)} must be at least {least}, got {getattr(tc, name)}")
     if tc.epochs is None and tc.max_steps is None and tc.minutes is None:
         raise DdpmError("no budget: give --epochs, --max-steps or --minutes")
-    if cfg.diffusion.timesteps < 1:
-        raise DdpmError(f"timesteps must be at least 1, got {cfg.diffusion.timesteps}")
+
+
+def _validate_diffusion(cfg: RunConfig) -> None:
+    dc = cfg.diffusion
+    if not 1 <= dc.timesteps <= MAX_TIMESTEPS:
+        raise DdpmError(f"--timesteps must be between 1 and {MAX_TIMESTEPS:,}, got {dc.timesteps}")
+    for name in ("min_snr_gamma", "offset_noise", "vlb_weight"):
+        v = getattr(dc, name)
+        if not (math.isfinite(v) and v >= 0) or (name == "min_snr_gamma" and v == 0):
+            raise DdpmError(f"{_flag(name)} must be a finite number {'> 0' if name == 'min_snr_gamma' else '>= 0'}"
+                            f", got {v}")
+    make_schedule(cfg)  # unknown schedule / bad betas
+
+
+def _validate_model(cfg: RunConfig) -> None:
     if cfg.data.channels != cfg.model.channels:
         raise DdpmError(f"data has {cfg.data.channels} channels but the model takes {cfg.model.channels}")
     check_image_size(cfg.model, cfg.data.image_size)
-    make_schedule(cfg)  # unknown schedule / bad betas
+
+
+def build_model(cfg: RunConfig) -> UNet:
+    """The U-Net, with torch's complaints about impossible sizes (e.g. a --dim the group norm
+    cannot split) turned into one line."""
+    try:
+        return UNet(cfg.model)
+    except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as e:
+        raise DdpmError(f"cannot build the U-Net from this model config: {e}") from None
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject nonsensical settings before any data is loaded or any file is written."""
+    _validate_train(cfg)
+    _validate_diffusion(cfg)
+    _validate_model(cfg)
+
+
+class StepOut(NamedTuple):
+    """One optimiser step that was taken."""
+
+    loss: torch.Tensor  # scalar
+    per_sample: torch.Tensor  # (B,)
+    t: torch.Tensor  # (B,)
+    grad_norm: torch.Tensor  # before clipping
+
+
+class Skipped(NamedTuple):
+    """A step thrown away because its loss or gradient was not finite."""
+
+    loss: float
+    grad_norm: float
 
 
 class Trainer:
@@ -131,7 +208,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device):
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         torch.manual_seed(cfg.train.seed)
-        self.model = UNet(cfg.model).to(device)
+        self.model = build_model(cfg).to(device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.schedule = make_schedule(cfg).to(device)
@@ -143,11 +220,14 @@ class Trainer:
         self.horizon = step_budget(cfg, self.batches.steps_per_epoch)
         self.bad_steps = 0
         self.skipped = 0
+        self.resumed_from: Path | None = None
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, lambda: self.horizon))
+        self.lr_fn = lr_lambda(cfg, lambda: self.horizon)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_fn)
 
     # -- one optimisation step ----------------------------------------------------------
-    def train_step(self) -> dict[str, Any] | None:
+    def train_step(self) -> StepOut | Skipped:
+        """DDPM Algorithm 1, one batch; a non-finite loss or gradient leaves the weights alone."""
         x0 = next(self.batches).to(self.device, non_blocking=True)
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -160,24 +240,29 @@ class Trainer:
         clip = self.cfg.train.max_grad_norm
         gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
         if not (torch.isfinite(terms.loss) and torch.isfinite(gnorm)):
-            return self._bad_step(terms.loss)
+            return self._bad_step(float(terms.loss.detach()), float(gnorm))
         self.bad_steps = 0
         self.opt.step()
         self.sched.step()
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model, self.step)
-        return {"loss": terms.loss, "per_sample": terms.per_sample, "t": t, "grad_norm": gnorm}
+        return StepOut(terms.loss.detach(), terms.per_sample.detach(), t, gnorm)
 
-    def _bad_step(self, loss: torch.Tensor) -> None:
+    def _bad_step(self, loss: float, gnorm: float) -> Skipped:
         self.bad_steps += 1
         self.skipped += 1
         self.opt.zero_grad(set_to_none=True)
+        return Skipped(loss, gnorm)
+
+    def check_diverged(self, last: Skipped) -> None:
+        """Stop after MAX_BAD_STEPS skipped steps in a row: more will not help."""
         if self.bad_steps >= MAX_BAD_STEPS:
+            what = "losses" if not math.isfinite(last.loss) else "gradients"
             raise DdpmError(
-                f"{self.bad_steps} non-finite losses in a row at step {self.step} (last {loss.item()}): "
-                "the learning rate is probably too high (try a lower --lr or --max-grad-norm)")
-        return None
+                f"{self.bad_steps} non-finite {what} in a row after step {self.step} (loss {last.loss}, gradient "
+                f"norm {last.grad_norm}): the learning rate is probably too high (try a lower --lr or a "
+                f"--max-grad-norm); the last good checkpoint is {last_good_checkpoint(self.run_dir)}")
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -193,8 +278,8 @@ class Trainer:
         return save_checkpoint(self.run_dir, config=self.cfg, step=self.step, model=self.model.state_dict(),
                                ema=ema, state=self.state(), keep=self.cfg.train.keep)
 
-    def restore(self, path: Path) -> None:
-        ck = load_checkpoint(path, with_state=True)
+    def restore(self, ck: Checkpoint) -> None:
+        """Continue from a checkpoint loaded with its training state."""
         load_into(self.model, ck.model, ck.path)
         if self.ema is not None:
             load_into(self.ema.model, ck.ema if ck.ema is not None else ck.model, ck.path)
@@ -208,17 +293,33 @@ class Trainer:
             self.gen.set_state(st["gen"])
             torch.set_rng_state(st["torch_rng"])
             self.skipped = int(st["skipped"])
-        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
             raise DdpmError(f"checkpoint {ck.path} has an unusable training state ({e})") from None
+        self._sync_lr()
+        self.resumed_from = ck.path
+
+    def _sync_lr(self) -> None:
+        """This invocation's --lr and budget set the learning rate: the scheduler's saved base_lrs
+        would otherwise silently win over a changed --lr. Same arithmetic as LambdaLR, so an
+        unchanged config gives the same bits."""
+        lr = self.cfg.train.lr
+        self.sched.base_lrs = [lr for _ in self.opt.param_groups]
+        for g in self.opt.param_groups:
+            g["initial_lr"], g["lr"] = lr, lr * self.lr_fn(self.sched.last_epoch)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]  # what get_last_lr() reports
 
 
-# -------------------------------------------------------------------------- the run
+# -------------------------------------------------------------------------- run folder
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
-    """Create the run folder; refuse to overwrite another run; check it is writable."""
+    """Check the run folder before anything is loaded: not another run's, writable, same config on resume.
+
+    Nothing in an existing run changes here (only a probe file is created and removed)."""
     if not resume and (run_dir / "latest").exists():
         raise DdpmError(f"{run_dir} already holds a run; use --resume to continue it or pick another --name/--out")
+    if resume and not (run_dir / "latest").exists() and not any((run_dir / "checkpoints").glob("step-*")):
+        raise DdpmError(f"--resume: {run_dir} has no checkpoint to resume from")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test{os.getpid()}"
@@ -226,26 +327,133 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise DdpmError(f"cannot write to run folder {run_dir}: {e.strerror or e}") from None
-    if resume:
-        saved = run_dir / "config.json"
-        if saved.is_file() and RunConfig.load(saved) != cfg:
-            prev = RunConfig.load(saved)
-            diff = [k for k in ("model", "diffusion", "data") if getattr(prev, k) != getattr(cfg, k)]
-            if diff:
-                raise DdpmError(f"--resume with a different {diff[0]} config than {saved}; drop the changed flags")
-    atomic_write_text(run_dir / "config.json", cfg.to_json())
 
 
-def _log_record(tr: Trainer, out: dict[str, Any], img_s: float, loss_sum: float, n: int) -> dict[str, Any]:
+def check_resume_config(ck: Checkpoint, cfg: RunConfig) -> None:
+    """Only the training section may change on --resume; the network and data must stay."""
+    diff = [k for k in ("model", "diffusion", "data") if getattr(ck.config, k) != getattr(cfg, k)]
+    if diff:
+        raise DdpmError(f"--resume with a different {diff[0]} config than the checkpoint {ck.path}; "
+                        "drop the changed flags")
+
+
+class JsonLog:
+    """log.jsonl: each record is one ``os.write`` on an O_APPEND descriptor, so a reader (or a kill)
+    never sees half a line; no fsync, as the page cache survives the process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps({k: _json_number(v) for k, v in record.items()}) + "\n"
+        os.write(self.fd, line.encode())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _json_number(v: Any) -> Any:
+    # NaN and Infinity are not JSON; strings keep them readable by strict parsers
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The whole records of a log.jsonl; a line cut short by a full disk is ignored."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            records.append(rec)
+    return records
+
+
+def reset_log(path: Path, step: int) -> None:
+    """Drop records after ``step``: a resumed run repeats those steps and logs them again."""
+    if not path.exists():
+        return
+    kept = [r for r in read_log(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+class TensorBoard:
+    """Scalars and sample grids as TensorBoard events in RUN/tb when the ``tensorboard`` package is
+    installed; without it every call does nothing (it is not a dependency)."""
+
+    def __init__(self, log_dir: Path, purge_step: int, enabled: bool = True):
+        self.writer = _summary_writer(log_dir, purge_step) if enabled else None
+
+    def scalars(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for k, v in record.items():
+            if k not in ("step", "time", "event") and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"train/{k}", v, record["step"])
+        self.writer.flush()
+
+    def image(self, grid: np.ndarray, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image("samples", grid, step, dataformats="HWC")  # grid: (H, W, C) uint8
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _summary_writer(log_dir: Path, purge_step: int) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    except Exception as e:  # a broken tensorboard install must not stop training
+        print(f"warning: TensorBoard logging off ({e})", file=sys.stderr)
+        return None
+    # purge_step hides the events a killed run wrote after the checkpoint we resume from
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
+
+
+# -------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Window:
+    """Images and losses since the last log record: its mean loss and images/s."""
+
+    start: float = field(default_factory=time.monotonic)
+    images: int = 0
+    loss_sum: float = 0.0
+    steps: int = 0
+
+    def add(self, images: int, loss: float) -> None:
+        self.images += images
+        self.loss_sum += loss
+        self.steps += 1
+
+    def reset(self) -> None:
+        self.start, self.images, self.loss_sum, self.steps = time.monotonic(), 0, 0.0, 0
+
+
+def _log_record(tr: Trainer, out: StepOut, win: _Window) -> dict[str, Any]:
     T = tr.cfg.diffusion.timesteps
-    quart = (out["t"] * 4 // T).clamp(max=3)
-    per = out["per_sample"]
-    q = {f"loss_q{i}": float(per[quart == i].mean()) for i in range(4) if (quart == i).any()}
-    return {"step": tr.step, "loss": loss_sum / max(n, 1), **q, "lr": tr.sched.get_last_lr()[0],
-            "grad_norm": float(out["grad_norm"]), "img_per_s": img_s, "skipped": tr.skipped, "time": time.time()}
+    quart = (out.t * 4 // T).clamp(max=3)
+    q = {f"loss_q{i}": float(out.per_sample[quart == i].mean()) for i in range(4) if (quart == i).any()}
+    img_s = win.images / max(time.monotonic() - win.start, 1e-9)
+    return {"step": tr.step, "epoch": tr.batches.epoch, "loss": win.loss_sum / max(win.steps, 1), **q,
+            "lr": tr.sched.get_last_lr()[0], "grad_norm": float(out.grad_norm), "img_per_s": img_s,
+            "skipped": tr.skipped, "time": time.time()}
 
 
-def periodic_samples(tr: Trainer, path: Path, n: int) -> None:
+def _skip_record(tr: Trainer, out: Skipped) -> dict[str, Any]:
+    # numbered as the step it failed to be, so a resume from step N drops it with the later records
+    return {"step": tr.step + 1, "event": "skipped", "loss": out.loss, "grad_norm": out.grad_norm,
+            "skipped": tr.skipped, "time": time.time()}
+
+
+def periodic_samples(tr: Trainer, path: Path, n: int) -> torch.Tensor:
     """A grid from the EMA weights with a 20-step DPM-Solver++ (fast, close to ancestral)."""
     net = tr.ema.model if tr.ema is not None else tr.model
     was_training = net.training
@@ -254,77 +462,117 @@ def periodic_samples(tr: Trainer, path: Path, n: int) -> None:
     s = generate(lm, SampleConfig(sampler="dpm++2m", steps=min(20, tr.cfg.diffusion.timesteps), n=n))
     save_grid(s.images, path)
     net.train(was_training)
+    return s.images
+
+
+def _load_data(cfg: RunConfig) -> torch.Tensor:
+    """The training images; each skipped unreadable file becomes one ``warning:`` line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_dataset(cfg.data.source, size=cfg.data.image_size, channels=cfg.data.channels,
+                            data_dir=cfg.data.data_dir)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return data
+
+
+def _check_data(cfg: RunConfig, data: torch.Tensor) -> None:
+    want = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    if data.dtype != torch.uint8 or data.ndim != 4 or tuple(data.shape[1:]) != want:
+        raise DdpmError(f"data must be uint8 (N, {', '.join(map(str, want))}), got {data.dtype} {tuple(data.shape)}")
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: str = "auto",
-          progress: bool = True, data: torch.Tensor | None = None, log: Callable[[str], None] = print) -> TrainResult:
-    """Train ``cfg`` in ``run_dir`` until its budget runs out (or a signal); always checkpoint."""
+          progress: bool = True, data: torch.Tensor | None = None, log: Callable[[str], None] = print,
+          tensorboard: bool = True) -> TrainResult:
+    """Train ``cfg`` in ``run_dir`` until its budget runs out (or a signal); always checkpoint.
+
+    Everything is checked (config, folder, checkpoint, data) before the first file is written.
+    """
     validate(cfg)
     run_dir = Path(run_dir)
     dev = resolve_device(device)
-    latest = run_dir / "latest"
-    if resume and not latest.exists():
-        raise DdpmError(f"--resume: {run_dir} has no checkpoint to resume from")
     prepare_run_dir(run_dir, cfg, resume)
-    if data is None:
-        data = load_dataset(cfg.data.source, size=cfg.data.image_size, channels=cfg.data.channels,
-                            data_dir=cfg.data.data_dir)
+    ck = load_checkpoint(run_dir, with_state=True) if resume else None
+    if ck is not None:
+        check_resume_config(ck, cfg)
+    data = _load_data(cfg) if data is None else data
+    _check_data(cfg, data)
     tr = Trainer(cfg, run_dir, data, dev)
-    if resume:
-        tr.restore(run_dir)
+    if ck is not None:
+        tr.restore(ck)
         log(f"resumed {run_dir} at step {tr.step}")
     log(f"training {count_parameters(tr.model):,} parameters on {len(data):,} images ({dev}), run folder {run_dir}")
-    return _loop(tr, progress)
+    try:
+        atomic_write_text(run_dir / "config.json", cfg.to_json())
+        reset_log(run_dir / LOG_NAME, tr.step)
+        return _loop(tr, progress, TensorBoard(run_dir / "tb", tr.step + 1, tensorboard))
+    except OSError as e:  # the log, a sample grid or TensorBoard: checkpoints report their own
+        raise DdpmError(f"cannot write {e.filename or run_dir}: {e.strerror or e}; "
+                        f"the last good checkpoint is {last_good_checkpoint(run_dir)}") from None
 
 
-def _loop(tr: Trainer, progress: bool) -> TrainResult:
+@dataclass
+class _Clock:
+    """The time budget and the speed measured since this invocation started."""
+
+    deadline: float | None
+    start: float = field(default_factory=time.monotonic)
+    images: int = 0
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+def _loop(tr: Trainer, progress: bool, tb: TensorBoard) -> TrainResult:
     from tqdm import tqdm
 
     tc = tr.cfg.train
-    deadline = time.monotonic() + tc.minutes * 60 if tc.minutes else None
-    t_start, n_images, start_step = time.monotonic(), 0, tr.step
-    win_t, win_n, loss_sum, loss_n = time.monotonic(), 0, 0.0, 0
-    img_s = 0.0
+    clock = _Clock(time.monotonic() + tc.minutes * 60 if tc.minutes else None)
+    start_step, ck = tr.step, tr.resumed_from
     bar = tqdm(total=tr.horizon, initial=tr.step, disable=not progress, unit="step", dynamic_ncols=True)
-    log_f = open(tr.run_dir / "log.jsonl", "a")
-    interrupted = False
-    ck = None
-    with _StopFlag() as stop:
-        while tr.horizon is None or tr.step < tr.horizon:
-            out = tr.train_step()
-            if out is None:
-                continue
-            if tr.horizon is None and tc.lr_schedule == "cosine" and tr.step == start_step + 20 and deadline:
-                tr.horizon = _estimate_horizon(tr, deadline, t_start)
-            n_images += tc.batch_size
-            win_n += tc.batch_size
-            loss_sum += float(out["loss"].detach())
-            loss_n += 1
-            if tr.step % tc.log_every == 0 or tr.step == 1:
-                img_s = win_n / max(time.monotonic() - win_t, 1e-9)
-                rec = _log_record(tr, out, img_s, loss_sum, loss_n)
-                log_f.write(json.dumps(rec) + "\n")
-                log_f.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{img_s:.0f}")
-                win_t, win_n, loss_sum, loss_n = time.monotonic(), 0, 0.0, 0
-            bar.update(1)
-            if tc.sample_every and tr.step % tc.sample_every == 0:
-                periodic_samples(tr, tr.run_dir / "samples" / f"step-{tr.step:08d}.png", tc.sample_n)
-            if tc.checkpoint_every and tr.step % tc.checkpoint_every == 0:
+    log, win = JsonLog(tr.run_dir / LOG_NAME), _Window()
+    try:
+        with _StopFlag() as stop:
+            while (tr.horizon is None or tr.step < tr.horizon) and stop.signum is None and not clock.expired():
+                out = tr.train_step()
+                if isinstance(out, Skipped):
+                    log.write(_skip_record(tr, out))
+                    tr.check_diverged(out)
+                    continue
+                if tr.horizon is None and tc.lr_schedule == "cosine" and tr.step == start_step + 20 and clock.deadline:
+                    tr.horizon = _estimate_horizon(tr, clock.deadline, clock.start)
+                clock.images += tc.batch_size
+                ck = _after_step(tr, out, win, log, tb, bar) or ck
+                bar.update(1)
+            if ck is None or ck.name != f"step-{tr.step:08d}":
                 ck = tr.save()
-            if stop.signum is not None:
-                interrupted = True
-                break
-            if deadline and time.monotonic() >= deadline:
-                break
+    finally:
         bar.close()
-        log_f.close()
-        if ck is None or ck.name != f"step-{tr.step:08d}":
-            ck = tr.save()
-    if interrupted:
-        raise KeyboardInterrupt(f"stopped by signal {stop.signum} at step {tr.step}; checkpoint {ck}")
-    elapsed = time.monotonic() - t_start
-    return TrainResult(tr.run_dir, tr.step, ck, n_images / max(elapsed, 1e-9), interrupted)
+        log.close()
+        tb.close()
+    if stop.signum is not None:
+        raise Interrupted(stop.signum, tr.step, ck)
+    elapsed = time.monotonic() - clock.start
+    return TrainResult(tr.run_dir, tr.step, ck, clock.images / max(elapsed, 1e-9), False, tr.skipped)
+
+
+def _after_step(tr: Trainer, out: StepOut, win: _Window, log: JsonLog, tb: TensorBoard, bar: Any) -> Path | None:
+    """Log, sample and checkpoint on their schedules; the new checkpoint, if one was written."""
+    tc = tr.cfg.train
+    win.add(tc.batch_size, float(out.loss))
+    if tr.step % tc.log_every == 0 or tr.step == 1:
+        rec = _log_record(tr, out, win)
+        log.write(rec)
+        tb.scalars(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+        win.reset()
+    if tc.sample_every and tr.step % tc.sample_every == 0:
+        images = periodic_samples(tr, tr.run_dir / "samples" / f"step-{tr.step:08d}.png", tc.sample_n)
+        tb.image(make_grid(images), tr.step)
+    if tc.checkpoint_every and tr.step % tc.checkpoint_every == 0:
+        return tr.save()
+    return None
 
 
 def _estimate_horizon(tr: Trainer, deadline: float, t_start: float) -> int:

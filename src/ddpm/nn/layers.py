@@ -90,6 +90,23 @@ class ConvNextBlock(nn.Module):
         return self.net(h) + self.res_conv(x)
 
 
+def _qkv_tokens(proj: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v as (B, N, heads*d) pixel-major tensors, from the three thirds of ``proj``.
+
+    One 1x1 conv per third rather than one conv split afterwards: then no (B, 3*heads*d, H, W)
+    tensor exists, whose split's backward would concatenate the three gradients into a fresh
+    buffer and copy it to the input's layout (on CPU, fresh large buffers are what cost).
+    With a channels-last input each result is already (B, N, C) in memory: a free view."""
+    return tuple(F.conv2d(x, w).flatten(2).transpose(1, 2) for w in proj.weight.chunk(3, dim=0))
+
+
+def _tokens_to_image(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) -> (B, C, H, W) in ``like``'s memory layout (a view when it is channels-last)."""
+    img = t.transpose(1, 2).unflatten(2, like.shape[-2:])
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    return img if channels_last else img.contiguous()
+
+
 class Attention(nn.Module):
     """Full multi-head self-attention over pixels, through scaled_dot_product_attention."""
 
@@ -100,11 +117,10 @@ class Attention(nn.Module):
         self.to_out = nn.Conv2d(heads * dim_head, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        # (B, 3*heads*d, H, W) -> 3 x (B, heads, HW, d)
-        qkv = self.to_qkv(x).reshape(b, 3, self.heads, self.dim_head, h * w).transpose(-1, -2)
-        out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])
-        return self.to_out(out.transpose(-1, -2).reshape(b, -1, h, w))
+        q, k, v = (t.unflatten(2, (self.heads, self.dim_head)).transpose(1, 2)  # (B, heads, N, d)
+                   for t in _qkv_tokens(self.to_qkv, x))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, N, heads*d)
+        return self.to_out(_tokens_to_image(out, x))
 
 
 class LinearAttention(nn.Module):
@@ -118,13 +134,16 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Conv2d(heads * dim_head, dim, 1), nn.GroupNorm(1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        qkv = self.to_qkv(x).reshape(b, 3, self.heads, self.dim_head, h * w)  # (B, 3, heads, d, N)
-        q = qkv[:, 0].softmax(dim=-2) * self.scale
-        k = qkv[:, 1].softmax(dim=-1)
-        context = k @ qkv[:, 2].transpose(-1, -2)  # (B, heads, d, e)
-        out = context.transpose(-1, -2) @ q  # (B, heads, e, N)
-        return self.to_out(out.reshape(b, -1, h, w))
+        d = self.dim_head
+        q, k, v = _qkv_tokens(self.to_qkv, x)  # 3 x (B, N, heads*d)
+        q = q.unflatten(2, (self.heads, d)).softmax(dim=-1).flatten(2)
+        k = k.softmax(dim=1)
+        # Per head, on strided 3-d views: context = k^T v (B, d, e), out = q context (B, N, e).
+        # A 4-d matmul over (B, heads) would first copy q, k and v into head-major order. The
+        # scale of q goes on the small context instead of the (B, N, heads*d) q.
+        out = torch.cat([qh @ ((kh.transpose(1, 2) @ vh) * self.scale)
+                         for qh, kh, vh in zip(q.split(d, 2), k.split(d, 2), v.split(d, 2))], dim=2)
+        return self.to_out(_tokens_to_image(out, x))
 
 
 class PreNormResidual(nn.Module):

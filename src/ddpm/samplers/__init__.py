@@ -14,16 +14,20 @@ from .base import SamplerFn, SamplerOptions, StepCallback
 
 class SamplerSpec(NamedTuple):
     fn: SamplerFn
-    nfe: Callable[[int], int]  # network evaluations for a number of steps
+    nfe: Callable[[torch.Tensor, list[int]], int]  # (alpha_bar, timesteps) -> network evaluations
     default_steps: int | None  # None: all T training steps
     summary: str
 
 
+def _one_per_step(alpha_bar: torch.Tensor, timesteps: list[int]) -> int:
+    return len(timesteps)
+
+
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(ddpm.sample, lambda s: s, None, "ancestral, DDPM Algorithm 2 (respaced)"),
-    "ddim": SamplerSpec(ddim.sample, lambda s: s, 50, "DDIM Eq. 12, eta in [0, 1]"),
-    "dpm++2m": SamplerSpec(dpmpp_2m.sample, lambda s: s, 20, "DPM-Solver++(2M)"),
-    "heun": SamplerSpec(heun.sample, lambda s: 2 * s - 1, 10, "Heun 2nd order, EDM Algorithm 1"),
+    "ddpm": SamplerSpec(ddpm.sample, _one_per_step, None, "ancestral, DDPM Algorithm 2 (respaced)"),
+    "ddim": SamplerSpec(ddim.sample, _one_per_step, 50, "DDIM Eq. 12, eta in [0, 1]"),
+    "dpm++2m": SamplerSpec(dpmpp_2m.sample, _one_per_step, 20, "DPM-Solver++(2M)"),
+    "heun": SamplerSpec(heun.sample, heun.nfe, 10, "Heun 2nd order, EDM Algorithm 1"),
 }
 
 
@@ -41,6 +45,11 @@ def check_options(name: str, options: SamplerOptions, learn_sigma: bool) -> None
         raise DdpmError("--variance learned needs a model trained with learned variances (learn_sigma)")
 
 
+def count_nfe(name: str, alpha_bar: torch.Tensor, steps: int, spacing: str = "uniform") -> int:
+    """Network evaluations per image of the named sampler at ``steps`` steps."""
+    return get_sampler(name).nfe(alpha_bar, space_timesteps(len(alpha_bar), steps, spacing))
+
+
 def sample(name: str, denoiser: Denoiser, x_T: torch.Tensor, steps: int | None = None, *,
            spacing: str = "uniform", options: SamplerOptions = SamplerOptions(),
            generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> torch.Tensor:
@@ -53,4 +62,4 @@ def sample(name: str, denoiser: Denoiser, x_T: torch.Tensor, steps: int | None =
     return spec.fn(denoiser, x_T, timesteps, options=options, generator=generator, on_step=on_step)
 
 
-__all__ = ["SAMPLERS", "SamplerOptions", "SamplerSpec", "StepCallback", "get_sampler", "sample", "check_options"]
+__all__ = ["SAMPLERS", "count_nfe", "SamplerOptions", "SamplerSpec", "StepCallback", "get_sampler", "sample", "check_options"]

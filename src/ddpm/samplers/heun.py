@@ -10,6 +10,13 @@ from .base import SamplerOptions, StepCallback, t_batch
 SIGMA_MAX = 80.0
 
 
+def nfe(alpha_bar: torch.Tensor, timesteps: list[int]) -> int:
+    """Network evaluations: one per level, plus one per Heun correction (not into sigma = 0,
+    not out of sigma > SIGMA_MAX)."""
+    ts = sorted(timesteps, reverse=True)[:-1]
+    return len(timesteps) + sum(1 for t in ts if ((1 - alpha_bar[t]) / alpha_bar[t]).sqrt() <= SIGMA_MAX)
+
+
 @torch.no_grad()
 def sample(denoiser: Denoiser, x_T: torch.Tensor, timesteps: list[int], *, options: SamplerOptions,
            generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> torch.Tensor:

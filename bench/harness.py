@@ -1,0 +1,97 @@
+"""Shared helpers of the benchmarks: the seed reference by path, interleaved timing, peak memory.
+
+Every figure the benchmarks report is a ratio of contenders timed in one process, in turns
+(A, B, A, B, ...), so that load from other processes on the machine hits both alike.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = Path(__file__).resolve().parent / "out"
+REFERENCE = Path(os.environ.get("SEED_REFERENCE", ROOT.parent / "shared" / "bench" / "seed_reference.py"))
+
+
+def load_reference() -> ModuleType:
+    """The seed's own code (DESIGN.md, "Measuring"), imported by path, never copied."""
+    spec = importlib.util.spec_from_file_location("seed_reference", REFERENCE)
+    if spec is None or spec.loader is None or not REFERENCE.is_file():
+        sys.exit(f"seed reference not found at {REFERENCE} (set SEED_REFERENCE)")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def interleave(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+               ) -> dict[str, list[float]]:
+    """Seconds per call of each contender, called in turns for ``rounds`` rounds after
+    ``warmup`` untimed rounds; the order within a round alternates to cancel drift."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for n in names:
+            contenders[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            contenders[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """How many times faster ``num`` is than ``den`` (median of per-round ratios, so that a
+    round slowed by outside load counts once rather than skewing one side)."""
+    return float(statistics.median(b / a for a, b in zip(times[num], times[den])))
+
+
+# A process's ru_maxrss counts the memory of the process it was forked from (Linux carries
+# the parent's high-water mark across fork and exec), so the child is started from a small
+# launcher that has not imported torch, and the launcher reports the child's rusage.
+_LAUNCHER = """
+import json, os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE)
+out = p.stdout.read()
+_, status, ru = os.wait4(p.pid, 0)
+sys.stdout.write(out.decode())
+print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "ru_maxrss_kib": ru.ru_maxrss}))
+"""
+
+
+def peak_rss_mib(argv: list[str]) -> tuple[float, str]:
+    """Run ``argv`` as a child; return (its peak resident memory in MiB, its stdout)."""
+    p = subprocess.run([sys.executable, "-c", _LAUNCHER, *argv], stdout=subprocess.PIPE, cwd=ROOT, check=True)
+    lines = p.stdout.decode().strip().splitlines()
+    report = json.loads(lines[-1])
+    if report["exit"]:
+        raise RuntimeError(f"{argv} exited with {report['exit']}")
+    return report["ru_maxrss_kib"] / 1024, "\n".join(lines[:-1])  # Linux reports KiB
+
+
+def vm_mib(field: str) -> float:
+    """A field of /proc/self/status in MiB: VmRSS now, VmHWM the peak of this address space."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def save(name: str, result: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return path

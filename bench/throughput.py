@@ -1,0 +1,285 @@
+"""Throughput of the `--preset seed` recipe against the seed's own code, side by side.
+
+    PYTHONPATH=src python bench/throughput.py                 # ~5 min on 2 idle cores
+    PYTHONPATH=src python bench/throughput.py --threads 1     # pin intra-op threads (both sides)
+    PYTHONPATH=src python bench/throughput.py --profile       # also the top ops of our step
+
+Measures, in one process with the contenders called in turns (A, B, A, B, ...):
+  train   images/s of one optimisation step at batch 128 on Fashion-MNIST: ours is
+          ``ddpm.train.Trainer.train_step`` (batch draw, training_losses, backward, grad norm,
+          Adam, EMA), the seed's is its train loop body (batch draw, p_losses, backward, Adam);
+          a large fp32 matmul rides along in the same rounds as the machine's measured peak
+  sample  images/s of 200-step ancestral sampling of 64 images, from ``--sample-iters`` of the
+          200 loop iterations (t = 199 down) timed on both sides and scaled to 200
+  flops   FLOPs of one training step (torch.utils.flop_counter) over its median time,
+          against the matmul's GFLOP/s
+  memory  peak resident memory of a child process that trains a few steps, ours and the
+          seed's each in its own child (os.wait4's rusage)
+Writes bench/out/throughput.json (and bench/out/throughput_profile.txt with --profile).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from harness import interleave, load_reference, median, peak_rss_mib, ratio, save, vm_mib
+
+from ddpm import preset
+from ddpm.data import load_fashion_mnist
+from ddpm.nn import UNet
+from ddpm.samplers import SamplerOptions, get_sampler
+from ddpm.sampling import LoadedModel, make_schedule
+from ddpm.schedules import space_timesteps
+from ddpm.train import Trainer
+
+BATCH = 128
+SAMPLE_N = 64
+MM_N = 2048
+TARGETS = {"train": 1.5, "train_aim": 1.8, "sample": 1.5}
+
+
+# ---------------------------------------------------------------- the contenders
+
+
+def our_trainer(data: torch.Tensor, run_dir: Path) -> Trainer:
+    """The seed preset exactly as `ddpm train --preset seed` builds it."""
+    return Trainer(preset("seed"), run_dir, data, torch.device("cpu"))
+
+
+def reference_step(ref, data: torch.Tensor):
+    """The body of the seed's training loop (its train_bench/train): batch, flip, p_losses, Adam."""
+    torch.manual_seed(0)
+    model = ref.make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        idx = torch.randint(0, len(data), (BATCH,))
+        x = data[idx]
+        x = torch.where(torch.rand(BATCH, 1, 1, 1) < 0.5, x.flip(-1), x)
+        opt.zero_grad()
+        t = torch.randint(0, ref.timesteps, (BATCH,)).long()
+        loss = ref.p_losses(model, x, t, loss_type="huber")
+        loss.backward()
+        opt.step()
+    return step
+
+
+def matmul(n: int = MM_N, reps: int = 4):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def run() -> None:
+        for _ in range(reps):
+            torch.mm(a, b)
+    return run, 2 * n**3 * reps
+
+
+class _Stop(Exception):
+    pass
+
+
+def our_sampler(net: torch.nn.Module, iters: int, channels_last: bool):
+    """``iters`` iterations (t = 199 down) of our ancestral sampler, as `ddpm sample --sampler
+    ddpm --clip none` runs it (DDPM Algorithm 2, inference mode); the loop is cut short by
+    the step callback."""
+    cfg = preset("seed")
+    lm = LoadedModel(net.eval(), make_schedule(cfg), cfg, 0, Path("."))
+    denoiser = lm.denoiser("none")
+    timesteps = space_timesteps(cfg.diffusion.timesteps, cfg.diffusion.timesteps)
+    fn = get_sampler("ddpm").fn
+    gen = torch.Generator().manual_seed(0)
+
+    def stop(i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        if i + 1 == iters:
+            raise _Stop
+
+    def run() -> None:
+        x_T = torch.randn((SAMPLE_N, 1, 28, 28), generator=gen)
+        if channels_last:
+            x_T = x_T.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            try:
+                fn(denoiser, x_T, timesteps, options=SamplerOptions(), generator=gen, on_step=stop)
+            except _Stop:
+                pass
+    return run
+
+
+def reference_sampler(ref, model: torch.nn.Module, iters: int):
+    """The same iterations of the seed's p_sample_loop body (p_sample, then .cpu().numpy())."""
+    def run() -> None:
+        with torch.no_grad():
+            img = torch.randn(SAMPLE_N, 1, 28, 28)
+            imgs = []
+            for i in reversed(range(ref.timesteps - iters, ref.timesteps)):
+                img = ref.p_sample(model, img, torch.full((SAMPLE_N,), i, dtype=torch.long), i)
+                imgs.append(img.cpu().numpy())
+    return run
+
+
+# ---------------------------------------------------------------- sections
+
+
+def bench_train(ref, rounds: int) -> dict:
+    data = load_fashion_mnist()
+    ref_data = data.float().div(255).mul(2).sub(1)  # what the seed's load_fmnist returns
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = our_trainer(data, Path(tmp))
+        mm, mm_flops = matmul()
+        steps = {"ours": tr.train_step, "reference": reference_step(ref, ref_data), "matmul": mm}
+        times = interleave(steps, rounds=rounds, warmup=1)
+        flops = {"ours": count_flops(tr.train_step),
+                 "reference": count_flops(steps["reference"])}
+    t_ours, t_ref, t_mm = (median(times[k]) for k in ("ours", "reference", "matmul"))
+    peak = mm_flops / t_mm / 1e9
+    r = ratio(times, "ours", "reference")
+    train = {
+        "batch": BATCH, "rounds": rounds,
+        "ours_img_per_s": BATCH / t_ours, "reference_img_per_s": BATCH / t_ref,
+        "ours_sec_per_step": t_ours, "reference_sec_per_step": t_ref,
+        "ratio": r, "target": TARGETS["train"], "aim": TARGETS["train_aim"], "met": r >= TARGETS["train"],
+        "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
+    }
+    flop = {
+        "ours_gflop_per_step": flops["ours"] / 1e9, "reference_gflop_per_step": flops["reference"] / 1e9,
+        "ours_gflop_per_s": flops["ours"] / t_ours / 1e9, "reference_gflop_per_s": flops["reference"] / t_ref / 1e9,
+        "matmul_peak_gflop_per_s": peak, "matmul_n": MM_N,
+        "ours_fraction_of_peak": flops["ours"] / t_ours / 1e9 / peak,
+        "reference_fraction_of_peak": flops["reference"] / t_ref / 1e9 / peak,
+    }
+    return {"train": train, "flops": flop}
+
+
+def count_flops(step) -> int:
+    """Matmul/conv/attention FLOPs of one call (forward and backward), as FlopCounterMode counts."""
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return fc.get_total_flops()
+
+
+def bench_sample(ref, rounds: int, iters: int) -> dict:
+    torch.manual_seed(0)
+    ref_model = ref.make_model().eval()
+    net = UNet(preset("seed").model)
+    net_cl = UNet(preset("seed").model).to(memory_format=torch.channels_last)
+    runs = {
+        "ours": our_sampler(net, iters, channels_last=False),  # as load_model gives it today
+        "ours_channels_last": our_sampler(net_cl, iters, channels_last=True),
+        "reference": reference_sampler(ref, ref_model, iters),
+    }
+    times = interleave(runs, rounds=rounds, warmup=1)
+    T = ref.timesteps
+    out = {"n": SAMPLE_N, "steps": T, "timed_iterations": iters, "rounds": rounds}
+    for k in runs:
+        out[f"{k}_img_per_s"] = SAMPLE_N / (median(times[k]) / iters * T)
+    out["ratio"] = ratio(times, "ours", "reference")
+    out["ratio_channels_last"] = ratio(times, "ours_channels_last", "reference")
+    out["target"] = TARGETS["sample"]
+    out["met"] = out["ratio"] >= TARGETS["sample"]
+    out["met_channels_last"] = out["ratio_channels_last"] >= TARGETS["sample"]
+    out["seconds"] = {k: [round(x, 4) for x in v] for k, v in times.items()}
+    return out
+
+
+def bench_memory(steps: int, threads: int | None) -> dict:
+    out = {"train_steps": steps}
+    for who in ("ours", "reference"):
+        argv = [sys.executable, __file__, "--child", who, "--child-steps", str(steps)]
+        if threads:
+            argv += ["--threads", str(threads)]
+        peak, stdout = peak_rss_mib(argv)
+        child = json.loads(stdout.strip().splitlines()[-1])
+        out[who] = {"peak_rss_mib": peak, **child}
+    out["ratio"] = out["ours"]["peak_rss_mib"] / out["reference"]["peak_rss_mib"]
+    out["training_ratio"] = out["ours"]["training_mib"] / out["reference"]["training_mib"]
+    out["met"] = out["ratio"] <= 1.0
+    return out
+
+
+def child(who: str, steps: int) -> None:
+    """Train ``steps`` steps in this process; print RSS after setup and the growth after it."""
+    if who == "ours":
+        with tempfile.TemporaryDirectory() as tmp:
+            tr = our_trainer(load_fashion_mnist(), Path(tmp))
+            setup = vm_mib("VmRSS")
+            for _ in range(steps):
+                tr.train_step()
+    else:
+        ref = load_reference()
+        step = reference_step(ref, ref.load_fmnist())
+        setup = vm_mib("VmRSS")
+        for _ in range(steps):
+            step()
+    peak = vm_mib("VmHWM")  # not ru_maxrss: that includes the parent's memory at fork
+    print(json.dumps({"setup_rss_mib": setup, "vm_hwm_mib": peak, "training_mib": peak - setup}))
+
+
+def profile_ours(path: Path, steps: int = 2) -> None:
+    """Where our training step's time goes: torch.profiler's top ops, by self time."""
+    from torch.profiler import profile
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = our_trainer(load_fashion_mnist(), Path(tmp))
+        tr.train_step()
+        with profile(record_shapes=True) as p:
+            for _ in range(steps):
+                tr.train_step()
+    ka = p.key_averages()
+    text = (f"our training step, batch {BATCH}, {steps} steps, {torch.get_num_threads()} threads\n"
+            + ka.table(sort_by="self_cpu_time_total", row_limit=25) + "\n"
+            + p.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
+
+
+def machine() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "loadavg_start": os.getloadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides")
+    ap.add_argument("--train-rounds", type=int, default=5)
+    ap.add_argument("--sample-rounds", type=int, default=3)
+    ap.add_argument("--sample-iters", type=int, default=10, help="timed iterations of the 200")
+    ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "memory"])
+    ap.add_argument("--profile", action="store_true", help="write the top ops of our step")
+    ap.add_argument("--out", default="throughput", help="name of the JSON in bench/out/")
+    ap.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-steps", type=int, default=3, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.child:
+        return child(a.child, a.child_steps)
+    ref = load_reference()
+    result = {"machine": machine(), "command": " ".join(["python", "bench/throughput.py", *sys.argv[1:]])}
+    t0 = time.perf_counter()
+    if "train" not in a.skip:
+        result.update(bench_train(ref, a.train_rounds))
+    if "sample" not in a.skip:
+        result["sample"] = bench_sample(ref, a.sample_rounds, a.sample_iters)
+    if "memory" not in a.skip:
+        result["memory"] = bench_memory(a.memory_steps, a.threads)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["seconds"] = time.perf_counter() - t0
+    save(a.out, result)
+    if a.profile:
+        profile_ours(Path(__file__).parent / "out" / f"{a.out}_profile.txt")
+
+
+if __name__ == "__main__":
+    main()
