@@ -90,8 +90,8 @@ def vm_mib(field: str) -> float:
 
 
 def save(name: str, result: dict) -> Path:
-    OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return path

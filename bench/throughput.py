@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/throughput.py                 # ~5 min on 2 idle cores
     PYTHONPATH=src python bench/throughput.py --threads 1     # pin intra-op threads (both sides)
     PYTHONPATH=src python bench/throughput.py --profile       # also the top ops of our step
+    python bench/throughput.py --device cuda --sample-iters 200   # on a GPU (bench/gpu.sh)
 
 Measures, in one process with the contenders called in turns (A, B, A, B, ...):
   train   images/s of one optimisation step at batch 128 on Fashion-MNIST: ours is
@@ -14,7 +15,7 @@ Measures, in one process with the contenders called in turns (A, B, A, B, ...):
   flops   FLOPs of one training step (torch.utils.flop_counter) over its median time,
           against the matmul's GFLOP/s
   memory  peak resident memory of a child process that trains a few steps, ours and the
-          seed's each in its own child (os.wait4's rusage)
+          seed's each in its own child (os.wait4's rusage); on CUDA also the peak allocated
 Writes bench/out/throughput.json (and bench/out/throughput_profile.txt with --profile).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -43,66 +45,81 @@ from ddpm.train import Trainer
 
 BATCH = 128
 SAMPLE_N = 64
-MM_N = 2048
+MM_N = 2048  # CPU; 8192 on CUDA
 TARGETS = {"train": 1.5, "train_aim": 1.8, "sample": 1.5}
 
 
 # ---------------------------------------------------------------- the contenders
 
 
-def our_trainer(data: torch.Tensor, run_dir: Path) -> Trainer:
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """``fn`` followed by a wait for the device, so that wall time is the work's time."""
+    if device.type != "cuda":
+        return fn
+
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+    return run
+
+
+def our_trainer(data: torch.Tensor, run_dir: Path, device: torch.device) -> Trainer:
     """The seed preset exactly as `ddpm train --preset seed` builds it."""
-    return Trainer(preset("seed"), run_dir, data, torch.device("cpu"))
+    return Trainer(preset("seed"), run_dir, data, device)
 
 
-def reference_step(ref, data: torch.Tensor):
-    """The body of the seed's training loop (its train_bench/train): batch, flip, p_losses, Adam."""
+def reference_step(ref, data: torch.Tensor, device: torch.device):
+    """The body of the seed's training loop (its train_bench/train): batch, flip, p_losses, Adam
+    (its data and model on ``device``; the seed itself trains on the CPU)."""
     torch.manual_seed(0)
-    model = ref.make_model()
+    model = ref.make_model().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = data.to(device)
 
     def step() -> None:
-        idx = torch.randint(0, len(data), (BATCH,))
+        idx = torch.randint(0, len(data), (BATCH,), device=device)
         x = data[idx]
-        x = torch.where(torch.rand(BATCH, 1, 1, 1) < 0.5, x.flip(-1), x)
+        x = torch.where(torch.rand(BATCH, 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
         opt.zero_grad()
-        t = torch.randint(0, ref.timesteps, (BATCH,)).long()
+        t = torch.randint(0, ref.timesteps, (BATCH,), device=device).long()
         loss = ref.p_losses(model, x, t, loss_type="huber")
         loss.backward()
         opt.step()
     return step
 
 
-def matmul(n: int = MM_N, reps: int = 4):
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul(device: torch.device, n: int = MM_N, reps: int = 4):
+    if device.type == "cuda":
+        n, reps = 8192, 10
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
 
     def run() -> None:
         for _ in range(reps):
             torch.mm(a, b)
-    return run, 2 * n**3 * reps
+    return run, 2 * n**3 * reps, n
 
 
 class _Stop(Exception):
     pass
 
 
-def our_sampler(net: torch.nn.Module, iters: int, channels_last: bool):
+def our_sampler(net: torch.nn.Module, iters: int, channels_last: bool, device: torch.device):
     """``iters`` iterations (t = 199 down) of our ancestral sampler, as `ddpm sample --sampler
     ddpm --clip none` runs it (DDPM Algorithm 2, inference mode); the loop is cut short by
     the step callback."""
     cfg = preset("seed")
-    lm = LoadedModel(net.eval(), make_schedule(cfg), cfg, 0, Path("."))
+    lm = LoadedModel(net.eval(), make_schedule(cfg).to(device), cfg, 0, Path("."))
     denoiser = lm.denoiser("none")
     timesteps = space_timesteps(cfg.diffusion.timesteps, cfg.diffusion.timesteps)
     fn = get_sampler("ddpm").fn
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def stop(i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
         if i + 1 == iters:
             raise _Stop
 
     def run() -> None:
-        x_T = torch.randn((SAMPLE_N, 1, 28, 28), generator=gen)
+        x_T = torch.randn((SAMPLE_N, 1, 28, 28), generator=gen, device=device)
         if channels_last:
             x_T = x_T.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -113,14 +130,14 @@ def our_sampler(net: torch.nn.Module, iters: int, channels_last: bool):
     return run
 
 
-def reference_sampler(ref, model: torch.nn.Module, iters: int):
+def reference_sampler(ref, model: torch.nn.Module, iters: int, device: torch.device):
     """The same iterations of the seed's p_sample_loop body (p_sample, then .cpu().numpy())."""
     def run() -> None:
         with torch.no_grad():
-            img = torch.randn(SAMPLE_N, 1, 28, 28)
+            img = torch.randn(SAMPLE_N, 1, 28, 28, device=device)
             imgs = []
             for i in reversed(range(ref.timesteps - iters, ref.timesteps)):
-                img = ref.p_sample(model, img, torch.full((SAMPLE_N,), i, dtype=torch.long), i)
+                img = ref.p_sample(model, img, torch.full((SAMPLE_N,), i, dtype=torch.long, device=device), i)
                 imgs.append(img.cpu().numpy())
     return run
 
@@ -128,16 +145,16 @@ def reference_sampler(ref, model: torch.nn.Module, iters: int):
 # ---------------------------------------------------------------- sections
 
 
-def bench_train(ref, rounds: int) -> dict:
+def bench_train(ref, rounds: int, device: torch.device) -> dict:
     data = load_fashion_mnist()
     ref_data = data.float().div(255).mul(2).sub(1)  # what the seed's load_fmnist returns
     with tempfile.TemporaryDirectory() as tmp:
-        tr = our_trainer(data, Path(tmp))
-        mm, mm_flops = matmul()
-        steps = {"ours": tr.train_step, "reference": reference_step(ref, ref_data), "matmul": mm}
-        times = interleave(steps, rounds=rounds, warmup=1)
-        flops = {"ours": count_flops(tr.train_step),
-                 "reference": count_flops(steps["reference"])}
+        tr = our_trainer(data, Path(tmp), device)
+        mm, mm_flops, mm_n = matmul(device)
+        steps = {"ours": synced(tr.train_step, device), "reference": synced(reference_step(ref, ref_data, device), device),
+                 "matmul": synced(mm, device)}
+        times = interleave(steps, rounds=rounds, warmup=2 if device.type == "cuda" else 1)
+        flops = {"ours": count_flops(steps["ours"]), "reference": count_flops(steps["reference"])}
     t_ours, t_ref, t_mm = (median(times[k]) for k in ("ours", "reference", "matmul"))
     peak = mm_flops / t_mm / 1e9
     r = ratio(times, "ours", "reference")
@@ -151,7 +168,7 @@ def bench_train(ref, rounds: int) -> dict:
     flop = {
         "ours_gflop_per_step": flops["ours"] / 1e9, "reference_gflop_per_step": flops["reference"] / 1e9,
         "ours_gflop_per_s": flops["ours"] / t_ours / 1e9, "reference_gflop_per_s": flops["reference"] / t_ref / 1e9,
-        "matmul_peak_gflop_per_s": peak, "matmul_n": MM_N,
+        "matmul_peak_gflop_per_s": peak, "matmul_n": mm_n,
         "ours_fraction_of_peak": flops["ours"] / t_ours / 1e9 / peak,
         "reference_fraction_of_peak": flops["reference"] / t_ref / 1e9 / peak,
     }
@@ -165,15 +182,15 @@ def count_flops(step) -> int:
     return fc.get_total_flops()
 
 
-def bench_sample(ref, rounds: int, iters: int) -> dict:
+def bench_sample(ref, rounds: int, iters: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    ref_model = ref.make_model().eval()
-    net = UNet(preset("seed").model)
-    net_cl = UNet(preset("seed").model).to(memory_format=torch.channels_last)
+    ref_model = ref.make_model().eval().to(device)
+    net = UNet(preset("seed").model).to(device)
+    net_cl = UNet(preset("seed").model).to(device, memory_format=torch.channels_last)
     runs = {
-        "ours": our_sampler(net, iters, channels_last=False),  # as load_model gives it today
-        "ours_channels_last": our_sampler(net_cl, iters, channels_last=True),
-        "reference": reference_sampler(ref, ref_model, iters),
+        "ours": synced(our_sampler(net, iters, False, device), device),  # as load_model gives it today
+        "ours_channels_last": synced(our_sampler(net_cl, iters, True, device), device),
+        "reference": synced(reference_sampler(ref, ref_model, iters, device), device),
     }
     times = interleave(runs, rounds=rounds, warmup=1)
     T = ref.timesteps
@@ -189,10 +206,10 @@ def bench_sample(ref, rounds: int, iters: int) -> dict:
     return out
 
 
-def bench_memory(steps: int, threads: int | None) -> dict:
-    out = {"train_steps": steps}
+def bench_memory(steps: int, threads: int | None, device: torch.device) -> dict:
+    out: dict = {"train_steps": steps}
     for who in ("ours", "reference"):
-        argv = [sys.executable, __file__, "--child", who, "--child-steps", str(steps)]
+        argv = [sys.executable, __file__, "--child", who, "--child-steps", str(steps), "--device", str(device)]
         if threads:
             argv += ["--threads", str(threads)]
         peak, stdout = peak_rss_mib(argv)
@@ -201,47 +218,56 @@ def bench_memory(steps: int, threads: int | None) -> dict:
     out["ratio"] = out["ours"]["peak_rss_mib"] / out["reference"]["peak_rss_mib"]
     out["training_ratio"] = out["ours"]["training_mib"] / out["reference"]["training_mib"]
     out["met"] = out["ratio"] <= 1.0
+    if device.type == "cuda":
+        out["cuda_ratio"] = out["ours"]["cuda_peak_mib"] / out["reference"]["cuda_peak_mib"]
+        out["met"] = out["cuda_ratio"] <= 1.0
     return out
 
 
-def child(who: str, steps: int) -> None:
+def child(who: str, steps: int, device: torch.device) -> None:
     """Train ``steps`` steps in this process; print RSS after setup and the growth after it."""
     if who == "ours":
         with tempfile.TemporaryDirectory() as tmp:
-            tr = our_trainer(load_fashion_mnist(), Path(tmp))
+            tr = our_trainer(load_fashion_mnist(), Path(tmp), device)
             setup = vm_mib("VmRSS")
             for _ in range(steps):
                 tr.train_step()
     else:
         ref = load_reference()
-        step = reference_step(ref, ref.load_fmnist())
+        step = reference_step(ref, ref.load_fmnist(), device)
         setup = vm_mib("VmRSS")
         for _ in range(steps):
             step()
     peak = vm_mib("VmHWM")  # not ru_maxrss: that includes the parent's memory at fork
-    print(json.dumps({"setup_rss_mib": setup, "vm_hwm_mib": peak, "training_mib": peak - setup}))
+    report = {"setup_rss_mib": setup, "vm_hwm_mib": peak, "training_mib": peak - setup}
+    if device.type == "cuda":
+        report["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    print(json.dumps(report))
 
 
-def profile_ours(path: Path, steps: int = 2) -> None:
+def profile_ours(path: Path, device: torch.device, steps: int = 2) -> None:
     """Where our training step's time goes: torch.profiler's top ops, by self time."""
-    from torch.profiler import profile
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     with tempfile.TemporaryDirectory() as tmp:
-        tr = our_trainer(load_fashion_mnist(), Path(tmp))
-        tr.train_step()
-        with profile(record_shapes=True) as p:
+        tr = our_trainer(load_fashion_mnist(), Path(tmp), device)
+        step = synced(tr.train_step, device)
+        step()
+        with profile(activities=acts, record_shapes=True) as p:
             for _ in range(steps):
-                tr.train_step()
-    ka = p.key_averages()
-    text = (f"our training step, batch {BATCH}, {steps} steps, {torch.get_num_threads()} threads\n"
-            + ka.table(sort_by="self_cpu_time_total", row_limit=25) + "\n"
-            + p.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25))
+                step()
+    text = (f"our training step, batch {BATCH}, {steps} steps, {torch.get_num_threads()} threads, {device}\n"
+            + p.key_averages().table(sort_by=key, row_limit=25) + "\n"
+            + p.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=25))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(text)
 
 
-def machine() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+def machine(device: torch.device) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"device": str(device), "gpu": gpu, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
             "loadavg_start": os.getloadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
@@ -251,6 +277,7 @@ def machine() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--train-rounds", type=int, default=5)
     ap.add_argument("--sample-rounds", type=int, default=3)
     ap.add_argument("--sample-iters", type=int, default=10, help="timed iterations of the 200")
@@ -263,22 +290,23 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
     if a.child:
-        return child(a.child, a.child_steps)
+        return child(a.child, a.child_steps, device)
     ref = load_reference()
-    result = {"machine": machine(), "command": " ".join(["python", "bench/throughput.py", *sys.argv[1:]])}
+    result = {"machine": machine(device), "command": " ".join(["python", "bench/throughput.py", *sys.argv[1:]])}
     t0 = time.perf_counter()
     if "train" not in a.skip:
-        result.update(bench_train(ref, a.train_rounds))
+        result.update(bench_train(ref, a.train_rounds, device))
     if "sample" not in a.skip:
-        result["sample"] = bench_sample(ref, a.sample_rounds, a.sample_iters)
+        result["sample"] = bench_sample(ref, a.sample_rounds, a.sample_iters, device)
     if "memory" not in a.skip:
-        result["memory"] = bench_memory(a.memory_steps, a.threads)
+        result["memory"] = bench_memory(a.memory_steps, a.threads, device)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - t0
     save(a.out, result)
     if a.profile:
-        profile_ours(Path(__file__).parent / "out" / f"{a.out}_profile.txt")
+        profile_ours(Path(__file__).parent / "out" / f"{a.out}_profile.txt", device)
 
 
 if __name__ == "__main__":

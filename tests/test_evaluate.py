@@ -104,6 +104,7 @@ def test_evaluate_images_tiny_synthetic(user_cache):
     json.dumps(d)
     assert "FD=" in report.summary()
     assert len(list(user_cache.glob("ref-*.safetensors"))) == 1  # reference features cached
+    assert len(list(user_cache.glob("floor-*.txt"))) == 1  # and the real-data floor
     again = evaluate_images(blobs(40, 3), feature_net=net, reference=ref, floor=pool,
                             kid_subsets=5, seed=0)
     assert replace(again, seconds=0) == replace(report, seconds=0)  # cache hit, same numbers
@@ -143,7 +144,7 @@ def test_wrong_images_raise_clear_errors():
 
 def test_inception_fid_explains_what_it_needs(tmp_path):
     x = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
-    with pytest.raises(DdpmError, match="Inception FID needs the Inception weights on disk: pass --inception-weights"):
+    with pytest.raises(DdpmError, match="Inception weights on disk: pass --inception-weights PATH"):
         inception_fid(x, x, None)
     with pytest.raises(DdpmError, match="not found"):
         inception_fid(x, x, tmp_path / "nope.pth")

@@ -89,16 +89,16 @@ def test_kid_matches_direct_computation():
     x, y = rng.standard_normal((12, 5)), rng.standard_normal((12, 5)) + 0.5
     # One subset of the full size is a permutation of each set: the estimate is exact.
     result = kid(x, y, subsets=1, subset_size=12)
-    assert result.mean == pytest.approx(mmd2_unbiased_direct(x, y), rel=1e-10)
+    assert result.mean == pytest.approx(mmd2_unbiased_direct(x, y), rel=1e-5, abs=1e-7)
     assert result.std == 0
 
 
 def test_kid_same_distribution_is_near_zero_and_shift_is_not():
     g = torch.Generator().manual_seed(5)
-    a, b = torch.randn(600, 8, generator=g), torch.randn(600, 8, generator=g)
-    same = kid(a, b, subsets=20, subset_size=200, generator=torch.Generator().manual_seed(0))
+    a, b = torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)
+    same = kid(a, b, subsets=10, subset_size=200, generator=torch.Generator().manual_seed(0))
     assert abs(same.mean) < 3 * same.std + 1e-4
-    shifted = kid(a, b + 1.0, subsets=20, subset_size=200)
+    shifted = kid(a, b + 1.0, subsets=10, subset_size=200)
     assert shifted.mean > 10 * max(same.std, 1e-4)
 
 

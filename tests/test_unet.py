@@ -101,6 +101,9 @@ SHAPE_CASES = [
     (32, 3, (1, 2, 2, 2), False, True, True),
     (28, 3, (1, 2, 4), False, False, True),
     (16, 1, (1,), True, False, False),
+    # a first multiplier other than 1 (the seed's final block assumed 1)
+    (16, 1, (2, 4), False, False, False),
+    (16, 3, (2,), True, False, False),
 ]
 
 

@@ -193,6 +193,91 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_npz_images(path: str) -> Any:
+    import numpy as np
+    import torch
+
+    try:
+        with np.load(path) as z:
+            arr = z["images"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DdpmError(f"cannot read samples {path}: expected an .npz with key 'images' ({e})") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise DdpmError(f"{path}: 'images' must be uint8 (N, C, H, W), got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(arr)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .checkpoint import atomic_write_text
+    from .evaluate import evaluate_images, inception_fid, resolve_images
+    from .features import default_feature_net, load_feature_net
+
+    if args.nll:
+        return cmd_eval_nll(args)
+    if sum(x is not None and x is not False for x in (args.run, args.samples, args.real)) != 1:
+        raise DdpmError("give exactly one of: a RUN (to sample from), --samples FILE.npz, or --real")
+    net = load_feature_net(args.features) if args.features else default_feature_net()
+    info: dict[str, Any] = {}
+    if args.samples:
+        images, out, info["source"] = _load_npz_images(args.samples), Path(args.samples).parent, args.samples
+    elif args.real:
+        import torch
+
+        _, pool = resolve_images("fashion-mnist-train", net, args.data)
+        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed + 1))[: args.n]
+        images, out, info["source"] = pool[pick], Path(args.out or "."), "fashion-mnist-train (real)"
+    else:
+        images, out, info = _eval_samples(args)
+    if args.inception_weights is not None:
+        ref = resolve_images(args.reference, net, args.data)[1]
+        info["inception_fid"] = inception_fid(images, ref, args.inception_weights)
+    report = evaluate_images(images, feature_net=net, reference=args.reference, data_dir=args.data, seed=args.seed)
+    report = replace(report, **{k: v for k, v in info.items() if k in ("sampler", "steps", "nfe", "source")})
+    d = report.to_dict() | ({"inception_fid": info["inception_fid"]} if "inception_fid" in info else {})
+    text = json.dumps(d, indent=2)
+    print(text)
+    name = f"eval-{info.get('sampler', 'samples')}-{info['steps']}.json" if "steps" in info else "eval.json"
+    path = Path(args.out) / name if args.out else out / name
+    atomic_write_text(path, text + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
+    from .sampling import generate, load_model
+
+    scfg = _sample_config(args)
+    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    s = generate(model, scfg)
+    out = Path(args.out) if args.out else model.source.parent.parent / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source)}
+    return s.images, out, info
+
+
+def cmd_eval_nll(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write_text
+    from .data import load_fashion_mnist
+    from .likelihood import format_nll, nll_bits_per_dim
+    from .sampling import load_model
+
+    if args.run is None:
+        raise DdpmError("--nll needs a RUN or checkpoint")
+    if args.n < 1:
+        raise DdpmError(f"--n must be at least 1, got {args.n}")
+    model = load_model(args.run, device=args.device, use_ema=not args.no_ema)
+    images = load_fashion_mnist("test", args.data)[: args.n]
+    report = nll_bits_per_dim(model, images, timesteps=args.nll_steps, batch_size=args.batch_size,
+                              seed=args.seed, variance=args.nll_variance, clip=args.clip, progress=True)
+    print(format_nll(report))
+    out = Path(args.out) / "nll.json" if args.out else model.source.parent.parent / "nll.json"
+    atomic_write_text(out, json.dumps(report.to_dict(), indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpm", description="Denoising diffusion probabilistic models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -230,6 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     nz.add_argument("--out", default="noise.png")
     nz.set_defaults(fn=cmd_noise)
 
+    ev = sub.add_parser("eval", help="sample quality (FD-FMNIST, KID, precision/recall) or --nll bits/dim")
+    ev.add_argument("run", nargs="?", help="run folder or checkpoint to sample from")
+    ev.add_argument("--samples", help="evaluate the images of a samples.npz instead")
+    ev.add_argument("--real", action="store_true", help="evaluate --n real training images (the floor)")
+    _add_sample_flags(ev, n_default=1000)
+    ev.add_argument("--reference", default="fashion-mnist-test", help="fashion-mnist-test | an image folder")
+    ev.add_argument("--features", help="a feature net from `ddpm fit-features` (default: the shipped one)")
+    ev.add_argument("--inception-weights", help="also Inception FID, with these weights (torchmetrics needed)")
+    ev.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
+    ev.add_argument("--out", help="folder for the JSON report (default: beside the samples)")
+    g = ev.add_argument_group("likelihood (--nll)")
+    g.add_argument("--nll", action="store_true", help="the variational bound (DDPM Eq. 5) in bits/dim on the test set")
+    g.add_argument("--nll-steps", type=int, help="KL terms per image: stratified, unbiased estimate (default all T)")
+    g.add_argument("--nll-variance", help="beta_tilde | beta | learned (default: learned for learn-sigma runs)")
+    ev.set_defaults(fn=cmd_eval)
+
     d = sub.add_parser("demo", help="train the fast preset for a few minutes, then sample a grid and a GIF")
     d.add_argument("--minutes", type=float, default=5.0)
     d.add_argument("--out", help="run folder (default runs/demo-TIME)")
@@ -249,14 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_sample_flags(s: argparse.ArgumentParser) -> None:
+def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     s.add_argument("--sampler", default="ddpm", help="ddpm | ddim | dpm++2m | heun")
     s.add_argument("--steps", type=int, help="sampling steps (default: the sampler's own)")
     s.add_argument("--spacing", default="uniform", help="uniform | quadratic | trailing")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic) to 1")
     s.add_argument("--variance", default="beta_tilde", help="ddpm: beta_tilde | beta | learned")
     s.add_argument("--clip", default="clip", help="x0 clipping: clip | dynamic | none")
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--n", type=int, default=n_default)
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")

@@ -92,9 +92,13 @@ def _images_digest(images: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _cache_path(net: FeatureNet, images: torch.Tensor) -> Path:
-    key = hashlib.sha256(f"v{CACHE_VERSION}:{weights_digest(net)}:{_images_digest(images)}".encode())
-    return stats_cache_dir() / f"ref-{key.hexdigest()[:24]}.safetensors"
+def _stats_digest(stats: ReferenceStats) -> str:
+    return hashlib.sha256(stats.mu.tobytes() + stats.sigma.tobytes()).hexdigest()
+
+
+def _cache_path(kind: str, suffix: str, *parts: object) -> Path:
+    key = hashlib.sha256(":".join(map(str, (CACHE_VERSION, *parts))).encode()).hexdigest()[:24]
+    return stats_cache_dir() / f"{kind}-{key}{suffix}"
 
 
 def _read_cached(path: Path) -> ReferenceStats | None:
@@ -108,26 +112,26 @@ def _read_cached(path: Path) -> ReferenceStats | None:
         return None
 
 
-def _write_cached(path: Path, stats: ReferenceStats) -> None:
-    blob = save_safetensors_bytes({"features": stats.features.contiguous(),
-                                   "mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)})
+def _write_cached(path: Path, blob: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, blob)
     except OSError as e:  # a read-only home must not stop an evaluation
-        log.warning("could not cache reference statistics in %s: %s", path, e)
+        log.warning("could not cache evaluation statistics in %s: %s", path, e)
 
 
 def reference_stats(net: FeatureNet, images: torch.Tensor, *, cache: bool = True) -> ReferenceStats:
     """Features, mean and covariance of the reference images, cached by (weights, data) digest."""
     net.check_images(images)
-    path = _cache_path(net, images) if cache else None
+    path = _cache_path("ref", ".safetensors", weights_digest(net), _images_digest(images)) if cache else None
     if path is not None and (hit := _read_cached(path)) is not None:
         return hit
     feats = net.embed_and_classify(images).features
     stats = ReferenceStats(feats, *gaussian_stats(feats))
     if path is not None:
-        _write_cached(path, stats)
+        tensors = {"features": feats.contiguous(), "mu": torch.from_numpy(stats.mu),
+                   "sigma": torch.from_numpy(stats.sigma)}
+        _write_cached(path, save_safetensors_bytes(tensors))
     return stats
 
 
@@ -145,11 +149,25 @@ def resolve_images(spec: str | torch.Tensor, net: FeatureNet, data_dir: str | Pa
 
 # ---------------------------------------------------------------- the report
 
-def _floor_fd(net: FeatureNet, pool: torch.Tensor, n: int, ref: ReferenceStats, gen: torch.Generator) -> float:
+def floor_fd(net: FeatureNet, pool: torch.Tensor, n: int, ref: ReferenceStats, *, seed: int = 0,
+             cache: bool = True) -> float:
     """FD of n real images drawn (seeded, without replacement) from `pool` against the reference."""
     net.check_images(pool)
-    idx = torch.randperm(len(pool), generator=gen)[:n]
-    return frechet_distance(*gaussian_stats(net.embed_and_classify(pool[idx]).features), ref.mu, ref.sigma)
+    if n > len(pool):
+        log.warning("the real-data floor uses all %d pool images, fewer than the %d samples", len(pool), n)
+    path = None
+    if cache:  # the floor depends on everything below; recomputing it costs as much as the samples' features
+        path = _cache_path("floor", ".txt", weights_digest(net), _images_digest(pool), _stats_digest(ref), n, seed)
+    if path is not None:
+        try:
+            return float(path.read_text())
+        except (OSError, ValueError):  # absent or damaged: compute (again)
+            pass
+    idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
+    fd = frechet_distance(*gaussian_stats(net.embed_and_classify(pool[idx]).features), ref.mu, ref.sigma)
+    if path is not None:
+        _write_cached(path, f"{fd!r}\n".encode())
+    return fd
 
 
 def evaluate_images(images: torch.Tensor, *, feature_net: FeatureNet | None = None,
@@ -166,9 +184,9 @@ def evaluate_images(images: torch.Tensor, *, feature_net: FeatureNet | None = No
     ref_name, ref_images = resolve_images(reference, net, data_dir)
     ref = reference_stats(net, ref_images, cache=cache)
     fake = net.embed_and_classify(images)
-    # One generator per use, so that skipping the floor changes no other number.
-    fd_floor = None if floor is None else _floor_fd(net, resolve_images(floor, net, data_dir)[1],
-                                                    len(images), ref, torch.Generator().manual_seed(seed))
+    # Each random choice below has its own generator: skipping the floor changes no other number.
+    pool = None if floor is None else resolve_images(floor, net, data_dir)[1]
+    fd_floor = None if pool is None else floor_fd(net, pool, len(images), ref, seed=seed, cache=cache)
     # P/R radii depend on set size (denser sets, smaller balls): compare equal numbers of points.
     pick = torch.randperm(len(ref.features), generator=torch.Generator().manual_seed(seed))[:len(images)]
     pr = precision_recall(ref.features[pick], fake.features, k=pr_k)

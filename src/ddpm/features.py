@@ -34,7 +34,7 @@ INFER_BATCH = 1000
 
 @dataclass(frozen=True)
 class FeatureNetConfig:
-    """The architecture: stages of `convs_per_stage` 3x3 convs of `widths` channels, 2x2 max-pool after the first."""
+    """The architecture: stages of `convs_per_stage` 3x3 convs of `widths` channels, max-pooled after the first."""
 
     channels: int = 1
     size: int = 28

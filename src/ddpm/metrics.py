@@ -97,38 +97,38 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def _poly_mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
     """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018, Eq. 3 of KID)."""
     m, d = x.shape
-    k_xx = (x @ x.T / d + 1) ** 3
-    k_yy = (y @ y.T / d + 1) ** 3
-    k_xy = (x @ y.T / d + 1) ** 3
+    z = torch.cat([x, y])
+    # One (2m, 2m) kernel holds k_xx, k_xy and k_yy; one addmm and an in-place cube beat three of each.
+    k = torch.addmm(torch.ones((), dtype=z.dtype), z, z.T, alpha=1 / d).pow_(3)
+    blocks = k.view(2, m, 2, m).sum(dim=(1, 3), dtype=torch.float64)  # [[xx, xy], [yx, yy]]
+    diag = k.diagonal().view(2, m).sum(dim=1, dtype=torch.float64)
     off = m * (m - 1)
-    return ((k_xx.sum() - k_xx.diagonal().sum()) / off + (k_yy.sum() - k_yy.diagonal().sum()) / off
-            - 2 * k_xy.mean()).item()
+    return ((blocks[0, 0] - diag[0]) / off + (blocks[1, 1] - diag[1]) / off - 2 * blocks[0, 1] / m ** 2).item()
 
 
 def kid(feats_a, feats_b, *, subsets: int = 100, subset_size: int = 1000,
         generator: torch.Generator | None = None) -> KidResult:
     """Kernel Inception Distance: mean and std of unbiased MMD^2 over random subsets (Binkowski et al. 2018)."""
-    a, b = _features(feats_a, "feats_a"), _features(feats_b, "feats_b")
+    # float32 kernels, float64 sums: 2x faster than float64 throughout, error ~1e-7 << KID's std.
+    a, b = _features(feats_a, "feats_a", torch.float32), _features(feats_b, "feats_b", torch.float32)
     if a.shape[1] != b.shape[1]:
         raise DdpmError(f"KID: feature widths differ ({a.shape[1]} vs {b.shape[1]})")
     m = min(subset_size, len(a), len(b))
     if m < 2 or subsets < 1:
         raise DdpmError(f"KID needs at least 2 samples per set and 1 subset (got {m} and {subsets})")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    mmds = [_poly_mmd2_unbiased(a[torch.randperm(len(a), generator=gen)[:m]],
-                                b[torch.randperm(len(b), generator=gen)[:m]]) for _ in range(subsets)]
+    # Each row: a uniformly random m-subset, without replacement (argsort of i.i.d. uniforms).
+    pick_a = torch.rand(subsets, len(a), generator=gen).argsort(dim=1)[:, :m]
+    pick_b = torch.rand(subsets, len(b), generator=gen).argsort(dim=1)[:, :m]
+    mmds = [_poly_mmd2_unbiased(a[i], b[j]) for i, j in zip(pick_a, pick_b)]
     return KidResult(float(np.mean(mmds)), float(np.std(mmds)))
 
 
 def _kth_nn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each row of x to its k-th nearest other row (the manifold ball radii)."""
-    radii = [torch.cdist(chunk, x).kthvalue(k + 1, dim=1).values for chunk in x.split(PR_CHUNK)]
-    return torch.cat(radii)  # k + 1: the point itself is its own nearest neighbour at distance 0
-
-
-def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-    """For each point, whether it lies in some ball (centre_i, radius_i)."""
-    return torch.cat([(torch.cdist(chunk, centres) <= radii[None]).any(dim=1) for chunk in points.split(PR_CHUNK)])
+    # k + 1 smallest: each point is its own nearest neighbour, at distance 0.
+    return torch.cat([torch.cdist(chunk, x).topk(k + 1, dim=1, largest=False).values[:, -1]
+                      for chunk in x.split(PR_CHUNK)])
 
 
 def precision_recall(real, fake, k: int = 3) -> PrecisionRecall:
@@ -139,13 +139,19 @@ def precision_recall(real, fake, k: int = 3) -> PrecisionRecall:
     if k < 1 or k >= min(len(r), len(f)):
         raise DdpmError(f"precision/recall: k={k} needs more than k samples in each set "
                         f"(got {len(r)} real, {len(f)} fake)")
-    precision = _inside_manifold(f, r, _kth_nn_radii(r, k)).double().mean().item()
-    recall = _inside_manifold(r, f, _kth_nn_radii(f, k)).double().mean().item()
-    return PrecisionRecall(precision, recall)
+    r_real, r_fake = _kth_nn_radii(r, k), _kth_nn_radii(f, k)
+    fake_in_real = torch.zeros(len(f), dtype=torch.bool)
+    real_in_fake = torch.zeros(len(r), dtype=torch.bool)
+    # One pass over fake-real distances serves both directions.
+    for start in range(0, len(f), PR_CHUNK):
+        d = torch.cdist(f[start:start + PR_CHUNK], r)  # (chunk, N_real)
+        fake_in_real[start:start + PR_CHUNK] = (d <= r_real[None]).any(dim=1)
+        real_in_fake |= (d <= r_fake[start:start + PR_CHUNK, None]).any(dim=0)
+    return PrecisionRecall(fake_in_real.double().mean().item(), real_in_fake.double().mean().item())
 
 
 def classifier_stats(logits) -> ClassifierStats:
-    """Mean max-softmax confidence and predicted-class entropy in bits (the two halves of IS, Salimans et al. 2016)."""
+    """Mean max-softmax confidence and predicted-class entropy (bits) (both halves of IS, Salimans et al. 2016)."""
     z = _features(logits, "logits")
     probs = z.softmax(dim=1)
     hist = torch.bincount(probs.argmax(dim=1), minlength=z.shape[1])

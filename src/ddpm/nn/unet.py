@@ -78,7 +78,8 @@ class UNet(nn.Module):
         self.mid_block1 = block(mid, mid)
         self.mid_attn = PreNormResidual(mid, Attention(mid, cfg.attn_heads, cfg.attn_dim_head))
         self.mid_block2 = block(mid, mid)
-        self.final_conv = nn.Sequential(block(cfg.dim, cfg.dim, None),
+        # the seed writes block(dim, dim): the same when dim_mults[0] == 1, and right otherwise
+        self.final_conv = nn.Sequential(block(dims[1], cfg.dim, None),
                                         nn.Conv2d(cfg.dim, resolved_out_channels(cfg), 1))
 
     def _run(self, fn: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:

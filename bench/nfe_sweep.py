@@ -1,0 +1,230 @@
+"""Quality per network evaluation: FD-FMNIST against NFE for every sampler, one trained model.
+
+    python bench/nfe_sweep.py RUN                                  # n=500, steps 10,20,50,100,200,T
+    python bench/nfe_sweep.py bench/out/quality-runs/fast --steps 10,20,50,100,500
+    python bench/nfe_sweep.py RUN --samplers ddpm,dpm++2m --steps 10,20,T
+
+For each sampler of ``ddpm.samplers.SAMPLERS`` (ddpm ancestral respaced, ddim with eta=0,
+dpm++2m, heun) at each step count <= T: n images with the same seed, x0 clipped, evaluated
+with ``evaluate_images`` (FD-FMNIST against the test set, the real-data floor at the same n).
+``--also ddpm:500`` adds single settings (say, the full-T ancestral reference alone) without
+running every sampler at that step count.
+
+Time to quality: the cheapest setting (fewest network evaluations) whose FD is within
+``--tolerance`` (10%) of the ddpm sampler's FD at full T (or at the most steps measured, which
+the output names), timed drawing 64 images, against the seed's own 200-step ancestral
+``p_sample_loop`` on 64 images (../shared/bench/seed_reference.py, its U-Net), timed in this
+script, the two called in turns; the ratio is the median of per-round ratios.
+
+Resumable: each setting's result is kept in bench/out/nfe_sweep-cache.json (keyed by the
+checkpoint, n and seed) and not recomputed. Writes bench/out/nfe_sweep.json and
+bench/out/nfe_sweep.png (FD against NFE, log-log, one line per sampler, the floor dashed).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness import OUT, load_reference
+
+from ddpm.evaluate import evaluate_images
+from ddpm.plots import COLOURS, Panel, Series, render
+from ddpm.samplers import SAMPLERS, count_nfe
+from ddpm.sampling import SampleConfig, generate, load_model
+from ddpm.viz import save_png
+
+CLIP = "clip"
+
+
+def parse_steps(spec: str, T: int) -> list[int]:
+    out = []
+    for s in spec.split(","):
+        s = s.strip()
+        if s:
+            v = T if s.upper() == "T" else int(s)
+            if 1 <= v <= T and v not in out:
+                out.append(v)
+            elif v > T:
+                print(f"dropping {v} steps: the model has T = {T}", flush=True)
+    return sorted(out)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def sample_config(sampler: str, steps: int, n: int, batch: int, seed: int) -> SampleConfig:
+    return SampleConfig(sampler=sampler, steps=steps, n=n, batch_size=batch, seed=seed, eta=0.0, clip=CLIP)
+
+
+def time_to_quality(model, best: dict, seed: int, rounds: int) -> dict:
+    """Seconds to draw 64 images with ``best`` against the seed's 200-step p_sample_loop, in turns."""
+    ref = load_reference()
+    torch.manual_seed(0)
+    seed_net = ref.make_model().eval()
+    sc = sample_config(best["sampler"], best["steps"], 64, 64, seed)
+
+    def ours() -> None:
+        generate(model, sc)
+
+    def seeds() -> None:
+        ref.p_sample_loop(seed_net, (64, 1, 28, 28))
+
+    ours()  # warm-up (the seed's loop is 200 calls long: its first calls warm it)
+    t_ours, t_seed = [], []
+    for r in range(rounds):
+        for name, fn, acc in ((("ours", ours, t_ours), ("seed", seeds, t_seed))[::1 if r % 2 == 0 else -1]):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+            print(f"  time-to-quality round {r + 1}: {name} {acc[-1]:.2f} s", flush=True)
+    return {
+        "setting": {k: best[k] for k in ("sampler", "steps", "nfe", "fd")},
+        "images": 64,
+        "ours_seconds": t_ours, "seed_p_sample_loop_seconds": t_seed,
+        "ours_median_s": statistics.median(t_ours), "seed_median_s": statistics.median(t_seed),
+        "speedup": statistics.median(s / o for o, s in zip(t_ours, t_seed)),
+        "rounds": rounds,
+        "seed_setting": f"seed_reference.p_sample_loop: 200 ancestral steps, {ref.timesteps} timesteps, 64 images",
+    }
+
+
+def figure(rows: list[dict], floor: float, n: int, title: str, note: str, path: Path) -> Path:
+    """FD against NFE, both on log scales (x as log10 NFE: the helpers draw a linear x axis)."""
+    series = []
+    for i, name in enumerate(SAMPLERS):
+        pts = sorted((r["nfe"], r["fd"]) for r in rows if r["sampler"] == name)
+        if pts:
+            x = np.log10([p[0] for p in pts])
+            series.append(Series(x, np.array([p[1] for p in pts]), f"{name}", COLOURS[i], 2.5))
+    xs = np.concatenate([s.x for s in series])
+    series.append(Series(np.array([xs.min(), xs.max()]), np.array([floor, floor]),
+                         f"real-data floor, n={n}", COLOURS[5], 1.0, faint=True))
+    panel = Panel(title, "network evaluations per image, log10 (1 = 10, 2 = 100, 3 = 1000)",
+                  f"FD-FMNIST (n={n})", series, log_y=True, hline=floor, note=note)
+    return save_png(render([panel], columns=1, size=(1000, 680)), path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a run folder (or checkpoint) from ddpm train")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--steps", default="10,20,50,100,200,T", help="comma-separated step counts; T = all")
+    ap.add_argument("--samplers", default=",".join(SAMPLERS))
+    ap.add_argument("--also", default="", help="extra single settings, e.g. ddpm:T,heun:100")
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tolerance", type=float, default=0.10)
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds of the time-to-quality pair")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    model = load_model(a.run, device="cpu")
+    T = model.schedule.T
+    samplers = [s for s in a.samplers.split(",") if s]
+    for s in samplers:
+        if s not in SAMPLERS:
+            sys.exit(f"unknown sampler {s!r}; choose from {', '.join(SAMPLERS)}")
+    settings = [(s, k) for s in samplers for k in parse_steps(a.steps, T)]
+    for item in filter(None, a.also.split(",")):
+        s, k = item.split(":")
+        settings += [(s, k2) for k2 in parse_steps(k, T) if (s, k2) not in settings]
+    ab = model.schedule.alpha_bar
+    settings.sort(key=lambda sk: (count_nfe(sk[0], ab, sk[1]), list(SAMPLERS).index(sk[0])))
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    cache_path = a.out / "nfe_sweep-cache.json"
+    cache = _read_json(cache_path)
+    rows, floor = [], None
+    for sampler, steps in settings:
+        key = f"{Path(model.source).resolve()}|{sampler}|{steps}|{CLIP}|n{a.n}|seed{a.seed}"
+        r = cache.get(key)
+        if r is None:
+            nfe = count_nfe(sampler, ab, steps)
+            print(f"{sampler} {steps} steps ({nfe} NFE), {a.n} images ...", flush=True)
+            t0 = time.perf_counter()
+            s = generate(model, sample_config(sampler, steps, a.n, a.batch_size, a.seed))
+            dt = time.perf_counter() - t0
+            rep = evaluate_images(s.images)
+            r = {"sampler": sampler, "steps": steps, "nfe": s.nfe, "fd": rep.fd, "fd_floor": rep.fd_reference,
+                 "kid_mean": rep.kid_mean, "kid_std": rep.kid_std, "precision": rep.precision,
+                 "recall": rep.recall, "mean_confidence": rep.mean_confidence,
+                 "class_entropy_bits": rep.class_entropy_bits, "sample_seconds": round(dt, 1),
+                 "loadavg": round(os.getloadavg()[0], 2)}
+            cache[key] = r
+            _write_json(cache_path, cache)
+            print(f"  FD {rep.fd:.2f} (floor {rep.fd_reference:.2f}), {dt:.0f} s", flush=True)
+        rows.append(r)
+        floor = r["fd_floor"]
+
+    ddpm_rows = [r for r in rows if r["sampler"] == "ddpm"]
+    ttq = None
+    if ddpm_rows:
+        ref_row = max(ddpm_rows, key=lambda r: r["steps"])
+        limit = ref_row["fd"] * (1 + a.tolerance)
+        ok = sorted((r for r in rows if r["fd"] <= limit), key=lambda r: (r["nfe"], r["fd"]))
+        best = ok[0]
+        print(f"time to quality: {best['sampler']} {best['steps']} steps ({best['nfe']} NFE, FD {best['fd']:.2f}) "
+              f"is the cheapest within {a.tolerance:.0%} of ddpm at {ref_row['steps']} steps (FD {ref_row['fd']:.2f})",
+              flush=True)
+        ttq = time_to_quality(model, best, a.seed, a.rounds)
+        ttq.update({"reference": {"sampler": "ddpm", "steps": ref_row["steps"], "fd": ref_row["fd"],
+                                  "is_full_T": ref_row["steps"] == T},
+                    "fd_limit": limit, "tolerance": a.tolerance})
+
+    table = ["| sampler | steps | NFE | FD-FMNIST | KID x1e3 | precision | recall | seconds for n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (list(SAMPLERS).index(r["sampler"]), r["steps"])):
+        table.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fd']:.2f} | {r['kid_mean'] * 1e3:.2f} ± "
+                     f"{r['kid_std'] * 1e3:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['sample_seconds']:.0f} |")
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "run": str(a.run), "checkpoint": str(model.source), "train_step": model.step, "T": T,
+        "preset": model.config.preset, "schedule": model.config.diffusion.schedule,
+        "objective": model.config.diffusion.objective,
+        "n": a.n, "seed": a.seed, "clip": CLIP, "ddim_eta": 0.0, "fd_floor": floor,
+        "machine": {"torch": torch.__version__, "threads": a.threads, "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "loadavg_start": [round(x, 2) for x in load_start],
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "wall_s_this_invocation": round(time.perf_counter() - t_start, 1)},
+        "results": rows,
+        "time_to_quality": ttq,
+    }
+    _write_json(a.out / "nfe_sweep.json", result)
+    note = f"{model.config.preset} preset, step {model.step:,}, T={T}; n={a.n}, seed {a.seed}, x0 clipped, DDIM eta=0"
+    if ttq:
+        note += (f"; {ttq['setting']['sampler']} {ttq['setting']['steps']} steps: "
+                 f"{ttq['speedup']:.0f}x faster than the seed's 200-step loop")
+    png = figure(rows, floor, a.n, "Sample quality against network evaluations", note, a.out / "nfe_sweep.png")
+    print("\n".join(table))
+    if ttq:
+        print(f"time to quality: ours {ttq['ours_median_s']:.2f} s vs the seed's {ttq['seed_median_s']:.2f} s "
+              f"for 64 images: {ttq['speedup']:.1f}x")
+    print(f"wrote {a.out / 'nfe_sweep.json'} and {png}")
+
+
+if __name__ == "__main__":
+    main()
