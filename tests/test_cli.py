@@ -9,39 +9,12 @@ import pytest
 from PIL import Image
 
 from ddpm.cli import main
-from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        a = np.zeros((12, 12), np.uint8)
-        a[2 + i % 4: 8 + i % 4, 3:9] = 200 + rng.integers(0, 55)
-        Image.fromarray(a).save(d / f"img{i:02d}.png")
-    return d
-
-
-def tiny_config(image_dir: Path, **train: object) -> RunConfig:
-    return RunConfig(
-        model=ModelConfig(dim=8, dim_mults=(1, 2), attn_heads=1, attn_dim_head=8, channels=1),
-        diffusion=DiffusionConfig(timesteps=20),
-        data=DataConfig(source=str(image_dir), image_size=8, channels=1),
-        train=TrainConfig(**{"batch_size": 8, "epochs": None, "max_steps": 4, "checkpoint_every": 2,
-                             "sample_every": 3, "sample_n": 4, "log_every": 1, **train}),
-        preset="tiny",
-    )
-
-
-def write_config(tmp_path: Path, cfg: RunConfig) -> Path:
-    p = tmp_path / "cfg.json"
-    p.write_text(cfg.to_json())
-    return p
+from ddpm.config import RunConfig
+from helpers import tiny_config, write_config
 
 
 def test_train_resume_sample(tmp_path: Path, image_dir: Path) -> None:
-    cfg = write_config(tmp_path, tiny_config(image_dir))
+    cfg = write_config(tmp_path / "cfg.json", tiny_config(image_dir, sample_every=3))
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
     assert (run / "latest").read_text().strip() == "step-00000004"
@@ -94,7 +67,7 @@ def test_bad_input_one_line(argv: list[str], message: str, tmp_path: Path, capsy
 
 
 def test_bad_checkpoints(tmp_path: Path, image_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    cfg = write_config(tmp_path, tiny_config(image_dir, max_steps=2))
+    cfg = write_config(tmp_path / "cfg.json", tiny_config(image_dir, max_steps=2))
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
     ck = run / "checkpoints" / "step-00000002"
@@ -121,3 +94,26 @@ def test_bad_checkpoints(tmp_path: Path, image_dir: Path, capsys: pytest.Capture
     # an existing run is never overwritten
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_eval_samples_against_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`ddpm eval --samples` with the shipped feature net, offline, against a reference folder."""
+    rng = np.random.default_rng(0)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(40):
+        a = np.zeros((28, 28), np.uint8)
+        a[4:24, 6 + i % 5: 20 + i % 5] = 180 + i
+        Image.fromarray(a).save(ref / f"r{i}.png")
+    fake = rng.integers(0, 256, (40, 1, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", images=fake)
+    assert main(["eval", "--samples", str(tmp_path / "samples.npz"), "--reference", str(ref)]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["n_samples"] == 40 and report["n_reference"] == 40 and report["fd"] > 0
+    assert report["fd_reference"] is None and report["source"].endswith("samples.npz")
+    capsys.readouterr()
+    np.savez(tmp_path / "bad.npz", images=fake.astype(np.float32))
+    assert main(["eval", "--samples", str(tmp_path / "bad.npz"), "--reference", str(ref)]) == 2
+    assert "uint8" in capsys.readouterr().err
+    assert main(["eval"]) == 2
+    assert "exactly one" in capsys.readouterr().err

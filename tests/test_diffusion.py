@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+import helpers
 import torch.nn.functional as F
 from scipy import integrate, stats
 from torch import nn
@@ -384,14 +386,7 @@ MU, SD = 0.3, 0.5
 
 
 def oracle_eps_net(s: NoiseSchedule):
-    """E[eps | x_t] for data N(MU, SD^2) per dimension (the optimal eps predictor)."""
-    ab = s.alpha_bar.double()
-
-    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = ab[t].reshape(-1, 1, 1, 1)
-        return ((1 - a).sqrt() * (x.double() - a.sqrt() * MU) / (a * SD**2 + 1 - a)).float()
-
-    return net
+    return helpers.oracle_eps_net(s, MU, SD)
 
 
 @pytest.mark.parametrize("t", [1, 5, 40, 150])

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
+
 from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
 from ddpm.diffusion import Denoiser, prior_bpd
 from ddpm.errors import DdpmError
@@ -31,24 +33,8 @@ MU, SD = 0.3, 0.5
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: with other processes on the cores, OpenMP's spinning threads cost 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def oracle_eps_net(s: NoiseSchedule):
-    """E[eps | x_t] for data N(MU, SD^2): sqrt(1 - a)(x - sqrt(a) MU) / (a SD^2 + 1 - a)."""
-    ab = s.alpha_bar.double()
-
-    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = ab[t].reshape(-1, 1, 1, 1)
-        return ((1 - a).sqrt() * (x.double() - a.sqrt() * MU) / (a * SD**2 + 1 - a)).float()
-
-    return net
+    return helpers.oracle_eps_net(s, MU, SD)
 
 
 def closed_form_terms(T: int, variance: str) -> np.ndarray:

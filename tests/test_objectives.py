@@ -25,15 +25,6 @@ T = 50
 STEPS = 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: with other processes on the cores, OpenMP's spinning threads cost 10-100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_images(n: int = 64) -> torch.Tensor:
     """Bright rectangles at 16 positions on a black 8x8 background, uint8 (n, 1, 8, 8)."""
     g = torch.Generator().manual_seed(0)

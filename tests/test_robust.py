@@ -32,45 +32,11 @@ from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, Tra
 from ddpm.diffusion import LossTerms
 from ddpm.errors import DdpmError
 from ddpm.train import Trainer, train
+from helpers import tiny_config as tiny
+from helpers import write_config
 
 train_mod = importlib.import_module("ddpm.train")  # ddpm.train is also the function
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        a = np.zeros((12, 12), np.uint8)
-        a[2 + i % 4: 8 + i % 4, 3:9] = 200 + rng.integers(0, 55)
-        Image.fromarray(a).save(d / f"img{i:02d}.png")
-    return d
-
-
-def tiny(image_dir: Path, **train_opts: Any) -> RunConfig:
-    """A 65k-parameter U-Net on 8x8 images: a step takes milliseconds."""
-    return RunConfig(
-        model=ModelConfig(dim=8, dim_mults=(1, 2), attn_heads=1, attn_dim_head=8, channels=1),
-        diffusion=DiffusionConfig(timesteps=20),
-        data=DataConfig(source=str(image_dir), image_size=8, channels=1),
-        train=TrainConfig(**{"batch_size": 8, "epochs": None, "max_steps": 4, "checkpoint_every": 2,
-                             "sample_every": 0, "sample_n": 4, "log_every": 1, **train_opts}),
-        preset="tiny",
-    )
-
-
-def write_config(path: Path, cfg: RunConfig) -> Path:
-    path.write_text(cfg.to_json())
-    return path
 
 
 def cli(*argv: Any) -> list[str]:

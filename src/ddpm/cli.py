@@ -233,7 +233,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.inception_weights is not None:
         ref = resolve_images(args.reference, net, args.data)[1]
         info["inception_fid"] = inception_fid(images, ref, args.inception_weights)
-    report = evaluate_images(images, feature_net=net, reference=args.reference, data_dir=args.data, seed=args.seed)
+    floor = "fashion-mnist-train" if args.reference == "fashion-mnist-test" else None
+    report = evaluate_images(images, feature_net=net, reference=args.reference, floor=floor,
+                             data_dir=args.data, seed=args.seed)
     report = replace(report, **{k: v for k, v in info.items() if k in ("sampler", "steps", "nfe", "source")})
     d = report.to_dict() | ({"inception_fid": info["inception_fid"]} if "inception_fid" in info else {})
     text = json.dumps(d, indent=2)
