@@ -9,11 +9,13 @@ Measures, in one process with the contenders called in turns (A, B, A, B, ...):
   train   images/s of one optimisation step at batch 128 on Fashion-MNIST: ours is
           ``ddpm.train.Trainer.train_step`` (batch draw, training_losses, backward, grad norm,
           Adam, EMA), the seed's is its train loop body (batch draw, p_losses, backward, Adam);
-          a large fp32 matmul rides along in the same rounds as the machine's measured peak
+          two large fp32 GEMMs ride along in the same rounds as the machine's measured peak
+          (torch.mm, and the same GEMM as a 1x1 convolution: on this AMD CPU MKL's sgemm
+          stays well below oneDNN's, which runs the convolutions)
   sample  images/s of 200-step ancestral sampling of 64 images, from ``--sample-iters`` of the
           200 loop iterations (t = 199 down) timed on both sides and scaled to 200
-  flops   FLOPs of one training step (torch.utils.flop_counter) over its median time,
-          against the matmul's GFLOP/s
+  flops   FLOPs of one training step (torch.utils.flop_counter) over its time, against the
+          faster GEMM of the same round (median over rounds)
   memory  peak resident memory of a child process that trains a few steps, ours and the
           seed's each in its own child (os.wait4's rusage); on CUDA also the peak allocated
 Writes bench/out/throughput.json (and bench/out/throughput_profile.txt with --profile).
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness import interleave, load_reference, median, peak_rss_mib, ratio, save, vm_mib
@@ -88,15 +93,23 @@ def reference_step(ref, data: torch.Tensor, device: torch.device):
     return step
 
 
-def matmul(device: torch.device, n: int = MM_N, reps: int = 4):
-    if device.type == "cuda":
-        n, reps = 8192, 10
+def matmul(device: torch.device):
+    """The machine's fp32 GEMM peak, two ways: torch.mm (MKL or cuBLAS) and the same-sized
+    GEMM as a channels-last 1x1 convolution (oneDNN on CPU, which runs our convolutions)."""
+    n, reps = (8192, 10) if device.type == "cuda" else (MM_N, 4)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    wd = math.isqrt(n // 2)  # 4 images of (wd / 2) x wd pixels: n rows, so the GEMM is n x n x n
+    x = torch.randn(4, n, wd // 2, wd, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1, device=device).contiguous(memory_format=torch.channels_last)
 
-    def run() -> None:
+    def mm() -> None:
         for _ in range(reps):
             torch.mm(a, b)
-    return run, 2 * n**3 * reps, n
+
+    def conv() -> None:
+        for _ in range(reps):
+            F.conv2d(x, w)
+    return mm, conv, 2 * n**3 * reps, n
 
 
 class _Stop(Exception):
@@ -150,13 +163,12 @@ def bench_train(ref, rounds: int, device: torch.device) -> dict:
     ref_data = data.float().div(255).mul(2).sub(1)  # what the seed's load_fmnist returns
     with tempfile.TemporaryDirectory() as tmp:
         tr = our_trainer(data, Path(tmp), device)
-        mm, mm_flops, mm_n = matmul(device)
+        mm, conv, gemm_flops, gemm_n = matmul(device)
         steps = {"ours": synced(tr.train_step, device), "reference": synced(reference_step(ref, ref_data, device), device),
-                 "matmul": synced(mm, device)}
+                 "matmul": synced(mm, device), "conv_gemm": synced(conv, device)}
         times = interleave(steps, rounds=rounds, warmup=2 if device.type == "cuda" else 1)
         flops = {"ours": count_flops(steps["ours"]), "reference": count_flops(steps["reference"])}
-    t_ours, t_ref, t_mm = (median(times[k]) for k in ("ours", "reference", "matmul"))
-    peak = mm_flops / t_mm / 1e9
+    t_ours, t_ref = median(times["ours"]), median(times["reference"])
     r = ratio(times, "ours", "reference")
     train = {
         "batch": BATCH, "rounds": rounds,
@@ -165,12 +177,16 @@ def bench_train(ref, rounds: int, device: torch.device) -> dict:
         "ratio": r, "target": TARGETS["train"], "aim": TARGETS["train_aim"], "met": r >= TARGETS["train"],
         "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
     }
+    # per round: the step's GFLOP/s over the better of the two GEMMs timed in the same round
+    peak = [gemm_flops / min(a, b) / 1e9 for a, b in zip(times["matmul"], times["conv_gemm"])]
+    frac = {k: statistics.median(flops[k] / t / 1e9 / p for t, p in zip(times[k], peak)) for k in flops}
     flop = {
         "ours_gflop_per_step": flops["ours"] / 1e9, "reference_gflop_per_step": flops["reference"] / 1e9,
         "ours_gflop_per_s": flops["ours"] / t_ours / 1e9, "reference_gflop_per_s": flops["reference"] / t_ref / 1e9,
-        "matmul_peak_gflop_per_s": peak, "matmul_n": mm_n,
-        "ours_fraction_of_peak": flops["ours"] / t_ours / 1e9 / peak,
-        "reference_fraction_of_peak": flops["reference"] / t_ref / 1e9 / peak,
+        "matmul_gflop_per_s": gemm_flops / median(times["matmul"]) / 1e9,
+        "conv_gemm_gflop_per_s": gemm_flops / median(times["conv_gemm"]) / 1e9,
+        "peak_gflop_per_s": statistics.median(peak), "gemm_n": gemm_n,
+        "ours_fraction_of_peak": frac["ours"], "reference_fraction_of_peak": frac["reference"],
     }
     return {"train": train, "flops": flop}
 
@@ -278,9 +294,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--train-rounds", type=int, default=5)
-    ap.add_argument("--sample-rounds", type=int, default=3)
-    ap.add_argument("--sample-iters", type=int, default=10, help="timed iterations of the 200")
+    ap.add_argument("--train-rounds", type=int, default=6)
+    ap.add_argument("--sample-rounds", type=int, default=7)
+    ap.add_argument("--sample-iters", type=int, default=4, help="timed iterations of the 200")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "memory"])
     ap.add_argument("--profile", action="store_true", help="write the top ops of our step")

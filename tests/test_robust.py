@@ -17,7 +17,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,14 +28,14 @@ from safetensors.torch import load_file
 import ddpm.checkpoint
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import main
-from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
+from ddpm.config import RunConfig
 from ddpm.diffusion import LossTerms
-from ddpm.errors import DdpmError
 from ddpm.train import Trainer, train
 from helpers import tiny_config as tiny
 from helpers import write_config
 
 train_mod = importlib.import_module("ddpm.train")  # ddpm.train is also the function
+runlog_mod = importlib.import_module("ddpm.runlog")
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -270,7 +270,7 @@ def test_full_disk_while_logging(tmp_path: Path, image_dir: Path, monkeypatch: p
         if record["step"] == 3:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
 
-    monkeypatch.setattr(train_mod.JsonLog, "write", write)
+    monkeypatch.setattr(runlog_mod.JsonLog, "write", write)
     cfg = write_config(tmp_path / "cfg.json", tiny(image_dir, max_steps=6))
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

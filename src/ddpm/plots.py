@@ -340,7 +340,7 @@ def _quarter_series(steps: list[dict], x: np.ndarray, span: float, T: int) -> li
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """RUN/log.jsonl -> RUN/loss.png (or ``out``)."""
     from .config import RunConfig
-    from .train import LOG_NAME, read_log
+    from .runlog import LOG_NAME, read_log
 
     run = Path(run_dir)
     log = run / LOG_NAME
