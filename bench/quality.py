@@ -16,7 +16,10 @@ All three are sampled with the same sampler (DPM-Solver++(2M), 20 steps, x0 clip
 default) and seed, evaluated with ``evaluate_images`` against the Fashion-MNIST test set, and
 compared with the real-data floor at the same n. The wall clock is shared with whatever else
 runs on the machine, so every contender's training steps reached (and images seen) are
-recorded next to its budget, with the load average before and after.
+recorded next to its budget, with the load average before and after. One torch thread by
+default (``--threads``), for ours and the seed's child alike: on this 2-core machine, with one
+core taken by another process, a 2-thread forward of the fast U-Net ran 10x slower than a
+1-thread one (28 against 265 images/s, OpenMP threads waiting on each other).
 
 Resumable per contender: a run folder under ``bench/out/quality-runs/NAME`` that holds a
 checkpoint (or ``seed_model.pt``) is not retrained, and an evaluation already made with the
@@ -217,8 +220,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                    help="torch threads for training and sampling, ours and the seed's (default min(2, cpus))")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for training and sampling, ours and the seed's (default 1: see above)")
     ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders to run")
     ap.add_argument("--fresh", action="store_true", help="delete the selected contenders' run folders first")
     ap.add_argument("--out", type=Path, default=OUT, help="output folder (default bench/out)")

@@ -1,6 +1,6 @@
 """Training and sampling images/s from 28 to 128 pixels, and gradient checkpointing at 64.
 
-    PYTHONPATH=src python bench/scale.py              # ~5 min on 2 idle cores
+    PYTHONPATH=src python bench/scale.py              # ~6.5 min on this 2-core machine
     PYTHONPATH=src python bench/scale.py --threads 1 --sizes 28 64
 
 For each size, a seed-style U-Net (ConvNeXt blocks, linear attention) sized for it, trained on
@@ -23,8 +23,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-
-from harness import interleave, load_reference, median, peak_rss_mib, ratio, save, vm_mib
+from harness import (
+    interleave,
+    load_reference,
+    median,
+    peak_rss_mib,
+    ratio,
+    save,
+    vm_mib,
+)
 
 from ddpm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ddpm.nn import UNet, count_parameters
@@ -137,6 +144,7 @@ def bench_size(ref, s: Size, rounds: int, iters: int) -> dict:
         "reference_sample_img_per_s": s.sample_batch / (median(sample["reference"]) / iters * T),
         "sample_ratio": ratio(sample, "ours", "reference"),
         "sample_timed_iterations": iters, "rounds": rounds,
+        "seconds": {"train": train, "sample": sample},
     }
 
 
@@ -150,6 +158,7 @@ def bench_checkpointing(rounds: int, threads: int | None, steps: int) -> dict:
     out["off_img_per_s"] = s.batch / median(times["off"])
     out["on_img_per_s"] = s.batch / median(times["on"])
     out["speed_ratio_on_vs_off"] = ratio(times, "on", "off")
+    out["seconds"] = times
     for mode in ("off", "on"):
         argv = [sys.executable, __file__, "--child", mode, "--child-steps", str(steps)]
         if threads:

@@ -1,6 +1,6 @@
 """Throughput of the `--preset seed` recipe against the seed's own code, side by side.
 
-    PYTHONPATH=src python bench/throughput.py                 # ~5 min on 2 idle cores
+    PYTHONPATH=src python bench/throughput.py                 # ~3 min on this 2-core machine
     PYTHONPATH=src python bench/throughput.py --threads 1     # pin intra-op threads (both sides)
     PYTHONPATH=src python bench/throughput.py --profile       # also the top ops of our step
     python bench/throughput.py --device cuda --sample-iters 200   # on a GPU (bench/gpu.sh)
@@ -31,14 +31,21 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from harness import (
+    interleave,
+    load_reference,
+    median,
+    peak_rss_mib,
+    ratio,
+    save,
+    vm_mib,
+)
 from torch.utils.flop_counter import FlopCounterMode
-
-from harness import interleave, load_reference, median, peak_rss_mib, ratio, save, vm_mib
 
 from ddpm import preset
 from ddpm.data import load_fashion_mnist

@@ -1,4 +1,10 @@
 """ddpm: denoising diffusion probabilistic models in PyTorch, as a library and a command."""
+import os
+
+# Before torch loads OpenMP: spinning worker threads stall 3-4x when anything else shares the
+# CPU (bench/levers.py --env, BENCHMARKS.md); the user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig, preset
 from .data import load_dataset, load_fashion_mnist, load_image_folder

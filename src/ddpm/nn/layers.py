@@ -97,7 +97,8 @@ def _qkv_tokens(proj: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     tensor exists, whose split's backward would concatenate the three gradients into a fresh
     buffer and copy it to the input's layout (on CPU, fresh large buffers are what cost).
     With a channels-last input each result is already (B, N, C) in memory: a free view."""
-    return tuple(F.conv2d(x, w).flatten(2).transpose(1, 2) for w in proj.weight.chunk(3, dim=0))
+    biases = proj.bias.chunk(3) if proj.bias is not None else (None,) * 3
+    return tuple(F.conv2d(x, w, b).flatten(2).transpose(1, 2) for w, b in zip(proj.weight.chunk(3), biases))
 
 
 def _tokens_to_image(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
