@@ -23,9 +23,7 @@ bench/out/nfe_sweep.png (FD against NFE, log-log, one line per sampler, the floo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -35,11 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from harness import OUT, load_reference
 
-from ddpm.evaluate import evaluate_images
 from ddpm import plots
+from ddpm.evaluate import evaluate_images
 from ddpm.plots import COLOURS, Panel, Series, render
 from ddpm.samplers import SAMPLERS, count_nfe
 from ddpm.sampling import SampleConfig, generate, load_model
@@ -116,6 +113,17 @@ def _y_label(v: float) -> str:
 
 def _x_label(v: float) -> str:  # x is drawn as log10(NFE): label the ticks with NFE itself
     return f"{10 ** v:,.0f}" if v >= 0 else f"{10 ** v:.2g}"
+
+
+def figure_note(result: dict) -> str:
+    note = (f"{result['preset']} preset, step {result['train_step']:,}, T={result['T']}; n={result['n']}, "
+            f"seed {result['seed']}, x0 clipped, DDIM eta=0")
+    ttq = result["time_to_quality"]
+    if ttq:
+        s, ref = ttq["setting"], ttq["reference"]
+        note += (f"; {s['sampler']} {s['steps']} steps, within {ttq['tolerance']:.0%} of ddpm at {ref['steps']}: "
+                 f"{ttq['speedup']:.1f}x faster than the seed's 200 steps")
+    return note
 
 
 def figure(rows: list[dict], floor: float, n: int, title: str, note: str, path: Path) -> Path:
@@ -232,11 +240,8 @@ def main() -> None:
         "time_to_quality": ttq,
     }
     _write_json(a.out / "nfe_sweep.json", result)
-    note = f"{model.config.preset} preset, step {model.step:,}, T={T}; n={a.n}, seed {a.seed}, x0 clipped, DDIM eta=0"
-    if ttq:
-        note += (f"; {ttq['setting']['sampler']} {ttq['setting']['steps']} steps: "
-                 f"{ttq['speedup']:.1f}x faster than the seed's 200-step loop")
-    png = figure(rows, floor, a.n, "Sample quality against network evaluations", note, a.out / "nfe_sweep.png")
+    png = figure(rows, floor, a.n, "Sample quality against network evaluations", figure_note(result),
+                 a.out / "nfe_sweep.png")
     print("\n".join(table))
     if ttq:
         print(f"time to quality: ours {ttq['ours_median_s']:.2f} s vs the seed's {ttq['seed_median_s']:.2f} s "

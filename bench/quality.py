@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from harness import OUT, REFERENCE
 
 from ddpm.checkpoint import resolve_checkpoint

@@ -228,7 +228,8 @@ class Trainer:
         self.skipped = 0
         self.resumed_from: Path | None = None
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
-        self.lr_fn = lr_lambda(cfg, lambda: self.horizon)
+        self.lr_horizon = self.horizon  # for the cosine: with a time budget, re-estimated as it runs
+        self.lr_fn = lr_lambda(cfg, lambda: self.lr_horizon)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_fn)
 
     # -- one optimisation step ----------------------------------------------------------
@@ -467,8 +468,9 @@ def _loop(tr: Trainer, progress: bool, tb: TensorBoard) -> TrainResult:
                     log.write(_skip_record(tr, out))
                     tr.check_diverged(out)
                     continue
-                if tr.horizon is None and tc.lr_schedule == "cosine" and tr.step == start_step + 20 and clock.deadline:
-                    tr.horizon = _estimate_horizon(tr, clock.deadline, clock.start)
+                done = tr.step - start_step
+                if tr.horizon is None and clock.deadline and done >= 20 and done % 20 == 0:
+                    tr.lr_horizon = _estimate_horizon(tr, clock.deadline, clock.start, done)
                 clock.images += tc.batch_size
                 ck = _after_step(tr, out, win, log, tb, bar) or ck
                 bar.update(1)
@@ -502,7 +504,8 @@ def _after_step(tr: Trainer, out: StepOut, win: _Window, log: JsonLog, tb: Tenso
     return None
 
 
-def _estimate_horizon(tr: Trainer, deadline: float, t_start: float) -> int:
-    """With a time budget only, fix the cosine schedule's length from the measured speed."""
-    per_step = (time.monotonic() - t_start) / 20
+def _estimate_horizon(tr: Trainer, deadline: float, t_start: float, done: int) -> int:
+    """With a time budget only, the cosine schedule's length from the speed so far; re-estimated
+    every 20 steps, so a machine that speeds up or slows down still ends near lr 0, on time."""
+    per_step = (time.monotonic() - t_start) / done
     return tr.step + max(1, int((deadline - time.monotonic()) / per_step))
