@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -98,7 +99,6 @@ def build_config(args: argparse.Namespace) -> Any:
     if "channels" in given:
         sections.setdefault("model", {})["channels"] = given["channels"]
     new = {sec: override(getattr(cfg, sec), **fl) for sec, fl in sections.items()}
-    from dataclasses import replace
     return replace(cfg, **new)
 
 
@@ -208,8 +208,6 @@ def _load_npz_images(path: str) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from .checkpoint import atomic_write_text
     from .evaluate import evaluate_images, inception_fid, resolve_images
     from .features import default_feature_net, load_feature_net
