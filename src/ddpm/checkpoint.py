@@ -78,6 +78,11 @@ class Checkpoint:
         return self.ema if use_ema and self.ema is not None else self.model
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives."""
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
 def save_checkpoint(run_dir: Path, *, config: RunConfig, step: int, model: dict[str, torch.Tensor],
                     ema: dict[str, torch.Tensor] | None, state: dict[str, Any], keep: int = 2) -> Path:
     """Write a checkpoint for ``step`` atomically, point ``latest`` at it, prune old ones.
@@ -85,8 +90,8 @@ def save_checkpoint(run_dir: Path, *, config: RunConfig, step: int, model: dict[
     A failed write (full disk, read-only folder) leaves every earlier checkpoint and ``latest``
     untouched and raises a one-line DdpmError naming the last good checkpoint.
     """
-    ck_root = run_dir / "checkpoints"
-    final = ck_root / f"step-{step:08d}"
+    final = checkpoint_path(run_dir, step)
+    ck_root = final.parent
     try:
         ck_root.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(ck_root)

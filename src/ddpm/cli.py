@@ -118,6 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else _run_dir(args, cfg.preset)
     res = train(cfg, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress,
                 tensorboard=not args.no_tensorboard)
+    if not res.main:  # the other processes of a torchrun job: the main one reports
+        return 0
     print(f"done: step {res.step}, {res.images_per_sec:.1f} images/s; checkpoint {res.checkpoint}")
     print(f"sample with: ddpm sample {run_dir}")
     return 0

@@ -19,16 +19,19 @@ class JsonLog:
     """log.jsonl: each record is one ``os.write`` on an O_APPEND descriptor, so a reader (or a kill)
     never sees half a line; no fsync, as the page cache survives the process."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.fd is None:
+            return
         line = json.dumps({k: _json_number(v) for k, v in record.items()}) + "\n"
         os.write(self.fd, line.encode())
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def _json_number(v: Any) -> Any:

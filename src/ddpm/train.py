@@ -21,11 +21,12 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from .checkpoint import (Checkpoint, atomic_write_text, last_good_checkpoint, load_checkpoint, load_into,
-                         save_checkpoint)
+from .checkpoint import (Checkpoint, atomic_write_text, checkpoint_path, last_good_checkpoint, load_checkpoint,
+                         load_into, save_checkpoint)
 from .config import RunConfig
 from .data import Batches, load_dataset
 from .diffusion import sample_noise, training_losses
+from .distributed import Dist, from_env, shutdown
 from .errors import DdpmError
 from .nn import UNet, check_image_size, count_parameters
 from .runlog import LOG_NAME, JsonLog, TensorBoard, reset_log
@@ -44,6 +45,8 @@ class TrainResult:
     images_per_sec: float
     interrupted: bool
     skipped: int = 0
+    model: nn.Module | None = None  # the trained network (raw weights, not the EMA)
+    main: bool = True  # False in the other processes of a multi-process run
 
 
 class Interrupted(KeyboardInterrupt):
@@ -211,15 +214,17 @@ def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
 class Trainer:
     """Holds the model, optimiser, EMA, data order and RNG; runs steps; saves and restores."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device):
-        self.cfg, self.run_dir, self.device = cfg, run_dir, device
-        torch.manual_seed(cfg.train.seed)
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device,
+                 dist: Dist = Dist()):
+        self.cfg, self.run_dir, self.device, self.dist = cfg, run_dir, device, dist
+        torch.manual_seed(cfg.train.seed)  # the same initial weights in every process
         self.model = build_model(cfg).to(device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.schedule = make_schedule(cfg).to(device)
         self.opt = _adam(list(self.model.parameters()), cfg.train.lr)
-        self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
+        keep_ema = cfg.train.ema_decay > 0 and dist.main  # only the main process samples and saves
+        self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if keep_ema else None
         self.batches = Batches(data, cfg.train.batch_size, seed=cfg.train.seed, flip=cfg.data.flip)
         self.gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
         self.step = 0
@@ -227,26 +232,37 @@ class Trainer:
         self.bad_steps = 0
         self.skipped = 0
         self.resumed_from: Path | None = None
-        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        net: nn.Module = self.model
+        if dist.active:  # averages the gradients over processes inside backward()
+            from torch.nn.parallel import DistributedDataParallel
+            net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
+        self.forward = torch.compile(net) if cfg.train.compile else net
         self.lr_horizon = self.horizon  # for the cosine: with a time budget, re-estimated as it runs
         self.lr_fn = lr_lambda(cfg, lambda: self.lr_horizon)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_fn)
 
     # -- one optimisation step ----------------------------------------------------------
     def train_step(self) -> StepOut | Skipped:
-        """DDPM Algorithm 1, one batch; a non-finite loss or gradient leaves the weights alone."""
+        """DDPM Algorithm 1, one batch; a non-finite loss or gradient leaves the weights alone.
+
+        Every process draws the same global batch, t and noise and keeps its own slice
+        (see :mod:`ddpm.distributed`)."""
         x0 = next(self.batches).to(self.device, non_blocking=True)
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         dc = self.cfg.diffusion
         t = torch.randint(0, dc.timesteps, (x0.shape[0],), device=self.device, generator=self.gen)
         noise = sample_noise(x0, dc.offset_noise, self.gen)
+        if self.dist.active:
+            part = self.dist.shard(x0.shape[0])
+            x0, t, noise = x0[part], t[part], noise[part]
         terms = training_losses(self.forward, self.schedule, dc, x0, t, noise, learn_sigma=self.cfg.model.learn_sigma)
         self.opt.zero_grad(set_to_none=True)
         terms.loss.backward()
         clip = self.cfg.train.max_grad_norm
         gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
-        if not (torch.isfinite(terms.loss) and torch.isfinite(gnorm)):
+        bad = not (torch.isfinite(terms.loss) and torch.isfinite(gnorm))
+        if self.dist.max([float(bad)], self.device)[0]:  # every process skips the same steps
             return self._bad_step(float(terms.loss.detach()), float(gnorm))
         self.bad_steps = 0
         self.opt.step()
@@ -281,6 +297,9 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Write a checkpoint (the main process only; the others just name it)."""
+        if not self.dist.main:
+            return checkpoint_path(self.run_dir, self.step)
         ema = self.ema.model.state_dict() if self.ema is not None else None
         return save_checkpoint(self.run_dir, config=self.cfg, step=self.step, model=self.model.state_dict(),
                                ema=ema, state=self.state(), keep=self.cfg.train.keep)
@@ -416,28 +435,40 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
     """Train ``cfg`` in ``run_dir`` until its budget runs out (or a signal); always checkpoint.
 
     Everything is checked (config, folder, checkpoint, data) before the first file is written.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each process runs this, the main one writing.
     """
     validate(cfg)
     run_dir = Path(run_dir)
-    dev = resolve_device(device)
-    prepare_run_dir(run_dir, cfg, resume)
-    ck = load_checkpoint(run_dir, with_state=True) if resume else None
-    if ck is not None:
-        check_resume_config(ck, cfg)
-    data = _load_data(cfg) if data is None else data
-    _check_data(cfg, data)
-    tr = Trainer(cfg, run_dir, data, dev)
-    if ck is not None:
-        tr.restore(ck)
-        log(f"resumed {run_dir} at step {tr.step}")
-    log(f"training {count_parameters(tr.model):,} parameters on {len(data):,} images ({dev}), run folder {run_dir}")
+    dist, dev = from_env(resolve_device(device))
     try:
-        atomic_write_text(run_dir / "config.json", cfg.to_json())
-        reset_log(run_dir / LOG_NAME, tr.step)
-        return _loop(tr, progress, TensorBoard(run_dir / "tb", tr.step + 1, tensorboard))
-    except OSError as e:  # the log, a sample grid or TensorBoard: checkpoints report their own
-        raise DdpmError(f"cannot write {e.filename or run_dir}: {e.strerror or e}; "
-                        f"the last good checkpoint is {last_good_checkpoint(run_dir)}") from None
+        if cfg.train.batch_size % dist.world:
+            raise DdpmError(f"the batch size {cfg.train.batch_size} (the global batch) does not split evenly "
+                            f"over {dist.world} processes")
+        prepare_run_dir(run_dir, cfg, resume)
+        ck = load_checkpoint(run_dir, with_state=True) if resume else None
+        if ck is not None:
+            check_resume_config(ck, cfg)
+        data = _load_data(cfg) if data is None else data
+        _check_data(cfg, data)
+        tr = Trainer(cfg, run_dir, data, dev, dist)
+        say = log if dist.main else (lambda _: None)
+        if ck is not None:
+            tr.restore(ck)
+            say(f"resumed {run_dir} at step {tr.step}")
+        procs = f", {dist.world} processes" if dist.active else ""
+        say(f"training {count_parameters(tr.model):,} parameters on {len(data):,} images ({dev}{procs}), "
+            f"run folder {run_dir}")
+        try:
+            if dist.main:
+                atomic_write_text(run_dir / "config.json", cfg.to_json())
+                reset_log(run_dir / LOG_NAME, tr.step)
+            tb = TensorBoard(run_dir / "tb", tr.step + 1, tensorboard and dist.main)
+            return _loop(tr, progress and dist.main, tb)
+        except OSError as e:  # the log, a sample grid or TensorBoard: checkpoints report their own
+            raise DdpmError(f"cannot write {e.filename or run_dir}: {e.strerror or e}; "
+                            f"the last good checkpoint is {last_good_checkpoint(run_dir)}") from None
+    finally:
+        shutdown(dist)
 
 
 @dataclass
@@ -452,6 +483,16 @@ class _Clock:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
 
+def _halt(tr: Trainer, stop: _StopFlag, clock: _Clock) -> int | None:
+    """Whether to stop before the next step: 0 for the time budget, a signal number for a
+    signal, None to go on. Agreed by every process, so that all stop after the same step."""
+    signum, expired = tr.dist.max([float(stop.signum or 0), float(clock.expired())], tr.device)
+    if signum:
+        stop.signum = int(signum)  # a signal that reached any process stops them all
+        return int(signum)
+    return 0 if expired else None
+
+
 def _loop(tr: Trainer, progress: bool, tb: TensorBoard) -> TrainResult:
     from tqdm import tqdm
 
@@ -459,10 +500,10 @@ def _loop(tr: Trainer, progress: bool, tb: TensorBoard) -> TrainResult:
     clock = _Clock(time.monotonic() + tc.minutes * 60 if tc.minutes else None)
     start_step, ck = tr.step, tr.resumed_from
     bar = tqdm(total=tr.horizon, initial=tr.step, disable=not progress, unit="step", dynamic_ncols=True)
-    log, win = JsonLog(tr.run_dir / LOG_NAME), _Window()
+    log, win = JsonLog(tr.run_dir / LOG_NAME, tr.dist.main), _Window()
     try:
         with _StopFlag() as stop:
-            while (tr.horizon is None or tr.step < tr.horizon) and stop.signum is None and not clock.expired():
+            while (tr.horizon is None or tr.step < tr.horizon) and _halt(tr, stop, clock) is None:
                 out = tr.train_step()
                 if isinstance(out, Skipped):
                     log.write(_skip_record(tr, out))
@@ -476,6 +517,7 @@ def _loop(tr: Trainer, progress: bool, tb: TensorBoard) -> TrainResult:
                 bar.update(1)
             if ck is None or ck.name != f"step-{tr.step:08d}":
                 ck = tr.save()
+            tr.dist.barrier()  # no process returns before the checkpoint is on disk
     finally:
         bar.close()
         log.close()
@@ -483,7 +525,8 @@ def _loop(tr: Trainer, progress: bool, tb: TensorBoard) -> TrainResult:
     if stop.signum is not None:
         raise Interrupted(stop.signum, tr.step, ck)
     elapsed = time.monotonic() - clock.start
-    return TrainResult(tr.run_dir, tr.step, ck, clock.images / max(elapsed, 1e-9), False, tr.skipped)
+    return TrainResult(tr.run_dir, tr.step, ck, clock.images / max(elapsed, 1e-9), False, tr.skipped, tr.model,
+                       tr.dist.main)
 
 
 def _after_step(tr: Trainer, out: StepOut, win: _Window, log: JsonLog, tb: TensorBoard, bar: Any) -> Path | None:
@@ -491,12 +534,13 @@ def _after_step(tr: Trainer, out: StepOut, win: _Window, log: JsonLog, tb: Tenso
     tc = tr.cfg.train
     win.add(tc.batch_size, out.loss.detach())
     if tr.step % tc.log_every == 0 or tr.step == 1:
+        win.loss_sum = tr.dist.mean(torch.as_tensor(win.loss_sum))  # the global batch's loss
         rec = _log_record(tr, out, win)
         log.write(rec)
         tb.scalars(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         win.reset()
-    if tc.sample_every and tr.step % tc.sample_every == 0:
+    if tc.sample_every and tr.step % tc.sample_every == 0 and tr.dist.main:
         images = periodic_samples(tr, tr.run_dir / "samples" / f"step-{tr.step:08d}.png", tc.sample_n)
         tb.image(make_grid(images), tr.step)
     if tc.checkpoint_every and tr.step % tc.checkpoint_every == 0:
@@ -508,4 +552,6 @@ def _estimate_horizon(tr: Trainer, deadline: float, t_start: float, done: int) -
     """With a time budget only, the cosine schedule's length from the speed so far; re-estimated
     every 20 steps, so a machine that speeds up or slows down still ends near lr 0, on time."""
     per_step = (time.monotonic() - t_start) / done
-    return tr.step + max(1, int((deadline - time.monotonic()) / per_step))
+    left = (deadline - time.monotonic()) / per_step
+    left = -tr.dist.max([-left], tr.device)[0]  # the slowest process's estimate, so all agree
+    return tr.step + max(1, int(left))
