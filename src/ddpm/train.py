@@ -29,6 +29,7 @@ from .diffusion import sample_noise, training_losses
 from .distributed import Dist, from_env, shutdown
 from .errors import DdpmError
 from .nn import UNet, check_image_size, count_parameters
+from .precision import autocast_dtype, describe, fast_cuda_math, under_autocast
 from .runlog import LOG_NAME, JsonLog, TensorBoard, reset_log
 from .sampling import LoadedModel, SampleConfig, generate, make_schedule, resolve_device
 from .viz import make_grid, save_grid
@@ -225,7 +226,8 @@ class Trainer:
         self.opt = _adam(list(self.model.parameters()), cfg.train.lr)
         keep_ema = cfg.train.ema_decay > 0 and dist.main  # only the main process samples and saves
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if keep_ema else None
-        self.batches = Batches(data, cfg.train.batch_size, seed=cfg.train.seed, flip=cfg.data.flip)
+        self.batches = Batches(_place_data(data, device), cfg.train.batch_size, seed=cfg.train.seed,
+                               flip=cfg.data.flip)
         self.gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
         self.step = 0
         self.horizon = step_budget(cfg, self.batches.steps_per_epoch)
@@ -237,6 +239,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
             net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
         self.forward = torch.compile(net) if cfg.train.compile else net
+        self.amp = autocast_dtype(cfg.train.precision, device)
+        self.net_fn = under_autocast(self.forward, device, self.amp)
+        # fp16's narrow range needs the loss scaled up (and the gradients back down); bf16 does not
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp is torch.float16 else None
         self.lr_horizon = self.horizon  # for the cosine: with a time budget, re-estimated as it runs
         self.lr_fn = lr_lambda(cfg, lambda: self.lr_horizon)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_fn)
@@ -256,16 +262,24 @@ class Trainer:
         if self.dist.active:
             part = self.dist.shard(x0.shape[0])
             x0, t, noise = x0[part], t[part], noise[part]
-        terms = training_losses(self.forward, self.schedule, dc, x0, t, noise, learn_sigma=self.cfg.model.learn_sigma)
+        terms = training_losses(self.net_fn, self.schedule, dc, x0, t, noise, learn_sigma=self.cfg.model.learn_sigma)
         self.opt.zero_grad(set_to_none=True)
-        terms.loss.backward()
+        if self.scaler is not None:
+            self.scaler.scale(terms.loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            terms.loss.backward()
         clip = self.cfg.train.max_grad_norm
         gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
         bad = not (torch.isfinite(terms.loss) and torch.isfinite(gnorm))
         if self.dist.max([float(bad)], self.device)[0]:  # every process skips the same steps
             return self._bad_step(float(terms.loss.detach()), float(gnorm))
         self.bad_steps = 0
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.sched.step()
         self.step += 1
         if self.ema is not None:
@@ -273,6 +287,8 @@ class Trainer:
         return StepOut(terms.loss.detach(), terms.per_sample.detach(), t, gnorm)
 
     def _bad_step(self, loss: float, gnorm: float) -> Skipped:
+        if self.scaler is not None:
+            self.scaler.update()  # an fp16 overflow: halve the loss scale
         self.bad_steps += 1
         self.skipped += 1
         self.opt.zero_grad(set_to_none=True)
@@ -294,6 +310,7 @@ class Trainer:
             "batches": self.batches.state_dict(), "gen": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(), "horizon": self.horizon if self.horizon is not None else -1,
             "skipped": self.skipped,
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def save(self) -> Path:
@@ -319,6 +336,8 @@ class Trainer:
             self.gen.set_state(st["gen"])
             torch.set_rng_state(st["torch_rng"])
             self.skipped = int(st["skipped"])
+            if self.scaler is not None and "scaler" in st:
+                self.scaler.load_state_dict(st["scaler"])
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
             raise DdpmError(f"checkpoint {ck.path} has an unusable training state ({e})") from None
         self._sync_lr()
@@ -412,6 +431,15 @@ def periodic_samples(tr: Trainer, path: Path, n: int) -> torch.Tensor:
     return s.images
 
 
+def _place_data(data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """On CUDA a data set that fits easily (Fashion-MNIST is 47 MB) lives on the GPU as uint8, so
+    a batch is one indexing kernel with no host copy; a larger one stays on the host."""
+    if device.type != "cuda":
+        return data
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.to(device) if data.nbytes < free // 4 else data
+
+
 def _load_data(cfg: RunConfig) -> torch.Tensor:
     """The training images; each skipped unreadable file becomes one ``warning:`` line on stderr."""
     with warnings.catch_warnings(record=True) as caught:
@@ -440,6 +468,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
     validate(cfg)
     run_dir = Path(run_dir)
     dist, dev = from_env(resolve_device(device))
+    autocast_dtype(cfg.train.precision, dev)  # fp16 without CUDA: refused before any file is touched
+    fast_cuda_math(cfg.train.tf32)
     try:
         if cfg.train.batch_size % dist.world:
             raise DdpmError(f"the batch size {cfg.train.batch_size} (the global batch) does not split evenly "
@@ -456,7 +486,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
             tr.restore(ck)
             say(f"resumed {run_dir} at step {tr.step}")
         procs = f", {dist.world} processes" if dist.active else ""
-        say(f"training {count_parameters(tr.model):,} parameters on {len(data):,} images ({dev}{procs}), "
+        say(f"training {count_parameters(tr.model):,} parameters on {len(data):,} images ({dev}, "
+            f"{describe(tr.amp)}{procs}), "
             f"run folder {run_dir}")
         try:
             if dist.main:

@@ -1,0 +1,65 @@
+"""Mixed precision: which autocast dtype a device runs fast, and the network under it.
+
+``fp32`` runs the network's function exactly (the default). ``bf16`` runs convolutions and
+matrix products in bfloat16 under ``torch.autocast`` with fp32 weights and fp32 loss and sampler
+math: on GPUs since Ampere and on CPUs with AVX512-BF16 or AMX it is 1.6x faster here
+(BENCHMARKS.md), elsewhere it is emulated and slower. ``fp16`` (CUDA only) adds a gradient
+scaler. ``auto`` is bf16 where the hardware runs it natively, else fp32.
+"""
+from __future__ import annotations
+
+from typing import Callable, get_args
+
+import torch
+
+from .config import Precision
+from .errors import DdpmError
+
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware (not by emulation)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence getattr
+        return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None for plain fp32."""
+    if precision not in PRECISIONS:
+        raise DdpmError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    if precision == "fp16" and device.type != "cuda":
+        raise DdpmError("--precision fp16 needs a CUDA device (on a CPU use bf16)")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def describe(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def under_autocast(net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
+                   dtype: torch.dtype | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``net`` run under autocast, returning fp32 (so the loss and the sampler math stay fp32)."""
+    if dtype is None:
+        return net
+
+    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return net(x, t).float()
+
+    return call
+
+
+def fast_cuda_math(enabled: bool) -> None:
+    """TF32 for fp32 matrix products and convolutions on CUDA (Ampere and later): about 8x the
+    fp32 rate with a 10-bit mantissa, which diffusion training tolerates."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once

@@ -1,0 +1,94 @@
+"""Mixed precision: bf16 autocast keeps fp32 weights and math, stays close to fp32, resumes
+exactly; fp16 without CUDA is refused in one line; the CUDA-only switches are no-ops here."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from ddpm import cli
+from ddpm.checkpoint import load_checkpoint
+from ddpm.config import override
+from ddpm.errors import DdpmError
+from ddpm.nn import UNet
+from ddpm.precision import autocast_dtype, fast_cuda_math, native_bf16, under_autocast
+from ddpm.sampling import SampleConfig, generate, load_model
+from ddpm.train import train
+
+CPU = torch.device("cpu")
+
+
+def test_precision_names() -> None:
+    assert autocast_dtype("fp32", CPU) is None
+    assert autocast_dtype("bf16", CPU) is torch.bfloat16
+    assert autocast_dtype("auto", CPU) is (torch.bfloat16 if native_bf16(CPU) else None)
+    with pytest.raises(DdpmError, match="fp16 needs a CUDA device"):
+        autocast_dtype("fp16", CPU)
+    with pytest.raises(DdpmError, match="unknown precision 'fp8'"):
+        autocast_dtype("fp8", CPU)
+
+
+def test_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ddpm.precision.native_bf16", lambda d: False)
+    assert autocast_dtype("auto", CPU) is None
+    monkeypatch.setattr("ddpm.precision.native_bf16", lambda d: True)
+    assert autocast_dtype("auto", CPU) is torch.bfloat16
+
+
+def test_bf16_network_is_close_to_fp32_and_returns_fp32(image_dir: Path) -> None:
+    torch.manual_seed(0)
+    net = UNet(tiny_config(image_dir).model).eval()
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 5, 10, 19])
+    with torch.no_grad():
+        exact = net(x, t)
+        fast = under_autocast(net, CPU, torch.bfloat16)(x, t)
+    assert fast.dtype == torch.float32
+    assert not torch.equal(fast, exact)  # it did run in bf16 ...
+    rel = (fast - exact).norm() / exact.norm()
+    assert rel < 0.03, rel  # ... with bf16's 8-bit mantissa, not garbage
+    assert under_autocast(net, CPU, None) is net
+
+
+def test_bf16_training_resumes_bit_identically(tmp_path: Path, image_dir: Path) -> None:
+    cfg = tiny_config(image_dir, max_steps=4, checkpoint_every=2, precision="bf16")
+    whole = train(cfg, tmp_path / "whole", device="cpu", progress=False, tensorboard=False)
+    half = replace(cfg, train=override(cfg.train, max_steps=2))
+    train(half, tmp_path / "split", device="cpu", progress=False, tensorboard=False)
+    rest = train(cfg, tmp_path / "split", resume=True, device="cpu", progress=False, tensorboard=False)
+    assert whole.step == rest.step == 4
+    a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "split")
+    for k in a.model:
+        assert a.model[k].dtype == torch.float32, k  # autocast: the weights stay fp32
+        assert torch.equal(a.model[k], b.model[k]), k
+
+
+def test_bf16_sampling(tmp_path: Path, image_dir: Path) -> None:
+    cfg = tiny_config(image_dir, max_steps=2)
+    train(cfg, tmp_path / "run", device="cpu", progress=False, tensorboard=False)
+    m = load_model(tmp_path / "run")
+    sc = SampleConfig(sampler="ddim", steps=5, n=8, clip="clip")
+    exact = generate(m, sc).images.float()
+    fast = generate(m, replace(sc, precision="bf16")).images.float()
+    assert fast.shape == exact.shape
+    assert (fast - exact).abs().mean() < 8  # of 255: the same images up to bf16 rounding
+
+
+def test_fp16_on_cpu_is_one_line_and_writes_nothing(tmp_path: Path, image_dir: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    conf = tmp_path / "c.json"
+    conf.write_text(tiny_config(image_dir).to_json())
+    rc = cli.main(["train", "--config", str(conf), "--out", str(tmp_path / "run"), "--precision", "fp16",
+                   "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.strip() == "error: --precision fp16 needs a CUDA device (on a CPU use bf16)"
+    assert not (tmp_path / "run").exists()
+    rc = cli.main(["train", "--config", str(conf), "--out", str(tmp_path / "run"), "--precision", "half"])
+    assert rc != 0 and "half" in capsys.readouterr().err
+
+
+def test_cuda_switches_are_harmless_without_cuda() -> None:
+    fast_cuda_math(True)  # nothing to switch on a CPU-only build; must not raise
+    fast_cuda_math(False)
