@@ -33,12 +33,13 @@ EOF
 import json
 r = json.load(open("bench/out/gpu/throughput.json"))
 t, s, f, m = r["train"], r["sample"], r["flops"], r["memory"]
-print(f"train: ours {t['ours_img_per_s']:.0f} img/s, seed code {t['reference_img_per_s']:.0f} img/s, ratio {t['ratio']:.2f}x")
+print(f"train: ours {t['ours_img_per_s']:.0f} img/s, seed code {t['reference_img_per_s']:.0f} img/s, ratio {t['ratio']:.2f}x; "
+      f"bf16 autocast {t['ours_bf16_img_per_s']:.0f} img/s, ratio {t['ratio_bf16']:.2f}x")
 print(f"sample (200 steps, 64 images): ours {s['ours_img_per_s']:.1f} img/s "
       f"({s['ours_channels_last_img_per_s']:.1f} channels-last), seed code {s['reference_img_per_s']:.1f}, "
-      f"ratio {s['ratio']:.2f}x ({s['ratio_channels_last']:.2f}x)")
+      f"ratio {s['ratio']:.2f}x ({s['ratio_channels_last']:.2f}x; bf16 {s['ratio_channels_last_bf16']:.2f}x)")
 print(f"flops: {f['ours_gflop_per_s']:.0f} GFLOP/s, {100 * f['ours_fraction_of_peak']:.0f}% of the fp32 matmul's "
-      f"{f['matmul_peak_gflop_per_s']:.0f}")
+      f"{f['peak_gflop_per_s']:.0f}")
 print(f"cuda memory: ours {m['ours'].get('cuda_peak_mib', 0):.0f} MiB, seed code {m['reference'].get('cuda_peak_mib', 0):.0f} MiB")
 EOF
 [ -n "${QUICK:-}" ] && exit 0
@@ -47,6 +48,11 @@ EOF
 RUN="$OUT/seed-$(date +%Y%m%d-%H%M%S)"
 { time "$DDPM" train --preset seed --device cuda --out "$RUN" --no-progress > "$OUT/train.log" 2>&1; } 2> "$OUT/train.seconds"
 echo "train --preset seed (6 epochs): $(cat "$OUT/train.seconds") s wall; $(grep '^done' "$OUT/train.log")" | tee -a "$SUMMARY"
+# the same recipe with bf16 autocast and torch.compile (not the exact fp32 function)
+{ time "$DDPM" train --preset seed --device cuda --precision bf16 --compile --out "$RUN-bf16" --no-progress \
+    > "$OUT/train-bf16.log" 2>&1; } 2> "$OUT/train-bf16.seconds"
+echo "train --preset seed --precision bf16 --compile: $(cat "$OUT/train-bf16.seconds") s wall; $(grep '^done' "$OUT/train-bf16.log")" \
+  | tee -a "$SUMMARY"
 
 # 3. 10,000 samples from the EMA weights, 1,000 at a time, with each sampler at its own steps.
 for spec in "ddpm" "ddim --steps 50" "dpm++2m --steps 20" "heun --steps 10"; do

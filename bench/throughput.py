@@ -9,11 +9,14 @@ Measures, in one process with the contenders called in turns (A, B, A, B, ...):
   train   images/s of one optimisation step at batch 128 on Fashion-MNIST: ours is
           ``ddpm.train.Trainer.train_step`` (batch draw, training_losses, backward, grad norm,
           Adam, EMA), the seed's is its train loop body (batch draw, p_losses, backward, Adam);
+          ``ours_bf16`` is the same step with ``--precision bf16`` (autocast: fp32 weights,
+          bf16 convolutions and matrix products; not the network's exact function);
           two large fp32 GEMMs ride along in the same rounds as the machine's measured peak
           (torch.mm, and the same GEMM as a 1x1 convolution: on this AMD CPU MKL's sgemm
           stays well below oneDNN's, which runs the convolutions)
   sample  images/s of 200-step ancestral sampling of 64 images, from ``--sample-iters`` of the
-          200 loop iterations (t = 199 down) timed on both sides and scaled to 200
+          200 loop iterations (t = 199 down) timed on both sides and scaled to 200; ours
+          contiguous, channels-last, and channels-last under bf16 autocast
   flops   FLOPs of one training step (torch.utils.flop_counter) over its time, against the
           faster GEMM of the same round (median over rounds)
   memory  peak resident memory of a child process that trains a few steps, ours and the
@@ -33,6 +36,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +80,10 @@ def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], None]
     return run
 
 
-def our_trainer(data: torch.Tensor, run_dir: Path, device: torch.device) -> Trainer:
-    """The seed preset exactly as `ddpm train --preset seed` builds it."""
-    return Trainer(preset("seed"), run_dir, data, device)
+def our_trainer(data: torch.Tensor, run_dir: Path, device: torch.device, precision: str = "fp32") -> Trainer:
+    """The seed preset exactly as `ddpm train --preset seed [--precision P]` builds it."""
+    cfg = preset("seed")
+    return Trainer(replace(cfg, train=replace(cfg.train, precision=precision)), run_dir, data, device)
 
 
 def reference_step(ref, data: torch.Tensor, device: torch.device):
@@ -123,13 +129,14 @@ class _Stop(Exception):
     pass
 
 
-def our_sampler(net: torch.nn.Module, iters: int, channels_last: bool, device: torch.device):
+def our_sampler(net: torch.nn.Module, iters: int, channels_last: bool, device: torch.device,
+                precision: str = "fp32"):
     """``iters`` iterations (t = 199 down) of our ancestral sampler, as `ddpm sample --sampler
     ddpm --clip none` runs it (DDPM Algorithm 2, inference mode); the loop is cut short by
     the step callback."""
     cfg = preset("seed")
     lm = LoadedModel(net.eval(), make_schedule(cfg).to(device), cfg, 0, Path("."))
-    denoiser = lm.denoiser("none")
+    denoiser = lm.denoiser("none", precision)
     timesteps = space_timesteps(cfg.diffusion.timesteps, cfg.diffusion.timesteps)
     fn = get_sampler("ddpm").fn
     gen = torch.Generator(device=device).manual_seed(0)
@@ -170,8 +177,10 @@ def bench_train(ref, rounds: int, device: torch.device) -> dict:
     ref_data = data.float().div(255).mul(2).sub(1)  # what the seed's load_fmnist returns
     with tempfile.TemporaryDirectory() as tmp:
         tr = our_trainer(data, Path(tmp), device)
+        tr_bf16 = our_trainer(data, Path(tmp), device, "bf16")
         mm, conv, gemm_flops, gemm_n = matmul(device)
         steps = {"ours": synced(tr.train_step, device), "reference": synced(reference_step(ref, ref_data, device), device),
+                 "ours_bf16": synced(tr_bf16.train_step, device),
                  "matmul": synced(mm, device), "conv_gemm": synced(conv, device)}
         times = interleave(steps, rounds=rounds, warmup=2 if device.type == "cuda" else 1)
         flops = {"ours": count_flops(steps["ours"]), "reference": count_flops(steps["reference"])}
@@ -182,6 +191,9 @@ def bench_train(ref, rounds: int, device: torch.device) -> dict:
         "ours_img_per_s": BATCH / t_ours, "reference_img_per_s": BATCH / t_ref,
         "ours_sec_per_step": t_ours, "reference_sec_per_step": t_ref,
         "ratio": r, "target": TARGETS["train"], "aim": TARGETS["train_aim"], "met": r >= TARGETS["train"],
+        "ours_bf16_img_per_s": BATCH / median(times["ours_bf16"]),
+        "ratio_bf16": ratio(times, "ours_bf16", "reference"),
+        "ratio_bf16_over_ours_fp32": ratio(times, "ours_bf16", "ours"),
         "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
     }
     # per round: the step's GFLOP/s over the better of the two GEMMs timed in the same round
@@ -213,6 +225,7 @@ def bench_sample(ref, rounds: int, iters: int, device: torch.device) -> dict:
     runs = {
         "ours": synced(our_sampler(net, iters, False, device), device),  # as load_model gives it today
         "ours_channels_last": synced(our_sampler(net_cl, iters, True, device), device),
+        "ours_channels_last_bf16": synced(our_sampler(net_cl, iters, True, device, "bf16"), device),
         "reference": synced(reference_sampler(ref, ref_model, iters, device), device),
     }
     times = interleave(runs, rounds=rounds, warmup=1)
@@ -222,9 +235,11 @@ def bench_sample(ref, rounds: int, iters: int, device: torch.device) -> dict:
         out[f"{k}_img_per_s"] = SAMPLE_N / (median(times[k]) / iters * T)
     out["ratio"] = ratio(times, "ours", "reference")
     out["ratio_channels_last"] = ratio(times, "ours_channels_last", "reference")
+    out["ratio_channels_last_bf16"] = ratio(times, "ours_channels_last_bf16", "reference")
     out["target"] = TARGETS["sample"]
     out["met"] = out["ratio"] >= TARGETS["sample"]
     out["met_channels_last"] = out["ratio_channels_last"] >= TARGETS["sample"]
+    out["met_channels_last_bf16"] = out["ratio_channels_last_bf16"] >= TARGETS["sample"]
     out["seconds"] = {k: [round(x, 4) for x in v] for k, v in times.items()}
     return out
 
