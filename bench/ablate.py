@@ -49,6 +49,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "linear-T1000": {"diffusion": {"schedule": "linear", "timesteps": 1000}},
     "mults-124": {"model": {"dim_mults": (1, 2, 4)}},
     "convnext": {"model": {"use_convnext": True}},
+    "bf16": {"train": {"precision": "bf16"}},
+    "fp32": {"train": {"precision": "fp32"}},
 }
 
 
