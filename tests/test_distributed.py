@@ -96,3 +96,17 @@ def test_batch_must_split_over_processes(tmp_path: Path, image_dir: Path) -> Non
     # each worker says it in one line (the launcher then adds its own report of the failed workers)
     assert p.stderr.count("error: the batch size 7 (the global batch) does not split evenly over 2 processes") == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_time_budget_stops_every_process_at_the_same_step(tmp_path: Path, image_dir: Path) -> None:
+    # each process reads its own clock; the stop and the cosine horizon must still be agreed
+    cfg = tiny_config(image_dir, max_steps=None, minutes=0.04, lr_schedule="cosine", checkpoint_every=0,
+                      log_every=10)
+    _torchrun([str(WORKER), str(write_config(tmp_path / "c.json", cfg)), str(tmp_path / "run"), str(tmp_path)],
+              tmp_path)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["step"] == r1["step"] > 20  # past the first horizon estimate
+    for k, v in r0["weights"].items():
+        assert torch.equal(v, r1["weights"][k]), k
+    assert load_checkpoint(tmp_path / "run").step == r0["step"]
