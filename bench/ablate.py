@@ -114,11 +114,11 @@ def main() -> None:
     runs = a.out / "ablate-runs"
     runs.mkdir(parents=True, exist_ok=True)
     path = a.out / "ablate.json"
-    result = _read(path) or {}
-    rows = result.get("variants", {})
+    rows: dict = {}
     for name in names:
         cfg = variant_config(a.base, VARIANTS[name], a.minutes)
         row = run_variant(name, cfg, runs / f"{a.base}-{a.minutes:g}min-{name}", sc, a.out)
+        rows = (_read(path) or {}).get("variants", {})  # re-read: another invocation may run beside this one
         rows[f"{a.base}/{a.minutes:g}min/{name}"] = {"changes": VARIANTS[name],
                                                     **{k: v for k, v in row.items() if k != "key"}}
         result = {"command": "python " + " ".join(sys.argv), "threads": a.threads,

@@ -3,6 +3,8 @@
     python bench/quality.py --minutes 20 --n 1000      # the issue's budget: ~1 h of training on a CPU
     python bench/quality.py --minutes 5 --n 1000       # a quick look
     python bench/quality.py --only fast --fresh        # retrain one contender
+    python bench/quality.py --only fast --train-only & python bench/quality.py --only seed-recipe --train-only
+    python bench/quality.py --only ''                  # then evaluate everything trained (side by side: 1 core each)
 
 Contenders, trained one after the other on the same machine for ``--minutes`` each:
   seed-recipe     our code, ``--preset seed`` (the seed's recipe: T=200 linear, huber, eps,
@@ -223,6 +225,9 @@ def main() -> None:
                     help="torch threads for training and sampling, ours and the seed's (default 1: see above)")
     ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders to run")
     ap.add_argument("--fresh", action="store_true", help="delete the selected contenders' run folders first")
+    ap.add_argument("--train-only", action="store_true",
+                    help="stop after training (to train contenders side by side in separate invocations, "
+                         "then evaluate them all with --only '')")
     ap.add_argument("--out", type=Path, default=OUT, help="output folder (default bench/out)")
     a = ap.parse_args()
     names = [n for n in a.only.split(",") if n]
@@ -239,6 +244,8 @@ def main() -> None:
         if a.fresh and (runs / name).exists():
             shutil.rmtree(runs / name)
         train_contender(name, runs / name, a.minutes, a.threads)
+    if a.train_only:
+        return
     rows = {}
     for name in CONTENDERS:  # every contender with results, also from an earlier invocation
         run = runs / name
