@@ -176,11 +176,14 @@ def lever_compile(rounds: int) -> dict:
 
 # ---------------------------------------------------------------- process-level settings
 
+# `import ddpm` sets OMP_WAIT_POLICY=PASSIVE unless the variable exists; an empty value keeps
+# libgomp's own default (spin a while, then sleep; it prints one "Invalid value" line for it)
+OMP_DEFAULT = {"OMP_WAIT_POLICY": ""}
 ENV_VARIANTS = {
-    "default_2_threads": ({}, 2),
-    "1_thread": ({}, 1),
+    "default_2_threads": (OMP_DEFAULT, 2),
+    "1_thread": (OMP_DEFAULT, 1),
     "omp_passive_2_threads": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2),
-    "thp_2_threads": ({"THP_MEM_ALLOC_ENABLE": "1"}, 2),
+    "thp_2_threads": ({**OMP_DEFAULT, "THP_MEM_ALLOC_ENABLE": "1"}, 2),
 }
 
 

@@ -10,7 +10,7 @@ Contenders, trained one after the other on the same machine for ``--minutes`` ea
   seed-recipe     our code, ``--preset seed`` (the seed's recipe: T=200 linear, huber, eps,
                   Adam 1e-3, batch 128), sampled from its EMA weights
   fast            our code, ``--preset fast`` (the CPU preset: smaller U-Net, cosine T=500,
-                  v-objective, batch 64, cosine lr), sampled from its EMA weights
+                  v-objective, batch 32, cosine lr, bf16 where native), sampled from its EMA weights
   seed-reference  the seed's own code, ``seed_reference.py train --minutes M`` as a child
                   process (no EMA: its raw weights), loaded into our UNet by position
 
