@@ -11,12 +11,15 @@ FD-FMNIST against the test set. Steps reached are recorded next to the budget, w
 average, since the wall clock is shared with whatever else runs on the machine.
 
 Resumable: a variant whose folder under bench/out/ablate-runs/ holds a finished run with the
-same budget and changes is not retrained. Writes bench/out/ablate.json (and a grid per variant).
+same budget and changes is not retrained. Writes bench/out/ablate.json (and a grid per variant),
+its rows named BASE-HASH/MINUTESmin/VARIANT, HASH being the first 8 hex digits of the SHA-1 of
+the base preset's JSON, so that results against an earlier version of a preset are kept apart.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -49,6 +52,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "linear-T1000": {"diffusion": {"schedule": "linear", "timesteps": 1000}},
     "mults-124": {"model": {"dim_mults": (1, 2, 4)}},
     "convnext": {"model": {"use_convnext": True}},
+    "thin-top": {"model": {"dim": 16, "init_dim": 16, "dim_mults": (1, 4, 4)}},  # half the channels at 28x28
     "bf16": {"train": {"precision": "bf16"}},
     "fp32": {"train": {"precision": "fp32"}},
 }
@@ -115,12 +119,14 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     path = a.out / "ablate.json"
     rows: dict = {}
+    # the base preset's own config names its rows, so a changed preset never overwrites old results
+    base_id = f"{a.base}-{hashlib.sha1(preset(a.base).to_json().encode()).hexdigest()[:8]}"
     for name in names:
         cfg = variant_config(a.base, VARIANTS[name], a.minutes)
-        row = run_variant(name, cfg, runs / f"{a.base}-{a.minutes:g}min-{name}", sc, a.out)
+        row = run_variant(name, cfg, runs / f"{base_id}-{a.minutes:g}min-{name}", sc, a.out)
         rows = (_read(path) or {}).get("variants", {})  # re-read: another invocation may run beside this one
-        rows[f"{a.base}/{a.minutes:g}min/{name}"] = {"changes": VARIANTS[name],
-                                                    **{k: v for k, v in row.items() if k != "key"}}
+        rows[f"{base_id}/{a.minutes:g}min/{name}"] = {"changes": VARIANTS[name],
+                                                     **{k: v for k, v in row.items() if k != "key"}}
         result = {"command": "python " + " ".join(sys.argv), "threads": a.threads,
                   "sampling": "dpm++2m, 20 steps, clip, seed 0", "variants": rows}
         path.write_text(json.dumps(result, indent=2, default=list) + "\n")
