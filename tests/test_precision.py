@@ -2,6 +2,7 @@
 exactly; fp16 without CUDA is refused in one line; the CUDA-only switches are no-ops here."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,3 +93,18 @@ def test_fp16_on_cpu_is_one_line_and_writes_nothing(tmp_path: Path, image_dir: P
 def test_cuda_switches_are_harmless_without_cuda() -> None:
     fast_cuda_math(True)  # nothing to switch on a CPU-only build; must not raise
     fast_cuda_math(False)
+
+
+def test_eval_records_the_arithmetic(tmp_path: Path, image_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`ddpm eval RUN --precision bf16` says so in its report, and does not overwrite the fp32 one."""
+    cfg = tiny_config(image_dir, max_steps=1)
+    cfg = replace(cfg, data=override(cfg.data, image_size=28))  # the feature net's size
+    train(cfg, tmp_path / "run", device="cpu", progress=False, tensorboard=False)
+    for prec in ("fp32", "bf16"):
+        assert cli.main(["eval", str(tmp_path / "run"), "--sampler", "ddim", "--steps", "2", "--n", "24",
+                         "--reference", str(image_dir), "--precision", prec, "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    exact = json.loads((tmp_path / "eval-ddim-2.json").read_text())
+    fast = json.loads((tmp_path / "eval-ddim-2-bf16.json").read_text())
+    assert (exact["arithmetic"], fast["arithmetic"]) == ("fp32", "bf16")
+    assert exact["n_samples"] == fast["n_samples"] == 24

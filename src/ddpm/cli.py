@@ -239,11 +239,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     floor = "fashion-mnist-train" if args.reference == "fashion-mnist-test" else None
     report = evaluate_images(images, feature_net=net, reference=args.reference, floor=floor,
                              data_dir=args.data, seed=args.seed)
-    report = replace(report, **{k: v for k, v in info.items() if k in ("sampler", "steps", "nfe", "source")})
+    report = replace(report, **{k: v for k, v in info.items()
+                                if k in ("sampler", "steps", "nfe", "source", "arithmetic")})
     d = report.to_dict() | ({"inception_fid": info["inception_fid"]} if "inception_fid" in info else {})
     text = json.dumps(d, indent=2)
     print(text)
-    name = f"eval-{info.get('sampler', 'samples')}-{info['steps']}.json" if "steps" in info else "eval.json"
+    arith = f"-{info['arithmetic']}" if info.get("arithmetic", "fp32") != "fp32" else ""
+    name = f"eval-{info.get('sampler', 'samples')}-{info['steps']}{arith}.json" if "steps" in info else "eval.json"
     path = Path(args.out) / name if args.out else out / name
     atomic_write_text(path, text + "\n")
     print(f"wrote {path}", file=sys.stderr)
@@ -251,6 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
+    from .precision import autocast_dtype, describe
     from .sampling import generate, load_model
 
     scfg = _sample_config(args)
@@ -258,7 +261,8 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     s = generate(model, scfg)
     out = Path(args.out) if args.out else model.source.parent.parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
-    info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source)}
+    info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
+            "arithmetic": describe(autocast_dtype(scfg.precision, model.schedule.alpha_bar.device))}
     return s.images, out, info
 
 

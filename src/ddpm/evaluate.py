@@ -58,6 +58,7 @@ class EvalReport:
     steps: int | None = None
     nfe: int | None = None
     source: str | None = None
+    arithmetic: str | None = None  # the sampler's --precision: fp32, bf16, ... ("precision" is the metric's)
 
     def to_dict(self) -> dict:
         d = asdict(self)
