@@ -77,7 +77,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--precision", help="fp32 (exact) | bf16 (autocast, 1.6x where native) | fp16 (CUDA) | auto")
+    g.add_argument("--precision", help="fp32 (exact) | bf16 (autocast, 1.4-1.6x where native) | fp16 (CUDA) | auto")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None, help="CUDA: TF32 in fp32 math")
 
 
@@ -370,7 +370,7 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    s.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast, 1.6x where native) | fp16 | auto")
+    s.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast, 1.4-1.6x where native) | fp16 | auto")
     s.add_argument("--device", default="auto")
 
 

@@ -34,7 +34,7 @@ class SampleConfig:
     batch_size: int = 256
     seed: int = 0
     use_ema: bool = True
-    precision: Precision = "fp32"  # bf16: the network under autocast, 1.6x faster where native
+    precision: Precision = "fp32"  # bf16: the network under autocast, 1.4-1.6x faster where native
 
 
 def resolve_device(name: str = "auto") -> torch.device:
