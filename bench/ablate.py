@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import OUT
+from harness import OUT, choose, read_json
 
 from ddpm.config import RunConfig, override, preset
 from ddpm.evaluate import evaluate_images
@@ -66,16 +66,9 @@ def variant_config(base: str, changes: dict[str, dict], minutes: float) -> RunCo
                                                    sample_every=0, checkpoint_every=10**9))
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def run_variant(name: str, cfg: RunConfig, run: Path, sc: SampleConfig, out: Path) -> dict:
     key = {"config": cfg.to_dict(), "sampling": dataclasses.asdict(sc)}
-    done = _read(run / "ablate-result.json")
+    done = read_json(run / "ablate-result.json")
     if done is not None and done.get("key") == json.loads(json.dumps(key)):
         print(f"[{name}] read back: FD {done['fd_fmnist']:.2f}", flush=True)
         return done
@@ -109,10 +102,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
-    names = [n for n in a.only.split(",") if n]
-    bad = [n for n in names if n not in VARIANTS]
-    if bad:
-        sys.exit(f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+    names = choose(a.only, VARIANTS, "variant")
     torch.set_num_threads(a.threads)
     sc = SampleConfig(sampler="dpm++2m", steps=20, n=a.n, batch_size=250, seed=0, clip="clip")
     runs = a.out / "ablate-runs"
@@ -124,7 +114,7 @@ def main() -> None:
     for name in names:
         cfg = variant_config(a.base, VARIANTS[name], a.minutes)
         row = run_variant(name, cfg, runs / f"{base_id}-{a.minutes:g}min-{name}", sc, a.out)
-        rows = (_read(path) or {}).get("variants", {})  # re-read: another invocation may run beside this one
+        rows = (read_json(path) or {}).get("variants", {})  # re-read: another invocation may run beside this one
         rows[f"{base_id}/{a.minutes:g}min/{name}"] = {"changes": VARIANTS[name],
                                                      **{k: v for k, v in row.items() if k != "key"}}
         result = {"command": "python " + " ".join(sys.argv), "threads": a.threads,

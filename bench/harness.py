@@ -89,6 +89,23 @@ def vm_mib(field: str) -> float:
     return float("nan")
 
 
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, or None when it is missing or unreadable (a cache miss)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def choose(csv: str, table: dict, what: str) -> list[str]:
+    """The comma-separated names of ``csv``, each checked against ``table`` (exits on a bad one)."""
+    names = [n for n in csv.split(",") if n]
+    bad = [n for n in names if n not in table]
+    if bad:
+        sys.exit(f"unknown {what} {bad[0]!r}; choose from {', '.join(table)}")
+    return names
+
+
 def save(name: str, result: dict) -> Path:
     path = OUT / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

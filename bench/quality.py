@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import OUT, REFERENCE
+from harness import OUT, REFERENCE, choose, read_json
 
 from ddpm.checkpoint import resolve_checkpoint
 from ddpm.config import RunConfig, override, preset
@@ -70,13 +70,6 @@ def budget_config(name: str, minutes: float) -> RunConfig:
                                                    sample_every=0))
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -95,7 +88,7 @@ def _has_weights(name: str, run: Path) -> bool:
 
 def train_contender(name: str, run: Path, minutes: float, threads: int) -> dict:
     """Train one contender for ``minutes`` unless its folder already holds weights; the record."""
-    mark = _read_json(run / TRAIN_MARK)
+    mark = read_json(run / TRAIN_MARK)
     if _has_weights(name, run):
         if mark is None:
             print(f"[{name}] {run} holds weights but no {TRAIN_MARK}: training was interrupted; "
@@ -145,7 +138,7 @@ def load_contender(name: str, run: Path) -> LoadedModel:
     if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src, dst.values())):
         sys.exit("the seed reference's state dict does not line up with UNet(preset('seed').model)")
     net.load_state_dict({k: v.clone() for k, v in zip(dst, src)})
-    steps = (_read_json(run / TRAIN_MARK) or {}).get("steps", -1)
+    steps = (read_json(run / TRAIN_MARK) or {}).get("steps", -1)
     return LoadedModel(net.eval(), make_schedule(cfg), cfg, steps, run / "seed_model.pt")
 
 
@@ -154,7 +147,7 @@ def evaluate_contender(name: str, run: Path, sc: SampleConfig, out: Path) -> dic
     model = load_contender(name, run)
     key = f"bench-eval-{sc.sampler}-{sc.steps}-{sc.clip}-n{sc.n}-seed{sc.seed}.json"
     grid = out / f"quality-{name}.png"
-    cached = _read_json(run / key)
+    cached = read_json(run / key)
     if cached is not None and cached.get("train_step") == model.step and grid.is_file():
         print(f"[{name}] evaluation read back from {run / key}", flush=True)
         return cached
@@ -230,10 +223,7 @@ def main() -> None:
                          "then evaluate them all with --only '')")
     ap.add_argument("--out", type=Path, default=OUT, help="output folder (default bench/out)")
     a = ap.parse_args()
-    names = [n for n in a.only.split(",") if n]
-    bad = [n for n in names if n not in CONTENDERS]
-    if bad:
-        sys.exit(f"unknown contender {bad[0]!r}; choose from {', '.join(CONTENDERS)}")
+    names = choose(a.only, CONTENDERS, "contender")
     torch.set_num_threads(a.threads)
     runs = a.out / "quality-runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -251,7 +241,7 @@ def main() -> None:
         run = runs / name
         if name not in names and not _has_weights(name, run):
             continue
-        mark = _read_json(run / TRAIN_MARK) or {"budget_minutes": a.minutes, "complete": False}
+        mark = read_json(run / TRAIN_MARK) or {"budget_minutes": a.minutes, "complete": False}
         if mark["budget_minutes"] != a.minutes:
             print(f"[{name}] left out: trained with a {mark['budget_minutes']}-minute budget", flush=True)
             continue

@@ -253,7 +253,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
-    from .precision import autocast_dtype, describe
     from .sampling import generate, load_model
 
     scfg = _sample_config(args)
@@ -262,7 +261,7 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     out = Path(args.out) if args.out else model.source.parent.parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
     info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
-            "arithmetic": describe(autocast_dtype(scfg.precision, model.schedule.alpha_bar.device))}
+            "arithmetic": s.arithmetic}
     return s.images, out, info
 
 

@@ -14,7 +14,7 @@ from .data import from_model_range
 from .diffusion import CLIPS, Denoiser
 from .errors import DdpmError
 from .nn import UNet
-from .precision import autocast_dtype, fast_cuda_math, under_autocast
+from .precision import autocast_dtype, describe, fast_cuda_math, under_autocast
 from .samplers import SamplerOptions, check_options, get_sampler
 from .schedules import NoiseSchedule, space_timesteps
 from .viz import make_grid
@@ -90,6 +90,7 @@ class Samples:
     nfe: int
     steps: int
     frames: list[np.ndarray] = field(default_factory=list)  # grids of x_t (or x0) during sampling
+    arithmetic: str = "fp32"  # what cfg.precision resolved to on this device
 
 
 def check_sample_config(model: LoadedModel, cfg: SampleConfig) -> int:
@@ -131,7 +132,8 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
         x = spec.fn(denoiser, x_T, timesteps, options=SamplerOptions(cfg.eta, cfg.variance),
                     generator=gen, on_step=on_step)
         out.append(from_model_range(x).cpu())
-    return Samples(torch.cat(out), spec.nfe(model.schedule.alpha_bar, timesteps), steps, recorded)
+    return Samples(torch.cat(out), spec.nfe(model.schedule.alpha_bar, timesteps), steps, recorded,
+                   describe(autocast_dtype(cfg.precision, dev)))
 
 
 def _frame(x: torch.Tensor, index: int | None) -> np.ndarray:
