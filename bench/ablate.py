@@ -31,10 +31,10 @@ import torch
 from harness import OUT, choose, read_json
 
 from ddpm.config import RunConfig, override, preset
-from ddpm.evaluate import evaluate_images
+from ddpm.evaluation.evaluate import evaluate_images
 from ddpm.sampling import SampleConfig, generate, load_model
-from ddpm.train import train
-from ddpm.viz import save_grid
+from ddpm.training.train import train
+from ddpm.pictures.viz import save_grid
 
 # name -> {section: {field: value}}; each changes one thing of the base preset
 VARIANTS: dict[str, dict[str, dict]] = {

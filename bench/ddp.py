@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness import save
 
-from ddpm.runlog import read_log
+from ddpm.training.runlog import read_log
 
 
 def run(argv: list[str], env: dict[str, str]) -> float:

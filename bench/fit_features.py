@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ddpm.data import load_fashion_mnist, load_fashion_mnist_labels
-from ddpm.features import (ASSET_NAME, FeatureNetConfig, fit_classifier, num_parameters,
+from ddpm.evaluation.features import (ASSET_NAME, FeatureNetConfig, fit_classifier, num_parameters,
                            save_feature_net)
 
 ROOT = Path(__file__).resolve().parents[1]

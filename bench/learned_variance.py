@@ -28,10 +28,10 @@ import torch
 from ddpm.config import preset
 from ddpm.data import load_fashion_mnist
 from ddpm.errors import DdpmError
-from ddpm.likelihood import format_nll, nll_bits_per_dim
+from ddpm.evaluation.likelihood import format_nll, nll_bits_per_dim
 from ddpm.sampling import SampleConfig, generate, load_model
-from ddpm.train import train
-from ddpm.viz import save_grid
+from ddpm.training.train import train
+from ddpm.pictures.viz import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
@@ -135,8 +135,8 @@ def pixel_stats(imgs: torch.Tensor) -> dict:
 def score_samples(results: dict, args: argparse.Namespace) -> dict:
     """FD-FMNIST (when the feature net is shipped) and pixel statistics of every sample set."""
     try:
-        from ddpm.evaluate import evaluate_images
-        from ddpm.features import default_feature_net
+        from ddpm.evaluation.evaluate import evaluate_images
+        from ddpm.evaluation.features import default_feature_net
         net = default_feature_net()
     except (ImportError, DdpmError) as e:
         print(f"FD unavailable ({e}); pixel statistics only", flush=True)

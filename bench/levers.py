@@ -38,7 +38,7 @@ from harness import ROOT, interleave, median, ratio, save
 from ddpm import preset
 from ddpm.data import load_fashion_mnist
 from ddpm.nn import UNet, layers
-from ddpm.train import Trainer
+from ddpm.training.train import Trainer
 
 BATCH = 128
 

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from harness import OUT, load_reference
 
-from ddpm import plots
-from ddpm.evaluate import evaluate_images
-from ddpm.plots import COLOURS, Panel, Series, render
+from ddpm.pictures import plots
+from ddpm.evaluation.evaluate import evaluate_images
+from ddpm.pictures.plots import COLOURS, Panel, Series, render
 from ddpm.samplers import SAMPLERS, count_nfe
 from ddpm.sampling import SampleConfig, generate, load_model
-from ddpm.viz import save_png
+from ddpm.pictures.viz import save_png
 
 CLIP = "clip"
 

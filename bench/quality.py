@@ -48,11 +48,11 @@ from harness import OUT, REFERENCE, choose, read_json
 from ddpm.checkpoint import resolve_checkpoint
 from ddpm.config import RunConfig, override, preset
 from ddpm.errors import DdpmError
-from ddpm.evaluate import evaluate_images
+from ddpm.evaluation.evaluate import evaluate_images
 from ddpm.nn import UNet
 from ddpm.sampling import LoadedModel, SampleConfig, generate, load_model, make_schedule
-from ddpm.train import train
-from ddpm.viz import save_grid
+from ddpm.training.train import train
+from ddpm.pictures.viz import save_grid
 
 CONTENDERS = {
     "seed-recipe": "our code, --preset seed (the seed's recipe), EMA weights",

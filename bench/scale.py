@@ -37,8 +37,8 @@ from ddpm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ddpm.nn import UNet, count_parameters
 from ddpm.samplers import SamplerOptions, get_sampler
 from ddpm.sampling import LoadedModel, make_schedule
-from ddpm.schedules import space_timesteps
-from ddpm.train import Trainer
+from ddpm.core.schedules import space_timesteps
+from ddpm.training.train import Trainer
 
 
 class Size(NamedTuple):

@@ -57,8 +57,8 @@ from ddpm.data import load_fashion_mnist
 from ddpm.nn import UNet
 from ddpm.samplers import SamplerOptions, get_sampler
 from ddpm.sampling import LoadedModel, make_schedule
-from ddpm.schedules import space_timesteps
-from ddpm.train import Trainer
+from ddpm.core.schedules import space_timesteps
+from ddpm.training.train import Trainer
 
 BATCH = 128
 SAMPLE_N = 64

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ddpm.config import RunConfig
-from ddpm.train import train
+from ddpm.training.train import train
 
 torch.set_num_threads(1)
 config, run, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])

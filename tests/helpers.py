@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
-from ddpm.schedules import NoiseSchedule
+from ddpm.core.schedules import NoiseSchedule
 
 
 def make_images(d: Path, n: int = 24, size: int = 12) -> Path:

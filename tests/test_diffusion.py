@@ -16,12 +16,12 @@ from scipy import integrate, stats
 from torch import nn
 
 from ddpm.config import DiffusionConfig
-from ddpm.diffusion import (
+from ddpm.core.diffusion import (
     Denoiser, discretized_gaussian_log_likelihood, dynamic_threshold, eps_from_x0, extract,
     interpret, loss_weight, normal_kl, p_log_variance, prior_bpd, q_posterior, q_sample,
     sample_noise, snr, target_for, training_losses, v_from, vlb_term, x0_from_eps, x0_from_v,
 )
-from ddpm.schedules import NoiseSchedule, make_betas
+from ddpm.core.schedules import NoiseSchedule, make_betas
 
 LN2 = math.log(2.0)
 

@@ -13,10 +13,10 @@ from helpers import tiny_config, write_config
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import override
-from ddpm.distributed import Dist, from_env
+from ddpm.runtime.distributed import Dist, from_env
 from ddpm.errors import DdpmError
-from ddpm.runlog import read_log
-from ddpm.train import train
+from ddpm.training.runlog import read_log
+from ddpm.training.train import train
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.metrics import frechet_distance, gaussian_stats
+from ddpm.evaluation.metrics import frechet_distance, gaussian_stats
 from ddpm.errors import DdpmError
-from ddpm.evaluate import EvalReport, evaluate_images, inception_fid, reference_stats
-from ddpm.features import (FeatureNet, FeatureNetConfig, FeatureNetMeta, default_feature_net,
+from ddpm.evaluation.evaluate import EvalReport, evaluate_images, inception_fid, reference_stats
+from ddpm.evaluation.features import (FeatureNet, FeatureNetConfig, FeatureNetMeta, default_feature_net,
                            fit_classifier, load_feature_net, random_shift, save_feature_net)
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -20,14 +20,14 @@ import torch
 import helpers
 
 from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
-from ddpm.diffusion import Denoiser, prior_bpd
+from ddpm.core.diffusion import Denoiser, prior_bpd
 from ddpm.errors import DdpmError
-from ddpm.likelihood import (
+from ddpm.evaluation.likelihood import (
     NllReport, format_nll, kl_strata, nll_bits_per_dim, stratified_timesteps, term_bins, variational_bound,
 )
 from ddpm.nn import UNet
 from ddpm.sampling import LoadedModel
-from ddpm.schedules import NoiseSchedule
+from ddpm.core.schedules import NoiseSchedule
 
 MU, SD = 0.3, 0.5
 LN2 = math.log(2.0)

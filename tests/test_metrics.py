@@ -9,9 +9,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from ddpm import metrics
+from ddpm.evaluation import metrics
 from ddpm.errors import DdpmError
-from ddpm.metrics import classifier_stats, frechet_distance, gaussian_stats, kid, precision_recall
+from ddpm.evaluation.metrics import classifier_stats, frechet_distance, gaussian_stats, kid, precision_recall
 
 
 def random_cov(rng: np.random.Generator, d: int) -> np.ndarray:

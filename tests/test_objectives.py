@@ -11,15 +11,15 @@ import torch
 
 from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
 from ddpm.data import to_model_range
-from ddpm.diffusion import interpret, q_sample, target_for, training_losses
+from ddpm.core.diffusion import interpret, q_sample, target_for, training_losses
 from ddpm.errors import DdpmError
-from ddpm.likelihood import nll_bits_per_dim
+from ddpm.evaluation.likelihood import nll_bits_per_dim
 from ddpm.nn import UNet
 from ddpm.samplers import SAMPLERS
 from ddpm.samplers import sample as run_sampler
 from ddpm.sampling import SampleConfig, generate, load_model
-from ddpm.schedules import NoiseSchedule
-from ddpm.train import train
+from ddpm.core.schedules import NoiseSchedule
+from ddpm.training.train import train
 
 T = 50
 STEPS = 30

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ddpm.cli import main
 from ddpm.config import DiffusionConfig, RunConfig
-from ddpm.plots import COLOURS, fmt, fmt_log, log_ticks, nice_ticks, smooth
+from ddpm.pictures.plots import COLOURS, fmt, fmt_log, log_ticks, nice_ticks, smooth
 
 
 def colour_pixels(path: Path, colour: str, tol: int = 40) -> int:

@@ -15,9 +15,9 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.config import override
 from ddpm.errors import DdpmError
 from ddpm.nn import UNet
-from ddpm.precision import autocast_dtype, fast_cuda_math, native_bf16, under_autocast
+from ddpm.runtime.precision import autocast_dtype, fast_cuda_math, native_bf16, under_autocast
 from ddpm.sampling import SampleConfig, generate, load_model
-from ddpm.train import train
+from ddpm.training.train import train
 
 CPU = torch.device("cpu")
 
@@ -33,9 +33,9 @@ def test_precision_names() -> None:
 
 
 def test_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ddpm.precision.native_bf16", lambda d: False)
+    monkeypatch.setattr("ddpm.runtime.precision.native_bf16", lambda d: False)
     assert autocast_dtype("auto", CPU) is None
-    monkeypatch.setattr("ddpm.precision.native_bf16", lambda d: True)
+    monkeypatch.setattr("ddpm.runtime.precision.native_bf16", lambda d: True)
     assert autocast_dtype("auto", CPU) is torch.bfloat16
 
 

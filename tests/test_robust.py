@@ -29,13 +29,13 @@ import ddpm.checkpoint
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import main
 from ddpm.config import RunConfig
-from ddpm.diffusion import LossTerms
-from ddpm.train import Trainer, train
+from ddpm.core.diffusion import LossTerms
+from ddpm.training.train import Trainer, train
 from helpers import tiny_config as tiny
 from helpers import write_config
 
-train_mod = importlib.import_module("ddpm.train")  # ddpm.train is also the function
-runlog_mod = importlib.import_module("ddpm.runlog")
+train_mod = importlib.import_module("ddpm.training.train")  # ddpm.train is also the function
+runlog_mod = importlib.import_module("ddpm.training.runlog")
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

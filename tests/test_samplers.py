@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.diffusion import Denoiser
+from ddpm.core.diffusion import Denoiser
 from ddpm.errors import DdpmError
 from ddpm.samplers import SAMPLERS, SamplerOptions, count_nfe, get_sampler, sample
 from ddpm.samplers import ddim as ddim_mod
-from ddpm.schedules import NoiseSchedule, space_timesteps
+from ddpm.core.schedules import NoiseSchedule, space_timesteps
 
 MU, SD = 0.3, 0.5
 SHAPE = (4000, 1, 4, 4)  # 64,000 independent values

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddpm.errors import DdpmError
-from ddpm.schedules import NoiseSchedule, cosine_betas, make_betas, space_timesteps
+from ddpm.core.schedules import NoiseSchedule, cosine_betas, make_betas, space_timesteps
 
 B0, B1 = 1e-4, 0.02
 TS = [1, 2, 10, 200, 1000]

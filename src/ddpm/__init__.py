@@ -7,15 +7,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig, preset
-from .data import load_dataset, load_fashion_mnist, load_image_folder
-from .diffusion import Denoiser, q_sample, training_losses
+from .data.readers import load_dataset, load_fashion_mnist, load_image_folder
+from .core.diffusion import Denoiser, q_sample, training_losses
 from .errors import DdpmError
-from .forward import noise_figure
+from .pictures.forward import noise_figure
 from .nn import UNet
-from .sampling import SampleConfig, generate, load_model
-from .schedules import NoiseSchedule
-from .train import train
-from .viz import save_gif, save_grid
+from .sampling.generate import SampleConfig, generate, load_model
+from .core.schedules import NoiseSchedule
+from .training.train import train
+from .pictures.viz import save_gif, save_grid
 
 __version__ = "0.1.0"
 __all__ = [

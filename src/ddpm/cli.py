@@ -112,7 +112,7 @@ def _run_dir(args: argparse.Namespace, default_name: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .training.train import train
 
     if args.resume and not (args.out or args.name):
         raise DdpmError("--resume needs the run: give --out RUN_DIR or --name NAME")
@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _sample_config(args: argparse.Namespace) -> Any:
     from .config import override
-    from .sampling import SampleConfig
+    from .sampling.generate import SampleConfig
 
     return override(SampleConfig(), sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta,
                     variance=args.variance, clip=args.clip, n=args.n, batch_size=args.batch_size,
@@ -141,8 +141,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .checkpoint import atomic_write_bytes
-    from .sampling import generate, load_model
-    from .viz import save_gif, save_grid
+    from .sampling.generate import generate, load_model
+    from .pictures.viz import save_gif, save_grid
 
     scfg = _sample_config(args)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
@@ -169,7 +169,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_noise(args: argparse.Namespace) -> int:
-    from .forward import noise_figure
+    from .pictures.forward import noise_figure
 
     path = noise_figure(args.image, out=args.out, ts=args.t, schedule=args.schedule, timesteps=args.timesteps,
                         size=args.size, data_dir=args.data, seed=args.seed)
@@ -185,14 +185,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_run
+    from .pictures.plots import plot_run
 
     print(f"wrote {plot_run(args.run, args.out)}")
     return 0
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
-    from .plots import plot_schedules
+    from .pictures.plots import plot_schedules
 
     print(f"wrote {plot_schedules(args.out, args.timesteps)}")
     return 0
@@ -214,8 +214,8 @@ def _load_npz_images(path: str) -> Any:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write_text
-    from .evaluate import evaluate_images, inception_fid, resolve_images
-    from .features import default_feature_net, load_feature_net
+    from .evaluation.evaluate import evaluate_images, inception_fid, resolve_images
+    from .evaluation.features import default_feature_net, load_feature_net
 
     if args.nll:
         return cmd_eval_nll(args)
@@ -253,7 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
-    from .sampling import generate, load_model
+    from .sampling.generate import generate, load_model
 
     scfg = _sample_config(args)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
@@ -267,9 +267,9 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
 
 def cmd_eval_nll(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write_text
-    from .data import load_fashion_mnist
-    from .likelihood import format_nll, nll_bits_per_dim
-    from .sampling import load_model
+    from .data.readers import load_fashion_mnist
+    from .evaluation.likelihood import format_nll, nll_bits_per_dim
+    from .sampling.generate import load_model
 
     if args.run is None:
         raise DdpmError("--nll needs a RUN or checkpoint")

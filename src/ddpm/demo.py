@@ -6,9 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import override, preset
-from .sampling import SampleConfig, generate, load_model
-from .train import train
-from .viz import save_gif, save_grid
+from .sampling.generate import SampleConfig, generate, load_model
+from .training.train import train
+from .pictures.viz import save_gif, save_grid
 
 DEMO_SAMPLER = SampleConfig(sampler="dpm++2m", steps=20, n=64)
 

@@ -5,9 +5,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..diffusion import Denoiser
+from ..core.diffusion import Denoiser
 from ..errors import DdpmError
-from ..schedules import space_timesteps
+from ..core.schedules import space_timesteps
 from . import ddim, ddpm, dpmpp_2m, heun
 from .base import SamplerFn, SamplerOptions, StepCallback
 

@@ -6,7 +6,7 @@ from typing import Callable, Literal, Protocol
 
 import torch
 
-from ..diffusion import Denoiser
+from ..core.diffusion import Denoiser
 
 Variance = Literal["beta_tilde", "beta", "learned"]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (i, x_t, x0_pred)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import Denoiser
+from ..core.diffusion import Denoiser
 from .base import SamplerOptions, StepCallback, randn_like, t_batch
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import Denoiser, p_log_variance, q_posterior
+from ..core.diffusion import Denoiser, p_log_variance, q_posterior
 from .base import SamplerOptions, StepCallback, randn_like, t_batch
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import Denoiser
+from ..core.diffusion import Denoiser
 from .base import SamplerOptions, StepCallback, t_batch
 
 SIGMA_MAX = 80.0

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .errors import DdpmError
+from ..errors import DdpmError
 
 PR_CHUNK = 1024  # rows of a distance block: 1024 x 10k float32 = 40 MB
 FD_EPS = 1e-6  # pytorch-fid's diagonal offset for near-singular products

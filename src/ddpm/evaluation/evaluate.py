@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .checkpoint import atomic_write_bytes
-from .data import load_fashion_mnist, load_image_folder
-from .errors import DdpmError
+from ..checkpoint import atomic_write_bytes
+from ..data.readers import load_fashion_mnist, load_image_folder
+from ..errors import DdpmError
 from .features import FeatureNet, default_feature_net, weights_digest
 from .metrics import classifier_stats, frechet_distance, gaussian_stats, kid, precision_recall
 

@@ -21,18 +21,18 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from .checkpoint import (Checkpoint, atomic_write_text, checkpoint_path, last_good_checkpoint, load_checkpoint,
+from ..checkpoint import (Checkpoint, atomic_write_text, checkpoint_path, last_good_checkpoint, load_checkpoint,
                          load_into, save_checkpoint)
-from .config import RunConfig
-from .data import Batches, load_dataset
-from .diffusion import sample_noise, training_losses
-from .distributed import Dist, from_env, shutdown
-from .errors import DdpmError
-from .nn import UNet, check_image_size, count_parameters
-from .precision import autocast_dtype, describe, fast_cuda_math, under_autocast
+from ..config import RunConfig
+from ..data.readers import Batches, load_dataset
+from ..core.diffusion import sample_noise, training_losses
+from ..runtime.distributed import Dist, from_env, shutdown
+from ..errors import DdpmError
+from ..nn import UNet, check_image_size, count_parameters
+from ..runtime.precision import autocast_dtype, describe, fast_cuda_math, under_autocast
 from .runlog import LOG_NAME, JsonLog, TensorBoard, reset_log
-from .sampling import LoadedModel, SampleConfig, generate, make_schedule, resolve_device
-from .viz import make_grid, save_grid
+from ..sampling.generate import LoadedModel, SampleConfig, generate, make_schedule, resolve_device
+from ..pictures.viz import make_grid, save_grid
 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
 MAX_TIMESTEPS = 1_000_000  # far above any discrete schedule in use; beyond, the tables alone fill memory

@@ -11,7 +11,7 @@ from typing import Callable, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .config import DiffusionConfig
+from ..config import DiffusionConfig
 from .schedules import NoiseSchedule
 
 Clip = Literal["none", "clip", "dynamic"]

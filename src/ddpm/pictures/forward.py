@@ -6,10 +6,10 @@ from typing import Sequence
 
 import torch
 
-from .data import from_model_range, load_fashion_mnist, load_image, to_model_range
-from .diffusion import q_sample
-from .errors import DdpmError
-from .schedules import NoiseSchedule
+from ..data.readers import from_model_range, load_fashion_mnist, load_image, to_model_range
+from ..core.diffusion import q_sample
+from ..errors import DdpmError
+from ..core.schedules import NoiseSchedule
 from .viz import noise_strip, save_png
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import DdpmError
+from ..errors import DdpmError
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Callable, get_args
 
 import torch
 
-from .config import Precision
-from .errors import DdpmError
+from ..config import Precision
+from ..errors import DdpmError
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 

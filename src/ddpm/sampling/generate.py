@@ -8,16 +8,16 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, load_into
-from .config import Precision, RunConfig
-from .data import from_model_range
-from .diffusion import CLIPS, Denoiser
-from .errors import DdpmError
-from .nn import UNet
-from .precision import autocast_dtype, describe, fast_cuda_math, under_autocast
-from .samplers import SamplerOptions, check_options, get_sampler
-from .schedules import NoiseSchedule, space_timesteps
-from .viz import make_grid
+from ..checkpoint import load_checkpoint, load_into
+from ..config import Precision, RunConfig
+from ..data.readers import from_model_range
+from ..core.diffusion import CLIPS, Denoiser
+from ..errors import DdpmError
+from ..nn import UNet
+from ..runtime.precision import autocast_dtype, describe, fast_cuda_math, under_autocast
+from ..samplers import SamplerOptions, check_options, get_sampler
+from ..core.schedules import NoiseSchedule, space_timesteps
+from ..pictures.viz import make_grid
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from .errors import DdpmError
+from ..errors import DdpmError
 
 Spacing = Literal["uniform", "quadratic", "trailing"]
 SPACINGS: tuple[str, ...] = ("uniform", "quadratic", "trailing")

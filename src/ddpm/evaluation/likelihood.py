@@ -23,10 +23,10 @@ from typing import Literal
 
 import torch
 
-from .data import to_model_range
-from .diffusion import CLIPS, Denoiser, prior_bpd, q_sample, vlb_term
-from .errors import DdpmError
-from .sampling import LoadedModel
+from ..data.readers import to_model_range
+from ..core.diffusion import CLIPS, Denoiser, prior_bpd, q_sample, vlb_term
+from ..errors import DdpmError
+from ..sampling.generate import LoadedModel
 
 Variance = Literal["beta_tilde", "beta", "learned"]
 VARIANCES: tuple[str, ...] = ("beta_tilde", "beta", "learned")

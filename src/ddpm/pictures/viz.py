@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_write_bytes
+from ..checkpoint import atomic_write_bytes
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:

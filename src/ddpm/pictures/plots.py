@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import DdpmError
+from ..errors import DdpmError
 from .viz import save_png
 
 SS = 2  # supersampling factor
@@ -339,8 +339,8 @@ def _quarter_series(steps: list[dict], x: np.ndarray, span: float, T: int) -> li
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """RUN/log.jsonl -> RUN/loss.png (or ``out``)."""
-    from .config import RunConfig
-    from .runlog import LOG_NAME, read_log
+    from ..config import RunConfig
+    from ..training.runlog import LOG_NAME, read_log
 
     run = Path(run_dir)
     log = run / LOG_NAME
@@ -360,7 +360,7 @@ SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
 
 def schedule_figure(timesteps: int = 1000) -> Image.Image:
     """alpha_bar and SNR = alpha_bar / (1 - alpha_bar) of the four schedules against t (Improved DDPM Fig. 5)."""
-    from .schedules import make_betas
+    from ..core.schedules import make_betas
 
     t = np.arange(timesteps, dtype=float)
     ab, snr = [], []

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .errors import DdpmError
+from ..errors import DdpmError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The math of diffusion: beta schedules and the forward/reverse process, per term."""

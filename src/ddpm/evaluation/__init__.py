@@ -1,0 +1,1 @@
+"""Evaluation: the feature network, metrics, the report, and the likelihood bound."""

@@ -1,0 +1,1 @@
+"""Pictures: grids, GIFs, plots and the forward-process figure."""

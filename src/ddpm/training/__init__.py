@@ -1,0 +1,1 @@
+"""Training: the loop, its log, and the process group."""
