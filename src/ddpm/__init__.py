@@ -6,13 +6,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig, preset
+from .config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig, preset
 from .data.readers import load_dataset, load_fashion_mnist, load_image_folder
 from .core.diffusion import Denoiser, q_sample, training_losses
 from .errors import DdpmError
 from .pictures.forward import noise_figure
 from .nn import UNet
-from .sampling.generate import SampleConfig, generate, load_model
+from .sampling.generate import generate, load_model
 from .core.schedules import NoiseSchedule
 from .training.train import train
 from .pictures.viz import save_gif, save_grid

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from ..errors import DdpmError
+
+if TYPE_CHECKING:
+    from ..config import DiffusionConfig, RunConfig
 
 Spacing = Literal["uniform", "quadratic", "trailing"]
 SPACINGS: tuple[str, ...] = ("uniform", "quadratic", "trailing")
@@ -145,3 +148,9 @@ def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int]:
     if shift > 0:  # pushed past the end: pull the tail back
         out = [min(t, T - 1 - (len(out) - 1 - i)) for i, t in enumerate(out)]
     return out
+
+
+def make_schedule(cfg: RunConfig | DiffusionConfig) -> NoiseSchedule:
+    """The schedule a run's diffusion config describes."""
+    d = getattr(cfg, "diffusion", cfg)
+    return NoiseSchedule.create(d.schedule, d.timesteps, d.beta_start, d.beta_end)

@@ -1,4 +1,7 @@
 """From a run folder to images: load the model, run a sampler in batches, record frames."""
-from .generate import LoadedModel, SampleConfig, Samples, generate, load_model, make_schedule, resolve_device
+from ..config import SampleConfig
+from ..core.schedules import make_schedule
+from ..runtime.device import resolve_device
+from .generate import LoadedModel, Samples, generate, load_model
 
 __all__ = ["LoadedModel", "SampleConfig", "Samples", "generate", "load_model", "make_schedule", "resolve_device"]

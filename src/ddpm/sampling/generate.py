@@ -9,48 +9,16 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint, load_into
-from ..config import Precision, RunConfig
+from ..config import RunConfig, SampleConfig, check_sample_config as check_config
 from ..data.readers import from_model_range
-from ..core.diffusion import CLIPS, Denoiser
+from ..core.diffusion import Denoiser
 from ..errors import DdpmError
 from ..nn import UNet
+from ..runtime.device import resolve_device
 from ..runtime.precision import autocast_dtype, describe, fast_cuda_math, under_autocast
 from ..samplers import SamplerOptions, check_options, get_sampler
-from ..core.schedules import NoiseSchedule, space_timesteps
+from ..core.schedules import NoiseSchedule, make_schedule, space_timesteps
 from ..pictures.viz import make_grid
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """How to draw samples: which sampler, how many steps, how many images."""
-
-    sampler: str = "ddpm"
-    steps: int | None = None  # None: the sampler's default (all T for ddpm)
-    spacing: Literal["uniform", "quadratic", "trailing"] = "uniform"
-    eta: float = 0.0
-    variance: Literal["beta_tilde", "beta", "learned"] = "beta_tilde"
-    clip: Literal["none", "clip", "dynamic"] = "clip"
-    n: int = 64
-    batch_size: int = 256
-    seed: int = 0
-    use_ema: bool = True
-    precision: Precision = "fp32"  # bf16: the network under autocast, 1.4-1.6x faster where native
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """auto -> cuda when available, else cpu; a cuda request without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DdpmError("--device cuda asked for, but this PyTorch sees no CUDA device")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise DdpmError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def make_schedule(cfg: RunConfig) -> NoiseSchedule:
-    d = cfg.diffusion
-    return NoiseSchedule.create(d.schedule, d.timesteps, d.beta_start, d.beta_end)
 
 
 @dataclass
@@ -96,10 +64,7 @@ class Samples:
 def check_sample_config(model: LoadedModel, cfg: SampleConfig) -> int:
     """Validate against the model; return the number of steps to run."""
     spec = get_sampler(cfg.sampler)
-    if cfg.clip not in CLIPS:
-        raise DdpmError(f"unknown clip {cfg.clip!r}; choose one of: {', '.join(CLIPS)}")
-    if cfg.n < 1 or cfg.batch_size < 1:
-        raise DdpmError(f"--n and --batch-size must be at least 1, got {cfg.n} and {cfg.batch_size}")
+    check_config(cfg)
     T = model.schedule.T
     steps = min(spec.default_steps or T, T) if cfg.steps is None else cfg.steps
     space_timesteps(T, steps, cfg.spacing)  # raises on bad steps / spacing

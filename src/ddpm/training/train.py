@@ -31,7 +31,10 @@ from ..errors import DdpmError
 from ..nn import UNet, check_image_size, count_parameters
 from ..runtime.precision import autocast_dtype, describe, fast_cuda_math, under_autocast
 from .runlog import LOG_NAME, JsonLog, TensorBoard, reset_log
-from ..sampling.generate import LoadedModel, SampleConfig, generate, make_schedule, resolve_device
+from ..config import SampleConfig
+from ..core.schedules import make_schedule
+from ..runtime.device import resolve_device
+from ..sampling.generate import LoadedModel, generate
 from ..pictures.viz import make_grid, save_grid
 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
