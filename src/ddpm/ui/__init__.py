@@ -1,0 +1,13 @@
+"""`ddpm ui`: a local web page over the library to watch, steer and compare diffusion (needs ddpm[ui])."""
+
+
+def serve(runs: list[str], runs_dir: str | None, host: str = "127.0.0.1", port: int = 8000,
+          device: str = "cpu") -> None:
+    """Serve the page (see ddpm.ui.app.serve); a one-line error when the ui extra is missing."""
+    from ..errors import DdpmError
+
+    try:
+        from .app import serve as _serve
+    except ModuleNotFoundError as e:
+        raise DdpmError(f"`ddpm ui` needs {e.name}: pip install 'ddpm[ui]'") from None
+    _serve(runs, runs_dir, host, port, device)

@@ -1,0 +1,300 @@
+"""The web page's server: a small Starlette app over the library (load_model, generate, the schedules).
+
+Every answer to a bad request is a 4xx with ``{"error": "one line"}`` that the page shows;
+an unexpected failure is a 500 with a one-line message, never a traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..config import SampleConfig, override
+from ..errors import DdpmError
+from ..samplers import SAMPLERS
+from ..sampling.generate import check_sample_config
+from . import panels
+from .jobs import Job, JobStore, gif_bytes, grid_png, npz_bytes, png_bytes
+from .runs import ModelCache, NotFound, Run, RunIndex, latest_checkpoint, run_config
+
+STATIC = Path(__file__).parent / "static"
+MAX_IMAGES = 64  # per request: the page shows one grid
+MAX_UPLOAD = 8 * 1024 * 1024
+# SampleConfig fields the page may set (the rest are the server's: batch size = n, EMA weights)
+PAGE_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig) if f.name not in ("batch_size", "use_ema"))
+
+
+class BadRequest(ValueError):
+    """A request the page should not have sent (answered with a 400 and its message)."""
+
+
+def _choices(name: str) -> list[str]:
+    """The values of a SampleConfig field's Literal (inside an Optional, if it is one)."""
+    def values(hint: Any) -> list[str]:
+        if typing.get_origin(hint) is typing.Literal:
+            return list(typing.get_args(hint))
+        return [v for h in typing.get_args(hint) for v in values(h)]
+    return values(typing.get_type_hints(SampleConfig)[name])
+
+
+async def meta(request: Request) -> JSONResponse:
+    """What the page's forms offer, read from the library's tables (one source per name)."""
+    return JSONResponse({
+        "samplers": [{"name": k, "default_steps": s.default_steps, "summary": s.summary} for k, s in SAMPLERS.items()],
+        "spacings": _choices("spacing"), "precisions": _choices("precision"), "clips": _choices("clip"),
+        "schedules": list(panels.SCHEDULE_NAMES), "fields": list(PAGE_FIELDS), "max_images": MAX_IMAGES,
+    })
+
+
+def _run_summary(run: Run) -> dict[str, Any]:
+    cfg = run_config(run)
+    ck = latest_checkpoint(run)
+    info: dict[str, Any] = {"name": run.name, "checkpoint": ck.name if ck else None, "config": cfg is not None}
+    if cfg is not None:
+        info |= {"T": cfg.diffusion.timesteps, "schedule": cfg.diffusion.schedule, "preset": cfg.preset,
+                 "image_size": cfg.data.image_size, "channels": cfg.data.channels,
+                 "objective": cfg.diffusion.objective, "learn_sigma": cfg.model.learn_sigma,
+                 "num_classes": getattr(cfg.model, "num_classes", 0),
+                 "class_names": list(getattr(cfg.data, "class_names", ()))}
+    return info
+
+
+async def list_runs(request: Request) -> JSONResponse:
+    index: RunIndex = request.app.state.index
+    runs = await run_in_threadpool(lambda: [_run_summary(r) for r in index.runs()])
+    return JSONResponse({"runs": runs})
+
+
+def _sample_request(body: Any) -> tuple[str, SampleConfig, bool]:
+    """The page's JSON -> (run name, SampleConfig, stream frames?); one-line errors."""
+    if not isinstance(body, dict) or not isinstance(body.get("run"), str):
+        raise BadRequest("expected a JSON object with a run name")
+    unknown = sorted(set(body) - set(PAGE_FIELDS) - {"run", "stream"})
+    if unknown:
+        raise BadRequest(f"unknown parameter {unknown[0]!r}; known: {', '.join(PAGE_FIELDS)}")
+    given = {k: body[k] for k in PAGE_FIELDS if k in body}
+    n = given.get("n", 16)
+    if not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        raise BadRequest(f"number of images must be between 1 and {MAX_IMAGES}, got {n!r}")
+    steps = given.get("steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise BadRequest(f"steps must be a whole number of at least 1, got {steps!r}")
+    cfg = override(SampleConfig(), **{**given, "n": n, "batch_size": n})
+    return body["run"], cfg, bool(body.get("stream", True))
+
+
+async def start_sample(request: Request) -> JSONResponse:
+    """Validate, load the model (cached), start the sampling thread; the page then opens /events."""
+    run_name, cfg, stream = _sample_request(await _json(request))
+    run = request.app.state.index.get(run_name)
+    cache: ModelCache = request.app.state.cache
+    model = await run_in_threadpool(cache.get, run, cfg.use_ema)
+    steps = check_sample_config(model, cfg)
+    job = request.app.state.jobs.start(run.name, model, cfg, stream)
+    return JSONResponse({"id": job.id, "steps": steps, "checkpoint": model.source.name}, status_code=201)
+
+
+def _job(request: Request) -> Job:
+    job = request.app.state.jobs.get(request.path_params["job"])
+    if job is None:
+        raise NotFound("no such sample (finished long ago, or the server restarted)")
+    return job
+
+
+async def job_events(request: Request) -> StreamingResponse:
+    """Server-sent events: every event so far, then the new ones as the thread makes them.
+    A page that goes away cancels its job, which frees the thread."""
+    job = _job(request)
+
+    async def stream() -> typing.AsyncIterator[str]:
+        sent = 0
+        try:
+            while True:
+                new = job.events[sent:]
+                for e in new:
+                    yield f"data: {e}\n\n"
+                sent += len(new)
+                if job.finished and sent == len(job.events):
+                    return
+                await asyncio.sleep(0.01)
+        finally:
+            if not job.finished:
+                job.cancel.set()
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def cancel_job(request: Request) -> JSONResponse:
+    job = _job(request)
+    job.cancel.set()
+    return JSONResponse({"id": job.id, "finished": job.finished})
+
+
+DOWNLOADS = {"grid.png": ("image/png", grid_png), "denoising.gif": ("image/gif", gif_bytes),
+             "samples.npz": ("application/octet-stream", npz_bytes)}
+
+
+async def job_file(request: Request) -> Response:
+    job, name = _job(request), request.path_params["file"]
+    if name not in DOWNLOADS:
+        raise NotFound(f"no download named {name}")
+    if job.samples is None or (name == "denoising.gif" and not job.frames):
+        raise BadRequest(f"{name} is not available: the sample did not finish" +
+                         ("" if job.samples is None else " with streamed frames"))
+    media, make = DOWNLOADS[name]
+    data = await run_in_threadpool(make, job)
+    return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def _run_and_config(request: Request) -> tuple[Run, Any]:
+    run = request.app.state.index.get(request.path_params["run"])
+    cfg = run_config(run)
+    if cfg is None:
+        raise NotFound(f"run {run.name} has no readable config.json yet")
+    return run, cfg
+
+
+async def schedules(request: Request) -> JSONResponse:
+    _, cfg = _run_and_config(request)
+    return JSONResponse(await run_in_threadpool(panels.schedule_curves, cfg))
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    v = request.query_params.get(name)
+    if v is None:
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number, got {v!r}") from None
+
+
+async def forward(request: Request) -> Response:
+    """x0 | x_t | noise as a PNG, for t and an image of the run's data (or an uploaded one)."""
+    _, cfg = _run_and_config(request)
+    t, seed, index = (_int_param(request, k, d) for k, d in (("t", 0), ("seed", 0), ("index", 0)))
+    upload = request.query_params.get("upload")
+    uploads: dict[str, bytes] = request.app.state.uploads
+    if upload is not None and upload not in uploads:
+        raise NotFound("no such uploaded image (the server restarted?)")
+
+    def make() -> bytes:
+        x = panels.uploaded_image(uploads[upload], cfg) if upload else panels.data_image(cfg, index)
+        return png_bytes(panels.forward_grid(cfg, x, t, seed))
+
+    return Response(await run_in_threadpool(make), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+async def upload_image(request: Request) -> JSONResponse:
+    data = await request.body()
+    if not data or len(data) > MAX_UPLOAD:
+        raise BadRequest(f"send one image file of at most {MAX_UPLOAD // 2**20} MiB")
+    uploads: dict[str, bytes] = request.app.state.uploads
+    key = f"u{len(uploads)}"
+    uploads[key] = data
+    while len(uploads) > 8:
+        uploads.pop(next(iter(uploads)))
+    return JSONResponse({"upload": key}, status_code=201)
+
+
+async def training_log(request: Request) -> JSONResponse:
+    """The log records after step ``after``, and the newest sample grid's step, for polling."""
+    run = request.app.state.index.get(request.path_params["run"])
+    after = _int_param(request, "after", -1)
+    records = await run_in_threadpool(panels.training_records, run, after)
+    latest = await run_in_threadpool(panels.latest_sample, run)
+    return JSONResponse({"records": records, "sample_step": latest[0] if latest else None})
+
+
+async def training_sample(request: Request) -> FileResponse:
+    run = request.app.state.index.get(request.path_params["run"])
+    latest = panels.latest_sample(run)
+    if latest is None:
+        raise NotFound(f"run {run.name} has written no sample grid yet")
+    return FileResponse(latest[1], media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+async def page(request: Request) -> FileResponse:
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except ValueError:
+        raise BadRequest("the request body is not JSON") from None
+
+
+def _error(status: int):
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": str(exc).strip("'\"") or type(exc).__name__}, status_code=status)
+    return handler
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
+def create_app(index: RunIndex, cache: ModelCache | None = None, jobs: JobStore | None = None) -> Starlette:
+    """The ASGI app serving the page and its JSON API over the runs in ``index``."""
+    r = "/api/runs/{run}"
+    j = "/api/jobs/{job}"
+    routes = [
+        Route("/", page), Route("/api/meta", meta), Route("/api/runs", list_runs),
+        Route("/api/sample", start_sample, methods=["POST"]), Route(f"{j}/events", job_events),
+        Route(f"{j}/cancel", cancel_job, methods=["POST"]), Route(f"{j}/files/{{file}}", job_file),
+        Route(f"{r}/schedules", schedules), Route(f"{r}/forward.png", forward),
+        Route(f"{r}/log", training_log), Route(f"{r}/sample.png", training_sample),
+        Route("/api/upload", upload_image, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    handlers = {BadRequest: _error(400), DdpmError: _error(400), NotFound: _error(404),
+                HTTPException: _http_error, Exception: _internal}
+    app = Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
+    app.state.index, app.state.cache = index, cache or ModelCache()
+    app.state.jobs, app.state.uploads = jobs or JobStore(), {}
+    return app
+
+
+def serve(runs: list[str], runs_dir: str | None, host: str = "127.0.0.1", port: int = 8000,
+          device: str = "cpu") -> None:
+    """Serve the page until interrupted (uvicorn); prints the address to open."""
+    import uvicorn
+
+    index = RunIndex(runs, runs_dir)
+    _check_port(host, port)
+    app = create_app(index, ModelCache(device=device))
+    names = ", ".join(r.name for r in index.runs()) or "none yet"
+    where = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else "other machines too"
+    print(f"ddpm ui: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/  (bound to {host}: {where}; "
+          f"runs: {names}; Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _check_port(host: str, port: int) -> None:
+    """A one-line error for a port out of range or taken, before uvicorn logs its own."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise DdpmError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise DdpmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

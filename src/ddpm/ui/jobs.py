@@ -1,0 +1,145 @@
+"""Sampling requests from the page: one thread each, streamed step by step, cancellable.
+
+A job runs ``generate`` in its own thread with a step hook that records the grids of x_t and
+x0 and stops the loop when the job is cancelled (the Cancel button, or the page going away).
+The event loop only reads the job's event list, so the page stays responsive while it samples.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..config import SampleConfig
+from ..data.readers import from_model_range
+from ..errors import DdpmError
+from ..pictures.viz import make_grid, save_gif, to_pil
+from ..sampling.generate import LoadedModel, Samples, SamplingCancelled, StepEvent, generate
+
+
+def png_bytes(grid: np.ndarray) -> bytes:
+    """An (H, W, C) uint8 grid as PNG bytes, at its own size (the page enlarges it, pixelated)."""
+    buf = io.BytesIO()
+    to_pil(grid).save(buf, format="PNG", compress_level=1)  # speed over size: frames are small
+    return buf.getvalue()
+
+
+def data_url(grid: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(grid)).decode("ascii")
+
+
+@dataclass
+class Job:
+    """One sampling request: its config, its thread, and what it has produced so far."""
+
+    id: str
+    run: str
+    model: LoadedModel
+    cfg: SampleConfig
+    stream: bool  # send the grids of every step (Compare turns this off to time the sampler alone)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: list[str] = field(default_factory=list)  # JSON lines, in order
+    frames: list[np.ndarray] = field(default_factory=list)  # the x_t grids, for the GIF
+    samples: Samples | None = None
+    finished: bool = False
+    thread: threading.Thread | None = None
+    started: float = 0.0
+
+    def emit(self, kind: str, **payload: object) -> None:
+        self.events.append(json.dumps({"type": kind, **payload}))  # list.append is atomic
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        self.thread = threading.Thread(target=self._run, name=f"ddpm-ui-{self.id}", daemon=True)
+        self.thread.start()
+
+    def _hook(self, ev: StepEvent) -> bool:
+        if self.cancel.is_set():
+            return False
+        if ev.batch_start == 0 and self.stream:
+            xt, x0 = make_grid(from_model_range(ev.x_t).cpu()), make_grid(from_model_range(ev.x0).cpu())
+            self.frames.append(xt)
+            self.emit("frame", done=ev.done, total=ev.total, x_t=data_url(xt), x0=data_url(x0),
+                      width=int(xt.shape[1]), height=int(xt.shape[0]),
+                      elapsed=round(time.perf_counter() - self.started, 4))
+        else:
+            self.emit("progress", done=ev.done, total=ev.total)
+        return True
+
+    def _run(self) -> None:
+        try:
+            s = generate(self.model, self.cfg, on_step=self._hook)
+            self.samples = s
+            grid = make_grid(s.images[:64])
+            self.emit("done", nfe=s.nfe, steps=s.steps, n=len(s.images), arithmetic=s.arithmetic,
+                      seconds=round(time.perf_counter() - self.started, 4), grid=data_url(grid),
+                      width=int(grid.shape[1]), height=int(grid.shape[0]), gif=bool(self.frames))
+        except SamplingCancelled:
+            self.emit("cancelled", message="cancelled")
+        except DdpmError as e:
+            self.emit("error", message=str(e))
+        except Exception as e:  # a bug: tell the page in one line, keep the traceback on the console
+            traceback.print_exc()
+            self.emit("error", message=f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self.finished = True
+
+
+class JobStore:
+    """The page's jobs by id; finished ones beyond ``keep`` are forgotten, oldest first."""
+
+    def __init__(self, keep: int = 16, max_running: int = 4):
+        self.keep, self.max_running = keep, max_running
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def running(self) -> int:
+        return sum(1 for j in self._jobs.values() if not j.finished)
+
+    def start(self, run: str, model: LoadedModel, cfg: SampleConfig, stream: bool) -> Job:
+        with self._lock:
+            if self.running() >= self.max_running:
+                raise DdpmError(f"{self.max_running} samples are running already; wait or cancel one")
+            job = Job(uuid.uuid4().hex[:12], run, model, cfg, stream)
+            self._jobs[job.id] = job
+            done = [k for k, j in self._jobs.items() if j.finished]
+            for k in done[: max(0, len(self._jobs) - self.keep)]:
+                del self._jobs[k]
+        job.start()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+
+def grid_png(job: Job) -> bytes:
+    assert job.samples is not None
+    return png_bytes(make_grid(job.samples.images[:64]))
+
+
+def gif_bytes(job: Job) -> bytes:
+    """The x_t frames as the same looping GIF `ddpm sample --gif` writes (through save_gif)."""
+    with tempfile.TemporaryDirectory() as d:
+        return save_gif(job.frames, Path(d) / "denoising.gif", scale=4).read_bytes()
+
+
+def npz_bytes(job: Job) -> bytes:
+    assert job.samples is not None
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=job.samples.images.numpy())
+    return buf.getvalue()
+
+
+def decode_data_url(url: str) -> Image.Image:
+    """The inverse of data_url (tests and the bench use it)."""
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))

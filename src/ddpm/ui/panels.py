@@ -1,0 +1,104 @@
+"""What the Forward-process and Training panels show, computed with the library (no web code here)."""
+from __future__ import annotations
+
+import functools
+import tempfile
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, ScheduleName
+from ..core.diffusion import q_sample
+from ..core.schedules import NoiseSchedule, make_betas, make_schedule
+from ..data.readers import from_model_range, load_fashion_mnist, load_image, load_image_folder, to_model_range
+from ..errors import DdpmError
+from ..pictures.viz import make_grid
+from ..training.runlog import read_log
+from .runs import NotFound, Run, inside
+
+SCHEDULE_NAMES: tuple[str, ...] = typing.get_args(ScheduleName)
+CURVE_POINTS = 400  # the page draws at most this many points per curve
+
+
+def schedule_curves(cfg: RunConfig) -> dict[str, object]:
+    """alpha_bar(t) and SNR(t) = alpha_bar / (1 - alpha_bar) (Kingma et al. 2021) of the run's
+    schedule and of the other named schedules at the same T, thinned to CURVE_POINTS."""
+    d = cfg.diffusion
+    T = d.timesteps
+    t = np.unique(np.linspace(0, T - 1, min(T, CURVE_POINTS)).round().astype(int))
+    curves = {}
+    for name in SCHEDULE_NAMES:
+        betas = make_betas(name, T, d.beta_start, d.beta_end) if name == d.schedule else make_betas(name, T)
+        ab = np.cumprod(1 - betas.numpy())[t]  # float64: SNR reaches 1e-9
+        curves[name] = {"alpha_bar": ab.tolist(), "snr": (ab / (1 - ab)).tolist()}
+    return {"T": T, "t": t.tolist(), "schedule": d.schedule, "curves": curves}
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_mnist(data_dir: str | None) -> torch.Tensor:
+    return load_fashion_mnist("train", data_dir, download=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _folder(source: str, size: int, channels: int) -> torch.Tensor:
+    return load_image_folder(source, size, channels)
+
+
+def data_image(cfg: RunConfig, index: int) -> torch.Tensor:
+    """Image ``index`` (modulo the set's size) of the run's own data, uint8 (C, H, W) at its size."""
+    d = cfg.data
+    if d.source.lower() == "fashion-mnist":
+        x = _fashion_mnist(d.data_dir)
+    else:
+        x = _folder(d.source, d.image_size, d.channels)
+    if len(x) == 0:
+        raise DdpmError(f"the run's data {d.source} holds no images")
+    x = x[index % len(x)]
+    if x.shape[-1] != d.image_size:
+        x = torch.nn.functional.interpolate(x[None].float(), size=(d.image_size,) * 2, mode="bilinear",
+                                            antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
+    return x
+
+
+def uploaded_image(data: bytes, cfg: RunConfig) -> torch.Tensor:
+    """An image the user dropped on the page, read like a data folder's files (size, channels)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "upload"
+        p.write_bytes(data)
+        return load_image(p, cfg.data.image_size, cfg.data.channels)
+
+
+def forward_grid(cfg: RunConfig, x: torch.Tensor, t: int, seed: int = 0) -> np.ndarray:
+    """x0 | x_t ~ q(x_t | x0) (DDPM Eq. 4) | the noise, side by side, with the run's schedule."""
+    sched: NoiseSchedule = make_schedule(cfg)
+    if not 0 <= t < sched.T:
+        raise DdpmError(f"t must be in [0, {sched.T - 1}], got {t}")
+    x0 = to_model_range(x)[None]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    xt = q_sample(sched, x0, torch.tensor([t]), noise)
+    shown = torch.cat([x0, xt, noise.clamp(-1, 1)])
+    return make_grid(from_model_range(shown), nrow=3)
+
+
+def training_records(run: Run, after: int = -1) -> list[dict[str, object]]:
+    """The run's log.jsonl records with step > ``after`` (empty while it has none)."""
+    try:
+        log = inside(run, "log.jsonl")
+    except NotFound:
+        return []
+    return [r for r in read_log(log) if int(r["step"]) > after]  # type: ignore[arg-type]
+
+
+def latest_sample(run: Run) -> tuple[int, Path] | None:
+    """The newest sample grid the training loop wrote (samples/step-N.png), with its step."""
+    folder = run.path / "samples"
+    if not folder.is_dir():
+        return None
+    for p in sorted(folder.glob("step-*.png"), reverse=True):
+        try:
+            return int(p.stem.split("-")[1]), inside(run, f"samples/{p.name}")
+        except (NotFound, ValueError, IndexError):
+            continue
+    return None

@@ -1,0 +1,112 @@
+"""Which run folders the page may show, and the models loaded from them (once each).
+
+The page names a run by a short name only; a name maps to a folder given on the command line
+or found directly under ``--runs``. Nothing else on disk is reachable: an unknown name, ``..``,
+an absolute path or a symlink leading out of the run is a 404.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import resolve_checkpoint
+from ..config import RunConfig
+from ..errors import DdpmError
+from ..sampling.generate import LoadedModel, load_model
+
+
+class NotFound(LookupError):
+    """A run or file the page may not see (answered with a 404)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    path: Path  # resolved
+
+
+def is_run_folder(p: Path) -> bool:
+    """A folder written by `ddpm train` (a config, or checkpoints, or a log)."""
+    return p.is_dir() and any((p / f).exists() for f in ("config.json", "checkpoints", "log.jsonl"))
+
+
+class RunIndex:
+    """The run folders given as arguments plus those found under ``runs_dir`` (rescanned on each list)."""
+
+    def __init__(self, runs: list[str | Path], runs_dir: str | Path | None):
+        self.given: list[Path] = []
+        for r in runs:
+            p = Path(r)
+            if not is_run_folder(p):
+                raise DdpmError(f"{p} is not a run folder (expected one written by `ddpm train`)")
+            self.given.append(p.resolve())
+        self.runs_dir = Path(runs_dir).resolve() if runs_dir is not None else None
+
+    def runs(self) -> list[Run]:
+        found = list(self.given)
+        if self.runs_dir is not None and self.runs_dir.is_dir():
+            for p in sorted(self.runs_dir.iterdir()):
+                # a symlink pointing out of --runs is not listed (nor reachable)
+                if is_run_folder(p) and p.resolve().parent == self.runs_dir and p.resolve() not in found:
+                    found.append(p.resolve())
+        named: list[Run] = []
+        for p in found:
+            name, k = p.name, 2
+            while any(r.name == name for r in named):
+                name, k = f"{p.name}-{k}", k + 1
+            named.append(Run(name, p))
+        return named
+
+    def get(self, name: str) -> Run:
+        for r in self.runs():
+            if r.name == name:
+                return r
+        raise NotFound(f"no run named {name!r}")
+
+
+def inside(run: Run, relative: str) -> Path:
+    """``run.path / relative``, only if it exists and really lies inside the run (symlinks resolved)."""
+    p = (run.path / relative).resolve()
+    if not p.is_relative_to(run.path) or not p.is_file():
+        raise NotFound(f"{relative} is not a file of run {run.name}")
+    return p
+
+
+def run_config(run: Run) -> RunConfig | None:
+    """The run's config.json, or None while it has none (or an unreadable one)."""
+    try:
+        return RunConfig.load(inside(run, "config.json"))
+    except (NotFound, DdpmError):
+        return None
+
+
+def latest_checkpoint(run: Run) -> Path | None:
+    try:
+        ck = resolve_checkpoint(run.path).resolve()
+    except DdpmError:
+        return None
+    return ck if ck.is_relative_to(run.path) else None
+
+
+class ModelCache:
+    """Loaded models keyed by checkpoint folder: a run that writes a newer checkpoint gets reloaded."""
+
+    def __init__(self, size: int = 4, device: str = "cpu"):
+        self.size, self.device = size, device
+        self._models: OrderedDict[tuple[Path, bool], LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, run: Run, use_ema: bool = True) -> LoadedModel:
+        ck = latest_checkpoint(run)
+        if ck is None:
+            raise DdpmError(f"run {run.name} has no checkpoint yet")
+        key = (ck, use_ema)
+        with self._lock:  # one load at a time; a second tab waits for the first's load
+            if key not in self._models:
+                self._models[key] = load_model(ck, device=self.device, use_ema=use_ema)
+                while len(self._models) > self.size:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(key)
+            return self._models[key]

@@ -1,0 +1,258 @@
+"""`ddpm ui`'s JSON API through Starlette's test client, on a tiny run the tests train themselves."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+with warnings.catch_warnings():  # starlette would rather have httpx2; httpx works the same here
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient  # the ui extra; `make test` installs it
+
+from ddpm.cli import main  # noqa: E402
+from ddpm.ui.app import create_app  # noqa: E402
+from ddpm.ui.jobs import decode_data_url  # noqa: E402
+from ddpm.ui.runs import RunIndex  # noqa: E402
+from helpers import tiny_config, write_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    cfg = write_config(root.parent / "cfg.json", tiny_config(image_dir, max_steps=2, sample_every=2))
+    assert main(["train", "--config", str(cfg), "--out", str(root / "tiny"), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    (root / "empty-run").mkdir()
+    (root / "empty-run" / "log.jsonl").write_text("")
+    (root / "not-a-run").mkdir()
+    return root
+
+
+@pytest.fixture()
+def client(runs_dir: Path) -> TestClient:
+    return TestClient(create_app(RunIndex([], runs_dir)))
+
+
+def events(client: TestClient, job: str) -> list[dict]:
+    with client.stream("GET", f"/api/jobs/{job}/events") as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def sample(client: TestClient, **params: object) -> str:
+    r = client.post("/api/sample", json={"run": "tiny", **params})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_lists_runs_and_meta(client: TestClient) -> None:
+    runs = {r["name"]: r for r in client.get("/api/runs").json()["runs"]}
+    assert set(runs) == {"tiny", "empty-run"}
+    assert runs["tiny"]["checkpoint"] == "step-00000002" and runs["tiny"]["T"] == 20
+    assert runs["empty-run"]["checkpoint"] is None
+    meta = client.get("/api/meta").json()
+    assert [s["name"] for s in meta["samplers"]] == ["ddpm", "ddim", "dpm++2m", "heun"]
+    assert "fp32" in meta["precisions"] and "sampler" in meta["fields"]
+    page = client.get("/")
+    assert page.status_code == 200 and "ddpm" in page.text
+    for asset in ("app.js", "charts.js", "style.css"):
+        assert client.get(f"/static/{asset}").status_code == 200
+
+
+def test_sample_streams_every_step_then_downloads(client: TestClient) -> None:
+    job = sample(client, sampler="ddim", steps=5, n=5, seed=3)
+    evs = events(client, job)
+    frames = [e for e in evs if e["type"] == "frame"]
+    assert [f["done"] for f in frames] == [1, 2, 3, 4, 5] and evs[-1]["type"] == "done"
+    done = evs[-1]
+    assert done["nfe"] == 5 and done["steps"] == 5 and done["n"] == 5
+    for f in frames:  # 5 images of 8x8 -> 3 per row, 2 rows, 2 px padding: 32 x 22
+        for key in ("x_t", "x0"):
+            assert decode_data_url(f[key]).size == (f["width"], f["height"]) == (32, 22)
+    assert frames[0]["x_t"] != frames[-1]["x_t"]
+    grid = Image.open(io.BytesIO(client.get(f"/api/jobs/{job}/files/grid.png").content))
+    assert grid.size == (32, 22)
+    npz = np.load(io.BytesIO(client.get(f"/api/jobs/{job}/files/samples.npz").content))["images"]
+    assert npz.shape == (5, 1, 8, 8) and npz.dtype == np.uint8
+    assert np.array_equal(np.asarray(grid)[2:10, 2:10], npz[0, 0])  # the grid shows the samples
+    gif = Image.open(io.BytesIO(client.get(f"/api/jobs/{job}/files/denoising.gif").content))
+    assert gif.n_frames == 5
+    # the same request again draws the same pictures (seeded)
+    again = events(client, sample(client, sampler="ddim", steps=5, n=5, seed=3))
+    assert again[-1]["grid"] == done["grid"]
+
+
+def test_compare_mode_sends_progress_not_frames(client: TestClient) -> None:
+    evs = events(client, sample(client, sampler="heun", steps=3, n=2, stream=False))
+    assert {e["type"] for e in evs} == {"progress", "done"} and evs[-1]["nfe"] == 5
+
+
+def test_two_requests_at_once_get_their_own_results(client: TestClient) -> None:
+    a, b = sample(client, sampler="ddpm", steps=20, n=2, seed=1), sample(client, sampler="ddim", steps=4, n=3, seed=2)
+    ea, eb = events(client, a), events(client, b)
+    assert ea[-1]["n"] == 2 and ea[-1]["steps"] == 20 and eb[-1]["n"] == 3 and eb[-1]["steps"] == 4
+    assert len([e for e in ea if e["type"] == "frame"]) == 20
+
+
+def test_cancel_stops_the_thread(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddpm.ui.jobs as jobs
+
+    gate = threading.Event()
+    real = jobs.Job._hook
+
+    def slow(self, ev):  # hold the sampler at its second step until the test has cancelled
+        if ev.done == 2:
+            gate.wait(10)
+        return real(self, ev)
+
+    monkeypatch.setattr(jobs.Job, "_hook", slow)
+    job_id = sample(client, sampler="ddpm", steps=20, n=2)
+    assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 200
+    gate.set()
+    evs = events(client, job_id)
+    assert evs[-1]["type"] == "cancelled" and len([e for e in evs if e["type"] == "frame"]) < 20
+    job = client.app.state.jobs.get(job_id)
+    job.thread.join(5)
+    assert not job.thread.is_alive() and client.app.state.jobs.running() == 0
+    assert client.get(f"/api/jobs/{job_id}/files/grid.png").status_code == 400
+
+
+@pytest.mark.parametrize("params, status, message", [
+    ({"steps": 0}, 400, "steps"),
+    ({"steps": 21}, 400, "steps"),
+    ({"sampler": "euler"}, 400, "unknown sampler"),
+    ({"n": 0}, 400, "number of images"),
+    ({"n": 65}, 400, "number of images"),
+    ({"precision": "fp8"}, 400, "precision"),
+    ({"eta": 3.0}, 400, "eta"),
+    ({"seed": "x"}, 400, "seed"),
+    ({"bogus": 1}, 400, "unknown parameter"),
+    ({"run": "nope"}, 404, "no run"),
+    ({"run": "../tiny"}, 404, "no run"),
+    ({"run": "empty-run"}, 400, "no checkpoint"),
+])
+def test_bad_parameters_are_4xx_with_a_message(client: TestClient, params: dict, status: int, message: str) -> None:
+    r = client.post("/api/sample", json={"run": "tiny", "sampler": "ddim", "steps": 5, **params})
+    assert r.status_code == status and message in r.json()["error"], r.text
+    assert "Traceback" not in r.text
+
+
+def test_not_json_and_unknown_job(client: TestClient) -> None:
+    r = client.post("/api/sample", content=b"{not json")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    assert client.get("/api/jobs/nope/events").status_code == 404
+    assert client.get("/api/jobs/nope/files/grid.png").status_code == 404
+
+
+def test_paths_outside_the_runs_are_404(client: TestClient, runs_dir: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "config.json").write_text((runs_dir / "tiny" / "config.json").read_text())
+    (secret / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    os.symlink(secret, runs_dir / "link-out")  # a symlinked run folder pointing out of --runs
+    (runs_dir / "tiny" / "samples" / "step-99999999.png").symlink_to(Path(__file__))  # a file pointing out
+    try:
+        assert "link-out" not in [r["name"] for r in client.get("/api/runs").json()["runs"]]
+        for url in ("/api/runs/link-out/log", "/api/runs/..%2F..%2Fetc/log", "/api/runs/../../etc/log",
+                    f"/api/runs/{secret}/log", "/api/runs/%2Fetc/schedules", "/static/../app.py",
+                    "/static/%2e%2e/app.py", "/api/runs/not-a-run/log"):
+            r = client.get(url)
+            assert r.status_code == 404, (url, r.status_code, r.text)
+            assert "secret" not in r.text and "0.5" not in r.text
+        sample_png = client.get("/api/runs/tiny/sample.png")  # skips the symlink, serves the real one
+        assert sample_png.status_code == 200 and sample_png.content[:4] == b"\x89PNG"
+        assert client.get("/api/runs/tiny/log").json()["sample_step"] == 2
+    finally:
+        (runs_dir / "link-out").unlink()
+        (runs_dir / "tiny" / "samples" / "step-99999999.png").unlink()
+
+
+def test_forward_and_schedules(client: TestClient, image_dir: Path) -> None:
+    s = client.get("/api/runs/tiny/schedules").json()
+    assert s["T"] == 20 and s["schedule"] == "linear" and set(s["curves"]) == {"linear", "cosine", "quadratic", "sigmoid"}
+    ab = np.array(s["curves"]["linear"]["alpha_bar"])
+    betas = np.linspace(1e-4, 0.02, 20)  # DDPM's linear schedule, recomputed here
+    assert np.allclose(ab, np.cumprod(1 - betas), rtol=1e-6)
+    assert np.allclose(s["curves"]["linear"]["snr"], ab / (1 - ab), rtol=1e-6)
+    pics = [np.asarray(Image.open(io.BytesIO(client.get(f"/api/runs/tiny/forward.png?t={t}").content)))
+            for t in (0, 19)]
+    assert pics[0].shape == (12, 32)  # x0 | x_t | noise: three 8x8 tiles
+    x0, xt0, xt19 = pics[0][2:10, 2:10], pics[0][2:10, 12:20], pics[1][2:10, 12:20]
+    assert np.abs(x0.astype(int) - xt0).max() <= 8 < np.abs(x0.astype(int) - xt19).mean()  # t=0 barely noised
+    up = client.post("/api/upload", content=(image_dir / "img03.png").read_bytes()).json()["upload"]
+    assert client.get(f"/api/runs/tiny/forward.png?t=5&upload={up}").status_code == 200
+    for q, msg in (("t=20", "t must be"), ("t=-1", "t must be"), ("t=abc", "whole number")):
+        r = client.get(f"/api/runs/tiny/forward.png?{q}")
+        assert r.status_code == 400 and msg in r.json()["error"]
+    bad = client.post("/api/upload", content=b"not an image").json()["upload"]
+    r = client.get(f"/api/runs/tiny/forward.png?upload={bad}")
+    assert r.status_code == 400 and "cannot read image" in r.json()["error"]
+
+
+def test_training_log_polls_new_records(client: TestClient, runs_dir: Path) -> None:
+    first = client.get("/api/runs/tiny/log").json()
+    assert [r["step"] for r in first["records"]] == [1, 2]
+    assert client.get("/api/runs/tiny/log?after=1").json()["records"][0]["step"] == 2
+    log = runs_dir / "tiny" / "log.jsonl"
+    before = log.read_text()
+    try:
+        with log.open("a") as f:  # the run writes a new record, and half of the next one
+            f.write(json.dumps({"step": 3, "loss": 0.25}) + "\n" + '{"step": 4, "lo')
+        assert [r["step"] for r in client.get("/api/runs/tiny/log?after=2").json()["records"]] == [3]
+    finally:
+        log.write_text(before)
+    assert client.get("/api/runs/empty-run/log").json() == {"records": [], "sample_step": None}
+
+
+def test_models_are_loaded_once(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddpm.ui.runs as runs
+
+    loads = []
+    real = runs.load_model
+    monkeypatch.setattr(runs, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    for _ in range(3):
+        events(client, sample(client, sampler="ddim", steps=2, n=1))
+    assert len(loads) == 1
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["ui", str(tmp_path / "missing")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert main(["ui", "--runs", str(tmp_path), "--port", "70000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "--port" in err
+
+
+def test_the_page_fetches_nothing_from_elsewhere() -> None:
+    from ddpm.ui.app import STATIC
+
+    for f in STATIC.iterdir():
+        text = f.read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, f.name
+
+
+def test_frames_stream_while_it_samples(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddpm.ui.jobs as jobs
+
+    gate = threading.Event()
+    real = jobs.Job._hook
+    monkeypatch.setattr(jobs.Job, "_hook", lambda self, ev: (ev.done != 3 or gate.wait(10)) and real(self, ev))
+    job_id = sample(client, sampler="ddpm", steps=20, n=4)
+    job = client.app.state.jobs.get(job_id)
+    seen = []
+    with client.stream("GET", f"/api/jobs/{job_id}/events") as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:]))
+                if seen[-1].get("done") == 2:
+                    assert not job.finished  # step 2's frame reached the page while step 3 still runs
+                    gate.set()
+    assert [e["done"] for e in seen if e["type"] == "frame"] == list(range(1, 21))
