@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data browser demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,19 @@ data:
 	  || echo "note: could not install dataset-fashion-mnist; ddpm will look elsewhere"; \
 	else echo "note: not root or no apt-get; ddpm will look for Fashion-MNIST elsewhere"; fi
 
+# Debian's Chromium for the web page's browser tests (Playwright drives it; its own browser
+# download needs the internet), where this machine can install it (root and apt-get).
+browser:
+	@if command -v chromium >/dev/null; then echo "Chromium: $$(command -v chromium)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)) \
+	  || echo "note: could not install chromium; the browser tests will fail and say how to get it"; \
+	else echo "note: not root or no apt-get; install chromium for the browser tests (tests/test_ui_browser.py)"; fi
+
 demo: setup data
 	$(VENV)/bin/ddpm demo
 
-test: setup data
+test: setup data browser
 	$(PY) -m pytest -q
 
 clean:
