@@ -117,3 +117,119 @@ def test_eval_samples_against_a_folder(tmp_path: Path, capsys: pytest.CaptureFix
     assert "uint8" in capsys.readouterr().err
     assert main(["eval"]) == 2
     assert "exactly one" in capsys.readouterr().err
+
+
+# The hand-written flag table the command had before its flags came from the config dataclasses:
+# each of these must still parse to the same field.
+OLD_TRAIN_FLAGS: dict[str, tuple[str, str, list[str], object]] = {  # flag -> (section, field, argv, value)
+    "dim": ("model", "dim", ["40"], 40), "dim-mults": ("model", "dim_mults", ["1,2"], (1, 2)),
+    "use-convnext": ("model", "use_convnext", [], True), "no-use-convnext": ("model", "use_convnext", [], False),
+    "learn-sigma": ("model", "learn_sigma", [], True), "grad-checkpoint": ("model", "grad_checkpoint", [], True),
+    "timesteps": ("diffusion", "timesteps", ["300"], 300), "schedule": ("diffusion", "schedule", ["cosine"], "cosine"),
+    "loss": ("diffusion", "loss", ["l1"], "l1"), "objective": ("diffusion", "objective", ["v"], "v"),
+    "loss-weighting": ("diffusion", "loss_weighting", ["min_snr"], "min_snr"),
+    "min-snr-gamma": ("diffusion", "min_snr_gamma", ["3.5"], 3.5),
+    "offset-noise": ("diffusion", "offset_noise", ["0.1"], 0.1),
+    "vlb-weight": ("diffusion", "vlb_weight", ["0.01"], 0.01),
+    "dataset": ("data", "source", ["some/folder"], "some/folder"),
+    "image-size": ("data", "image_size", ["32"], 32), "data": ("data", "data_dir", ["idx"], "idx"),
+    "batch-size": ("train", "batch_size", ["16"], 16), "lr": ("train", "lr", ["3e-4"], 3e-4),
+    "lr-schedule": ("train", "lr_schedule", ["cosine"], "cosine"),
+    "warmup-steps": ("train", "warmup_steps", ["7"], 7), "epochs": ("train", "epochs", ["2.5"], 2.5),
+    "max-steps": ("train", "max_steps", ["11"], 11), "minutes": ("train", "minutes", ["1.5"], 1.5),
+    "ema-decay": ("train", "ema_decay", ["0.9"], 0.9), "max-grad-norm": ("train", "max_grad_norm", ["1"], 1.0),
+    "sample-every": ("train", "sample_every", ["9"], 9), "checkpoint-every": ("train", "checkpoint_every", ["13"], 13),
+    "keep": ("train", "keep", ["3"], 3), "log-every": ("train", "log_every", ["5"], 5),
+    "seed": ("train", "seed", ["42"], 42), "compile": ("train", "compile", [], True),
+    "no-channels-last": ("train", "channels_last", [], False), "precision": ("train", "precision", ["bf16"], "bf16"),
+    "no-tf32": ("train", "tf32", [], False),
+}
+BUDGET = ("epochs", "max_steps", "minutes")
+
+
+def _parse_train(*flags: str) -> RunConfig:
+    from ddpm.cli import build_config, build_parser
+
+    args = build_parser().parse_args(["train", "--preset", "seed", *flags])
+    args.run_dir = None
+    return build_config(args)
+
+
+def _with(cfg: RunConfig, section: str, **changes: object) -> RunConfig:
+    from dataclasses import replace
+
+    if any(k in BUDGET for k in changes):  # a budget flag replaces the preset's whole budget
+        changes = {**{b: None for b in BUDGET}, **changes}
+    return replace(cfg, **{section: replace(getattr(cfg, section), **changes)})
+
+
+@pytest.mark.parametrize("flag", OLD_TRAIN_FLAGS)
+def test_old_train_flags_parse_to_the_same_field(flag: str) -> None:
+    from ddpm.config import preset
+
+    section, name, argv, value = OLD_TRAIN_FLAGS[flag]
+    got = _parse_train(f"--{flag}", *argv)
+    assert got == _with(preset("seed"), section, **{name: value})
+    assert type(getattr(getattr(got, section), name)) is type(value)
+
+
+def test_channels_sets_data_and_model() -> None:
+    cfg = _parse_train("--channels", "3")
+    assert cfg.data.channels == 3 and cfg.model.channels == 3
+    cfg = _parse_train("--channels", "3", "--model-channels", "1")  # a field's own flag wins
+    assert cfg.data.channels == 3 and cfg.model.channels == 1
+
+
+def _other_value(tp: object, default: object) -> tuple[list[str], object]:
+    """Flag arguments that set a field of type ``tp`` to something other than ``default``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if default is not None:
+            return ["none"], None
+        return _other_value([a for a in typing.get_args(tp) if a is not type(None)][0], None)
+    if origin is typing.Literal:
+        v = next(c for c in typing.get_args(tp) if c != default)
+        return [v], v
+    if origin is tuple:
+        v = (3, 5) if typing.get_args(tp)[0] is int else ("a", "b")
+        return [",".join(map(str, v))], v
+    if tp is bool:
+        return [], not default
+    return {int: (["7"], 7), float: (["0.25"], 0.25), str: (["elsewhere"], "elsewhere")}[tp]
+
+
+def test_every_config_field_has_a_flag_with_help() -> None:
+    """One flag per field of the four run sections: it sets exactly that field, typed."""
+    import dataclasses
+    import typing
+
+    from ddpm.config import preset
+    from ddpm.flags import SECTIONS, flag_names
+
+    names = flag_names()
+    base = preset("seed")
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{section}.{f.name} has no help"
+            default = getattr(getattr(base, section), f.name)
+            argv, value = _other_value(hints[f.name], default)
+            flag = names[f"{section}.{f.name}"]
+            if hints[f.name] is bool:
+                flag = flag if value else "no-" + flag
+            got = _parse_train(f"--{flag}", *argv)
+            assert got == _with(base, section, **{f.name: value}), flag
+    assert set(SECTIONS) == {f.name for f in dataclasses.fields(RunConfig)} - {"preset"}
+
+
+def test_bad_flag_values_are_one_line(capsys: pytest.CaptureFixture) -> None:
+    """A Literal field's flag shows its names, and a wrong name is the config's one-line error."""
+    from ddpm.cli import build_parser
+
+    assert "{linear,cosine,quadratic,sigmoid}" in build_parser()._subparsers._group_actions[0].choices[
+        "train"].format_help()
+    assert main(["train", "--preset", "seed", "--objective", "q", "--max-steps", "1"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: unknown objective 'q'; choose one of: eps, x0, v")

@@ -11,25 +11,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import DdpmError
 
-# flag dest -> (config section, field)
-TRAIN_FLAGS: dict[str, tuple[str, str]] = {
-    "dim": ("model", "dim"), "dim_mults": ("model", "dim_mults"), "use_convnext": ("model", "use_convnext"),
-    "learn_sigma": ("model", "learn_sigma"), "grad_checkpoint": ("model", "grad_checkpoint"),
-    "timesteps": ("diffusion", "timesteps"), "schedule": ("diffusion", "schedule"),
-    "loss": ("diffusion", "loss"), "objective": ("diffusion", "objective"),
-    "loss_weighting": ("diffusion", "loss_weighting"), "min_snr_gamma": ("diffusion", "min_snr_gamma"),
-    "offset_noise": ("diffusion", "offset_noise"), "vlb_weight": ("diffusion", "vlb_weight"),
-    "dataset": ("data", "source"), "image_size": ("data", "image_size"), "channels": ("data", "channels"),
-    "data": ("data", "data_dir"),
-    "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "lr_schedule": ("train", "lr_schedule"),
-    "warmup_steps": ("train", "warmup_steps"), "epochs": ("train", "epochs"), "max_steps": ("train", "max_steps"),
-    "minutes": ("train", "minutes"), "ema_decay": ("train", "ema_decay"), "max_grad_norm": ("train", "max_grad_norm"),
-    "sample_every": ("train", "sample_every"), "checkpoint_every": ("train", "checkpoint_every"),
-    "keep": ("train", "keep"), "log_every": ("train", "log_every"), "seed": ("train", "seed"),
-    "compile": ("train", "compile"), "channels_last": ("train", "channels_last"),
-    "precision": ("train", "precision"), "tf32": ("train", "tf32"),
-}
-BUDGET = ("epochs", "max_steps", "minutes")
+BUDGET = ("epochs", "max_steps", "minutes")  # a budget flag replaces the preset's budget
 
 
 def _csv_ints(s: str) -> tuple[int, ...]:
@@ -40,50 +22,16 @@ def _csv_ints(s: str) -> tuple[int, ...]:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and diffusion")
-    g.add_argument("--dim", type=int)
-    g.add_argument("--dim-mults", type=_csv_ints, help="e.g. 1,2,4")
-    g.add_argument("--use-convnext", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
-                   help="learn the reverse variances (improved DDPM hybrid loss)")
-    g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--timesteps", type=int, help="T, the number of diffusion steps")
-    g.add_argument("--schedule", help="linear | cosine | quadratic | sigmoid")
-    g.add_argument("--loss", help="l1 | l2 | huber")
-    g.add_argument("--objective", help="eps | x0 | v")
-    g.add_argument("--loss-weighting", help="uniform | min_snr")
-    g.add_argument("--min-snr-gamma", type=float)
-    g.add_argument("--offset-noise", type=float)
-    g.add_argument("--vlb-weight", type=float)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="fashion-mnist (default) or a folder of PNG/JPEG images")
-    g.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
-    g.add_argument("--image-size", type=int)
-    g.add_argument("--channels", type=int)
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--lr-schedule", help="constant | cosine")
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--minutes", type=float)
-    g.add_argument("--ema-decay", type=float, help="0 turns EMA off")
-    g.add_argument("--max-grad-norm", type=float)
-    g.add_argument("--sample-every", type=int, help="steps between sample grids (0: never)")
-    g.add_argument("--checkpoint-every", type=int)
-    g.add_argument("--keep", type=int, help="checkpoints kept")
-    g.add_argument("--log-every", type=int)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--precision", help="fp32 (exact) | bf16 (autocast, 1.4-1.6x where native) | fp16 (CUDA) | auto")
-    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None, help="CUDA: TF32 in fp32 math")
+    """One flag per config field (ddpm.flags), plus the flags that derive fields."""
+    from .flags import add_config_flags
+
+    add_config_flags(p)
 
 
 def build_config(args: argparse.Namespace) -> Any:
     """Preset or --config file (or the run's own config on --resume), then the flags on top."""
     from .config import RunConfig, override, preset
+    from .flags import config_changes
 
     run_cfg = Path(args.run_dir) / "config.json" if args.run_dir else None
     if args.config:
@@ -92,15 +40,9 @@ def build_config(args: argparse.Namespace) -> Any:
         cfg = RunConfig.load(run_cfg)
     else:
         cfg = preset(args.preset or "seed")
-    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k, None) is not None}
-    if any(k in given for k in BUDGET):  # a budget flag replaces the preset's budget
-        given = {**{k: None for k in BUDGET}, **given}
-    sections: dict[str, dict[str, Any]] = {}
-    for k, v in given.items():
-        sec, fld = TRAIN_FLAGS[k]
-        sections.setdefault(sec, {})[fld] = v
-    if "channels" in given:
-        sections.setdefault("model", {})["channels"] = given["channels"]
+    sections = config_changes(args)
+    if any(k in sections.get("train", {}) for k in BUDGET):
+        sections["train"] = {**{k: None for k in BUDGET}, **sections["train"]}
     new = {sec: override(getattr(cfg, sec), **fl) for sec, fl in sections.items()}
     return replace(cfg, **new)
 

@@ -23,78 +23,83 @@ LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # see ddpm.precision
 
 
+def _f(default: Any, help: str) -> Any:
+    """A field with its one-line description, kept beside it (the command's --help reads it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The U-Net: every constructor option of the seed's ``Unet``, plus a few of our own."""
 
-    dim: int = 28
-    init_dim: int | None = None  # seed default: dim // 3 * 2
-    out_dim: int | None = None  # seed default: channels (doubled when learn_sigma)
-    dim_mults: tuple[int, ...] = (1, 2, 4)
-    channels: int = 1
-    with_time_emb: bool = True
-    resnet_block_groups: int = 8
-    use_convnext: bool = True
-    convnext_mult: int = 2
-    resnet_scale_shift: bool = False  # time embedding as FiLM scale/shift in ResNet blocks
-    attn_heads: int = 4
-    attn_dim_head: int = 32
-    linear_attn: bool = True  # linear attention at every resolution, as the seed
-    learn_sigma: bool = False  # improved DDPM: also output the variance interpolation v
-    grad_checkpoint: bool = False  # recompute block activations in backward to save memory
+    dim: int = _f(28, "base channel width of the U-Net")
+    init_dim: int | None = _f(None, "width of the first convolution (default, as the seed: dim // 3 * 2)")
+    out_dim: int | None = _f(None, "output channels (default: channels, doubled with learn-sigma)")
+    dim_mults: tuple[int, ...] = _f((1, 2, 4), "width multiplier per resolution, e.g. 1,2,4")
+    channels: int = _f(1, "image channels the network sees and outputs")
+    with_time_emb: bool = _f(True, "condition the network on t (sinusoidal embedding and MLP)")
+    resnet_block_groups: int = _f(8, "GroupNorm groups in ResNet blocks")
+    use_convnext: bool = _f(True, "ConvNeXt blocks (the seed's default) instead of ResNet blocks")
+    convnext_mult: int = _f(2, "ConvNeXt block expansion factor")
+    resnet_scale_shift: bool = _f(False, "time embedding as FiLM scale/shift in ResNet blocks")
+    attn_heads: int = _f(4, "attention heads")
+    attn_dim_head: int = _f(32, "channels per attention head")
+    linear_attn: bool = _f(True, "linear attention at every resolution, as the seed")
+    learn_sigma: bool = _f(False, "learn the reverse variances (improved DDPM hybrid loss)")
+    grad_checkpoint: bool = _f(False, "recompute block activations in backward to save memory")
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
     """The forward process and the training objective."""
 
-    timesteps: int = 200
-    schedule: ScheduleName = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    loss: LossType = "huber"
-    objective: Objective = "eps"
-    loss_weighting: LossWeighting = "uniform"
-    min_snr_gamma: float = 5.0
-    offset_noise: float = 0.0
-    vlb_weight: float = 1e-3  # lambda of the hybrid loss, used when model.learn_sigma
+    timesteps: int = _f(200, "T, the number of diffusion steps")
+    schedule: ScheduleName = _f("linear", "the beta schedule")
+    beta_start: float = _f(1e-4, "beta_1 of the linear, quadratic and sigmoid schedules")
+    beta_end: float = _f(0.02, "beta_T of the linear, quadratic and sigmoid schedules")
+    loss: LossType = _f("huber", "the distance between the target and the prediction")
+    objective: Objective = _f("eps", "what the network predicts: the noise, x0 or v")
+    loss_weighting: LossWeighting = _f("uniform", "weight per t of the loss (min_snr: Hang et al. 2023)")
+    min_snr_gamma: float = _f(5.0, "gamma of min-SNR weighting")
+    offset_noise: float = _f(0.0, "scale of per-channel offset noise added to eps")
+    vlb_weight: float = _f(1e-3, "lambda of the hybrid loss, used with learn-sigma")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how they are shaped."""
 
-    source: str = "fashion-mnist"  # or a folder of PNG/JPEG images
-    image_size: int = 28
-    channels: int = 1
-    flip: bool = True
-    data_dir: str | None = None  # folder holding the Fashion-MNIST IDX files
+    source: str = _f("fashion-mnist", "fashion-mnist or a folder of PNG/JPEG images")
+    image_size: int = _f(28, "images are resized to this many pixels a side")
+    channels: int = _f(1, "image channels (1: grey, 3: RGB)")
+    flip: bool = _f(True, "random horizontal flips")
+    data_dir: str | None = _f(None, "folder holding the Fashion-MNIST IDX files")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimisation loop and its budget (the first of epochs/max_steps/minutes to run out)."""
 
-    batch_size: int = 128
-    lr: float = 1e-3
-    lr_schedule: LrSchedule = "constant"
-    warmup_steps: int = 0
-    epochs: float | None = 6
-    max_steps: int | None = None
-    minutes: float | None = None
-    ema_decay: float = 0.999
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)), so short runs work
-    max_grad_norm: float | None = None
-    sample_every: int = 1000
-    sample_n: int = 64
-    checkpoint_every: int = 1000
-    keep: int = 2
-    log_every: int = 50
-    seed: int = 0
-    channels_last: bool = True
-    compile: bool = False
-    precision: Precision = "fp32"  # fp32 runs the network exactly; bf16 autocast is 1.4-1.6x faster where native
-    tf32: bool = True  # CUDA only: TF32 matrix products and convolutions in fp32
+    batch_size: int = _f(128, "images per optimiser step")
+    lr: float = _f(1e-3, "Adam's learning rate")
+    lr_schedule: LrSchedule = _f("constant", "learning rate after warm-up")
+    warmup_steps: int = _f(0, "steps of linear learning-rate warm-up")
+    epochs: float | None = _f(6, "budget in passes over the data")
+    max_steps: int | None = _f(None, "budget in optimiser steps")
+    minutes: float | None = _f(None, "budget in wall-clock minutes")
+    ema_decay: float = _f(0.999, "decay of the weights' moving average (0 turns EMA off)")
+    ema_warmup: bool = _f(True, "EMA decay min(ema-decay, (1 + step) / (10 + step)), so short runs work")
+    max_grad_norm: float | None = _f(None, "clip the gradient norm to this")
+    sample_every: int = _f(1000, "steps between sample grids (0: never)")
+    sample_n: int = _f(64, "images in each sample grid")
+    checkpoint_every: int = _f(1000, "steps between checkpoints")
+    keep: int = _f(2, "checkpoints kept")
+    log_every: int = _f(50, "steps between log lines")
+    seed: int = _f(0, "seed of the initial weights, the batches and the noise")
+    channels_last: bool = _f(True, "channels-last memory layout (1.2x faster convolutions on CPU)")
+    compile: bool = _f(False, "torch.compile the network")
+    precision: Precision = _f("fp32", "fp32 (exact) | bf16 (autocast, 1.4-1.6x where native) | fp16 (CUDA) | auto")
+    tf32: bool = _f(True, "CUDA: TF32 matrix products and convolutions in fp32")
 
 
 Clip = Literal["none", "clip", "dynamic"]  # x0 clipping while sampling (see core.diffusion.interpret)
@@ -106,17 +111,17 @@ SpacingName = Literal["uniform", "quadratic", "trailing"]  # see core.schedules.
 class SampleConfig:
     """How to draw samples: which sampler, how many steps, how many images."""
 
-    sampler: str = "ddpm"  # a name in ddpm.samplers.SAMPLERS
-    steps: int | None = None  # None: the sampler's default (all T for ddpm)
-    spacing: SpacingName = "uniform"
-    eta: float = 0.0
-    variance: Variance = "beta_tilde"
-    clip: Clip = "clip"
-    n: int = 64
-    batch_size: int = 256
-    seed: int = 0
-    use_ema: bool = True
-    precision: Precision = "fp32"  # bf16: the network under autocast, 1.4-1.6x faster where native
+    sampler: str = _f("ddpm", "the sampler (ddpm.samplers.SAMPLERS)")
+    steps: int | None = _f(None, "sampling steps (default: the sampler's own)")
+    spacing: SpacingName = _f("uniform", "which of the T training steps the sampler visits")
+    eta: float = _f(0.0, "DDIM noise, 0 (deterministic) to 1")
+    variance: Variance = _f("beta_tilde", "ddpm: the reverse step's variance")
+    clip: Clip = _f("clip", "x0 clipping")
+    n: int = _f(64, "images to draw")
+    batch_size: int = _f(256, "images per batch")
+    seed: int = _f(0, "seed of the noise")
+    use_ema: bool = _f(True, "the EMA weights (else the raw weights)")
+    precision: Precision = _f("fp32", "fp32 | bf16 (autocast, 1.4-1.6x where native) | fp16 (CUDA) | auto")
 
 
 def check_sample_config(cfg: SampleConfig) -> None:
