@@ -284,7 +284,7 @@ def serve(runs: list[str], runs_dir: str | None, host: str = "127.0.0.1", port: 
     where = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else "other machines too"
     print(f"ddpm ui: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/  (bound to {host}: {where}; "
           f"runs: {names}; Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
 
 
 def _check_port(host: str, port: int) -> None:

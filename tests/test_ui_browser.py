@@ -1,0 +1,138 @@
+"""`ddpm ui` end to end in a real headless Chromium (Debian's, driven by Playwright).
+
+Where Chromium or Playwright cannot be had these tests FAIL, saying how to install them:
+CI must run them, never skip them silently.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from ddpm.cli import main
+from ddpm.ui.browser import BrowserMissing, chromium, ui_server
+from helpers import tiny_config, write_config
+
+T = 300  # diffusion steps of the tiny run: the ancestral sampler's 300 steps take long enough to cancel
+SCREENSHOT = os.environ.get("DDPM_UI_SCREENSHOT")  # where to keep the sample panel's picture
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("uiruns")
+    cfg = tiny_config(image_dir, max_steps=2, sample_every=2)
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, timesteps=T))
+    assert main(["train", "--config", str(write_config(root.parent / "cfg.json", cfg)),
+                 "--out", str(root / "tiny"), "--no-progress", "--no-tensorboard"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def page(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    try:
+        browser = chromium(tmp_path_factory.mktemp("profile"))
+        ctx = browser.__enter__()
+    except BrowserMissing as e:
+        pytest.fail(f"the browser tests need a browser: {e}", pytrace=False)
+    try:
+        with ui_server([str(run_dir / "tiny")], run_dir) as url:
+            pg = ctx.new_page()
+            pg.set_default_timeout(20_000)
+            pg.errors = []  # console errors and uncaught exceptions, checked at the end
+            pg.on("console", lambda m: m.type == "error" and pg.errors.append(f"{m.text} ({m.location})"))
+            pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+            pg.goto(url)
+            pg.wait_for_function("document.querySelector('#run').options.length > 0")
+            yield pg
+    finally:
+        browser.__exit__(None, None, None)
+
+
+def shown_images(pg: Any, panel: str) -> list[dict[str, Any]]:
+    return pg.eval_on_selector_all(f"{panel} img", """imgs => imgs.filter(i => i.offsetParent !== null)
+        .map(i => ({id: i.id, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}))""")
+
+
+def set_form(pg: Any, form: str, **values: Any) -> None:
+    for k, v in values.items():
+        sel = f"{form} [name={k}]"
+        if pg.eval_on_selector(sel, "e => e.tagName") == "SELECT":
+            pg.select_option(sel, str(v))
+        else:
+            pg.fill(sel, str(v))
+
+
+def test_sample_stream_scrub_cancel_forward(page: Any, tmp_path: Path) -> None:
+    pg = page
+    set_form(pg, "#sample-form", sampler="ddim", steps=20, n=9, seed=1)
+    pg.click("#sample-go")
+    pg.wait_for_function("window.ddpmTimings.done !== undefined")
+    assert pg.evaluate("state.frames.length") == 20
+    assert "20 network evaluations" in pg.inner_text("#sample-status")
+    imgs = shown_images(pg, "#panel-sample")
+    assert {i["id"] for i in imgs} == {"img-xt", "img-x0"}
+    for i in imgs:  # 9 images of 8x8: 3 per row, 2 px padding -> 32 x 32, decoded
+        assert i["complete"] and (i["w"], i["h"]) == (32, 32), i
+    assert pg.is_visible("#downloads")
+    grid = pg.request.get(pg.eval_on_selector("#dl-grid", "a => a.href"))
+    assert grid.ok and grid.body()[:4] == b"\x89PNG"
+    pg.locator("#panel-sample").screenshot(path=SCREENSHOT or str(tmp_path / "ui-sample.png"))
+
+    last = pg.locator("#img-xt").screenshot()
+    pg.fill("#scrub", "0")  # back to the first step: noisier
+    pg.wait_for_function("document.querySelector('#scrub-label').textContent.startsWith('step 1 of')")
+    pg.wait_for_function("document.querySelector('#img-xt').complete")
+    assert pg.locator("#img-xt").screenshot() != last
+    assert all(i["complete"] and i["w"] == 32 for i in shown_images(pg, "#panel-sample"))
+
+    # a second sample, cancelled mid-way: the page says so and keeps what it had
+    set_form(pg, "#sample-form", sampler="ddpm", steps=T, n=4)
+    pg.click("#sample-go")
+    pg.wait_for_function("state.frames.length >= 3")
+    pg.click("#sample-cancel")
+    pg.wait_for_function("document.querySelector('#sample-status').textContent.startsWith('cancelled')")
+    assert 3 <= pg.evaluate("state.frames.length") < T
+    assert pg.is_enabled("#sample-go") and pg.is_hidden("#error")
+
+    # the forward process: the slider moves t, the picture and the curves follow
+    pg.click("nav button[data-tab=forward]")
+    pg.wait_for_function("document.querySelector('#fwd-img').naturalWidth > 0")
+    assert pg.evaluate("document.querySelector('#fwd-img').naturalWidth") == 32  # x0 | x_t | noise
+    before = pg.locator("#fwd-img").screenshot()
+    pg.fill("#fwd-t", str(T - 1))
+    pg.wait_for_function(f"document.querySelector('#fwd-readout').textContent.startsWith('t = {T - 1}')")
+    pg.wait_for_timeout(300)
+    assert pg.locator("#fwd-img").screenshot() != before
+    assert pg.evaluate("""(() => { const c = document.querySelector('#chart-snr'), d = c.getContext('2d')
+        .getImageData(0, 0, c.width, c.height).data; let ink = 0;
+        for (let i = 0; i < d.length; i += 4) ink += d[i + 3] > 0; return ink; })()""") > 1000
+    assert pg.errors == [], pg.errors
+
+
+def test_compare_training_and_errors(page: Any) -> None:
+    pg = page
+    pg.click("nav button[data-tab=compare]")
+    set_form(pg, "#compare-form", n=4)
+    pg.click("#compare-go")
+    pg.wait_for_function("document.querySelectorAll('#compare-out .col p').length == 2 && "
+                         "[...document.querySelectorAll('#compare-out .col p')].every(p => p.textContent.includes('NFE'))")
+    texts = pg.eval_on_selector_all("#compare-out .col p", "ps => ps.map(p => p.textContent)")
+    assert texts[0].startswith("NFE 20 ") and texts[1].startswith("NFE 10 "), texts
+    assert all(i["w"] == 22 for i in shown_images(pg, "#panel-compare"))  # 4 images: 2 x 2 tiles
+
+    pg.click("nav button[data-tab=training]")
+    pg.wait_for_function("document.querySelector('#train-status').textContent.startsWith('step 2')")
+    pg.wait_for_function("document.querySelector('#train-sample').naturalWidth > 0")
+    assert pg.errors == [], pg.errors
+
+    # a bad parameter: a message on the page, no traceback (the 400 itself is logged by Chromium)
+    pg.click("nav button[data-tab=sample]")
+    set_form(pg, "#sample-form", steps=0)
+    pg.click("#sample-go")
+    pg.wait_for_selector("#error:not([hidden])")
+    msg = pg.inner_text("#error")
+    assert "steps" in msg and "Traceback" not in msg
+    assert all("400" in e for e in pg.errors), pg.errors
