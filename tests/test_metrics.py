@@ -128,13 +128,16 @@ def test_precision_recall_far_fake_cluster():
 
 
 def test_precision_recall_half_covered():
-    # Real: a unit-spaced grid (3-NN radius 1). Fake: half its points on the grid, half far away.
+    # Real: the unit grid 6 x 6 (1-NN radius 1 each). Fake: every other point of it in both
+    # directions (a 3 x 3 grid of spacing 2, 1-NN radius 2) and as many points 1000 away.
+    # Half the fakes sit on real points (precision 1/2); every real point is within sqrt(2) < 2
+    # of an on-grid fake (recall exactly 1). No distance lies on a ball's edge.
     real = grid(6)
-    fake = torch.cat([real[::2], real[1::2] + 1000.0])
-    precision, recall = precision_recall(real, fake, k=1)
-    assert precision == 0.5
-    # Every real point on the fake half is covered (distance 0); the rest sit near a ball's edge.
-    assert 0.5 <= recall <= 1.0
+    on = real.view(6, 6, 2)[::2, ::2].reshape(-1, 2)
+    fake = torch.cat([on, on + 1000.0])
+    assert precision_recall(real, fake, k=1) == (0.5, 1.0)
+    # Swapped roles: all 36 grid points fall inside the spacing-2 balls; of the 18, half are covered.
+    assert precision_recall(fake, real, k=1) == (1.0, 0.5)
 
 
 def test_precision_recall_chunking_matches(monkeypatch):

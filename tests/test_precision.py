@@ -60,10 +60,13 @@ def test_bf16_training_resumes_bit_identically(tmp_path: Path, image_dir: Path) 
     train(half, tmp_path / "split", device="cpu", progress=False, tensorboard=False)
     rest = train(cfg, tmp_path / "split", resume=True, device="cpu", progress=False, tensorboard=False)
     assert whole.step == rest.step == 4
-    a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "split")
+    fp32 = replace(cfg, train=override(cfg.train, precision="fp32"))
+    train(fp32, tmp_path / "fp32", device="cpu", progress=False, tensorboard=False)
+    a, b, c = (load_checkpoint(tmp_path / name) for name in ("whole", "split", "fp32"))
     for k in a.model:
         assert a.model[k].dtype == torch.float32, k  # autocast: the weights stay fp32
         assert torch.equal(a.model[k], b.model[k]), k
+    assert any(not torch.equal(a.model[k], c.model[k]) for k in a.model)  # and bf16 really ran
 
 
 def test_bf16_sampling(tmp_path: Path, image_dir: Path) -> None:
@@ -74,7 +77,8 @@ def test_bf16_sampling(tmp_path: Path, image_dir: Path) -> None:
     exact = generate(m, sc).images.float()
     fast = generate(m, replace(sc, precision="bf16")).images.float()
     assert fast.shape == exact.shape
-    assert (fast - exact).abs().mean() < 8  # of 255: the same images up to bf16 rounding
+    assert not torch.equal(fast, exact)  # the network did run in bf16 ...
+    assert (fast - exact).abs().mean() < 8  # ... of 255: the same images up to bf16 rounding
 
 
 def test_fp16_on_cpu_is_one_line_and_writes_nothing(tmp_path: Path, image_dir: Path,
@@ -84,15 +88,25 @@ def test_fp16_on_cpu_is_one_line_and_writes_nothing(tmp_path: Path, image_dir: P
     rc = cli.main(["train", "--config", str(conf), "--out", str(tmp_path / "run"), "--precision", "fp16",
                    "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc != 0 and err.strip() == "error: --precision fp16 needs a CUDA device (on a CPU use bf16)"
+    assert rc == 2 and err == "error: --precision fp16 needs a CUDA device (on a CPU use bf16)\n"
     assert not (tmp_path / "run").exists()
     rc = cli.main(["train", "--config", str(conf), "--out", str(tmp_path / "run"), "--precision", "half"])
-    assert rc != 0 and "half" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "'half'" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cuda_switches_are_harmless_without_cuda() -> None:
-    fast_cuda_math(True)  # nothing to switch on a CPU-only build; must not raise
+    """Without CUDA the switch changes none of the process's backend settings."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,  # noqa: E731
+                     torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
+    before = flags()
+    fast_cuda_math(True)
+    assert flags() == before
     fast_cuda_math(False)
+    assert flags() == before
 
 
 def test_eval_records_the_arithmetic(tmp_path: Path, image_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -108,3 +122,4 @@ def test_eval_records_the_arithmetic(tmp_path: Path, image_dir: Path, capsys: py
     fast = json.loads((tmp_path / "eval-ddim-2-bf16.json").read_text())
     assert (exact["arithmetic"], fast["arithmetic"]) == ("fp32", "bf16")
     assert exact["n_samples"] == fast["n_samples"] == 24
+    assert exact["fd"] != fast["fd"]  # bf16 sampling really drew (slightly) different images
