@@ -5,23 +5,23 @@ Shapes: x is (B, C, H, W); t is a (B,) long tensor of indices into the schedule.
 """
 from __future__ import annotations
 
+import copy
 import math
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ..config import DiffusionConfig
+from ..config import CLIPS, Clip, DiffusionConfig
 from .schedules import NoiseSchedule
 
-Clip = Literal["none", "clip", "dynamic"]
-CLIPS: tuple[str, ...] = ("none", "clip", "dynamic")
-Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Network = Callable[..., torch.Tensor]  # (x_t, t[, cond]) -> output; cond (B,) long class labels
 
 
-def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """a[t] shaped (B, 1, ..., 1) to broadcast over x; stays on t's device (no host sync)."""
-    return a[t].reshape(-1, *([1] * (ndim - 1)))
+def extract(a: torch.Tensor, t: torch.Tensor, ndim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """a[t] shaped (B, 1, ..., 1) to broadcast over x, cast to x's arithmetic ``dtype`` (the
+    schedule is float64; x is float32 on every hot path); stays on t's device (no host sync)."""
+    return a[t].to(dtype).reshape(-1, *([1] * (ndim - 1)))
 
 
 def q_sample(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -100,18 +100,62 @@ class Denoiser:
     """The network plus the conversions: ``denoiser(x_t, t) -> Prediction``.
 
     ``t`` indexes ``schedule``; the network sees ``schedule.timesteps[t]``, the step it was
-    trained on.
+    trained on. The condition lives here, so every sampler takes it without a change: build
+    one with :meth:`conditioned` (class labels ``cond`` (B,) long, ``guidance`` w, an optional
+    noise range). ``cond=None`` is unconditional (a conditional net then sees its null class).
+
+    Classifier-free guidance (Ho & Salimans 2022, Eq. 6, with their w):
+    ``out = out_c + w (out_c - out_u)``, so w = 0 is the plain conditional model and
+    diffusers' ``guidance_scale`` is w + 1. It is applied to the raw output before
+    :func:`interpret`: eps, x0 and v are affine in each other at fixed x_t, so guiding any of
+    them guides eps the same way, and clipping acts on the guided x0. With learned variances
+    the mean channels are guided and the conditional variance is kept. Conditional and null
+    predictions come from one batched forward pass; w = 0 skips the null pass entirely.
     """
 
     def __init__(self, net: Network, schedule: NoiseSchedule, *, objective: str = "eps",
-                 learn_sigma: bool = False, clip: str = "none"):
+                 learn_sigma: bool = False, clip: str = "none", num_classes: int = 0):
         self.net, self.schedule = net, schedule
         self.objective, self.learn_sigma, self.clip = objective, learn_sigma, clip
+        self.num_classes = num_classes  # the null class's index (0: an unconditional net)
+        self.cond: torch.Tensor | None = None
+        self.guidance = 0.0
+        self.guide_mask: torch.Tensor | None = None  # (T,) bool: guide at these t (None: all)
+
+    def conditioned(self, cond: torch.Tensor | None, guidance: float = 0.0,
+                    interval: tuple[float, float] | None = None) -> Denoiser:
+        """A copy that draws classes ``cond`` (B,) with guidance w, guided only where the noise
+        level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in ``interval`` = [lo, hi]
+        (Kynkaanniemi et al. 2024; EDM's sigma units)."""
+        d = copy.copy(self)
+        d.cond, d.guidance, d.guide_mask = cond, float(guidance), None
+        if interval is not None:
+            ab = self.schedule.alpha_bar
+            sigma = ((1 - ab) / ab).sqrt()
+            d.guide_mask = (sigma >= interval[0]) & (sigma <= interval[1])
+        return d
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
-        out = self.net(x_t, self.schedule.timesteps[t])
+        step = self.schedule.timesteps[t]
+        if self.cond is None:
+            out = self.net(x_t, step)
+        elif self.guidance == 0 or (self.guide_mask is not None and not bool(self.guide_mask[t].any())):
+            out = self.net(x_t, step, self.cond)
+        else:
+            out = self._guided(x_t, t, step)
         return interpret(self.schedule, out.float(), x_t, t, objective=self.objective,
                          learn_sigma=self.learn_sigma, clip=self.clip)
+
+    def _guided(self, x_t: torch.Tensor, t: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """Ho & Salimans Eq. 6 on the raw output, both passes in one batch of 2B."""
+        null = torch.full_like(self.cond, self.num_classes)
+        both = self.net(torch.cat([x_t, x_t]), torch.cat([step, step]), torch.cat([self.cond, null]))
+        out_c, out_u = both.float().chunk(2)
+        c = out_c.shape[1] // 2 if self.learn_sigma else out_c.shape[1]  # guide the mean only
+        mean = out_c[:, :c] + self.guidance * (out_c[:, :c] - out_u[:, :c])
+        if self.guide_mask is not None:  # outside the interval: the plain conditional output
+            mean = torch.where(extract(self.guide_mask, t, x_t.ndim, torch.bool), mean, out_c[:, :c])
+        return torch.cat([mean, out_c[:, c:]], dim=1) if self.learn_sigma else mean
 
 
 class Posterior(NamedTuple):
@@ -165,9 +209,9 @@ def _elementwise(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.T
 
 
 def snr(s: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at t."""
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at t (computed in float64, float32 out)."""
     ab = s.alpha_bar[t]
-    return ab / (1 - ab)
+    return (ab / (1 - ab)).float()
 
 
 def loss_weight(cfg: DiffusionConfig, s: NoiseSchedule, t: torch.Tensor) -> torch.Tensor | None:
@@ -194,11 +238,13 @@ def sample_noise(x0: torch.Tensor, offset: float, generator: torch.Generator | N
 
 
 def training_losses(net: Network, s: NoiseSchedule, cfg: DiffusionConfig, x0: torch.Tensor,
-                    t: torch.Tensor, noise: torch.Tensor, *, learn_sigma: bool = False) -> LossTerms:
+                    t: torch.Tensor, noise: torch.Tensor, *, learn_sigma: bool = False,
+                    cond: torch.Tensor | None = None) -> LossTerms:
     """DDPM Algorithm 1 (any objective, weighting and loss type); with learned variances the
-    improved-DDPM hybrid L_simple + lambda L_vlb, stop-gradient on the mean in L_vlb."""
+    improved-DDPM hybrid L_simple + lambda L_vlb, stop-gradient on the mean in L_vlb.
+    ``cond``: (B,) class labels for a conditional net (the null class where dropped)."""
     x_t = q_sample(s, x0, t, noise)
-    out = net(x_t, t).float()
+    out = (net(x_t, t) if cond is None else net(x_t, t, cond)).float()
     vlb = None
     if learn_sigma:
         out, v = out.chunk(2, dim=1)

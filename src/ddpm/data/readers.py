@@ -13,7 +13,7 @@ import warnings
 import zlib
 from http.client import HTTPException
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.request import urlopen
 
 import numpy as np
@@ -193,13 +193,30 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img if img.mode in ("L", "RGB") else img.convert("RGB")
 
 
+MAX_ASPECT = 64  # a thinner image has no square worth cropping (and its resize can ask for gigabytes)
+MAX_RESIZED_PIXELS = 1 << 26  # the resized image before the crop: 64 M pixels
+
+
+def _check_dimensions(path: Path, w: int, h: int, size: int) -> None:
+    """Refuse a decompression bomb by aspect ratio (Pillow's check counts pixels only): a
+    1 x 10,000,000 PNG of 19 KB would be resized to 28 x 280,000,000 before its crop."""
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise DdpmError(f"cannot read image {path}: it is {w:,} x {h:,} pixels, too thin to crop a square from "
+                        f"(aspect ratio above {MAX_ASPECT}:1)")
+    scale = size / min(w, h)
+    if max(size, round(w * scale)) * max(size, round(h * scale)) > MAX_RESIZED_PIXELS:
+        raise DdpmError(f"cannot read image {path}: resizing its {w:,} x {h:,} pixels to size {size} needs more "
+                        f"than {MAX_RESIZED_PIXELS:,} pixels")
+
+
 def _decode(path: Path, size: int, channels: int) -> np.ndarray:
     """One image file -> uint8 (C, size, size): shorter side resized to `size`, centre-cropped."""
     try:
         with Image.open(path) as img:
+            _check_dimensions(path, *img.size, size)  # from the header, before any pixel is decoded
             img = ImageOps.exif_transpose(img)  # phones store rotation in EXIF, not pixels
             img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
-    except _DECODE_ERRORS as e:
+    except (*_DECODE_ERRORS, MemoryError) as e:
         raise DdpmError(f"cannot read image {path}: {e}") from None
     w, h = img.size
     scale = size / min(w, h)
@@ -216,25 +233,75 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(_decode(Path(path), size, channels)))
 
 
-def load_image_folder(path: str | Path, size: int, channels: int) -> torch.Tensor:
-    """Every PNG/JPEG under `path` (recursive, sorted) as uint8 (N, C, size, size); bad files are skipped."""
-    _check_shape_args(size, channels)
-    root = Path(path)
+def _image_files(root: Path) -> list[Path]:
     if not root.is_dir():
         raise DdpmError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DdpmError(f"no PNG/JPEG images found under {root}")
-    arrays, bad = [], []
-    for f in files:
+    return files
+
+
+def _decode_files(files: list[Path], root: Path, size: int, channels: int) -> tuple[torch.Tensor, list[int]]:
+    """Decode every file; unreadable ones become warnings. Returns the images and the kept indices."""
+    arrays, kept, bad = [], [], []
+    for i, f in enumerate(files):
         try:
             arrays.append(_decode(f, size, channels))
+            kept.append(i)
         except DdpmError as e:
             bad.append(f)
-            warnings.warn(f"skipping {e}", stacklevel=2)
+            warnings.warn(f"skipping {e}", stacklevel=3)
     if not arrays:
         raise DdpmError(f"none of the {len(files)} images under {root} could be read (first: {bad[0]})")
-    return torch.from_numpy(np.stack(arrays))
+    return torch.from_numpy(np.stack(arrays)), kept
+
+
+def load_image_folder(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """Every PNG/JPEG under `path` (recursive, sorted) as uint8 (N, C, size, size); bad files are skipped."""
+    _check_shape_args(size, channels)
+    root = Path(path)
+    return _decode_files(_image_files(root), root, size, channels)[0]
+
+
+def folder_class_names(path: str | Path) -> tuple[str, ...]:
+    """The classes of an image folder: its first-level subfolders holding images, sorted."""
+    root = Path(path)
+    return tuple(sorted({f.relative_to(root).parts[0] for f in _image_files(root)
+                         if len(f.relative_to(root).parts) > 1}))
+
+
+def class_names(source: str, data_dir: str | Path | None = None) -> tuple[str, ...]:
+    """The class names of a data source, by label index: Fashion-MNIST's ten, or a folder's
+    first-level subfolders (root/<class>/...)."""
+    if source.lower() == "fashion-mnist":
+        return FASHION_MNIST_CLASSES
+    names = folder_class_names(source)
+    if not names:
+        raise DdpmError(f"{source} has no class subfolders: a conditional run needs {source}/<class>/<image>")
+    return names
+
+
+class Labeled(NamedTuple):
+    """Images with their class labels."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,), indices into class_names
+    class_names: tuple[str, ...]
+
+
+def load_image_folder_labeled(path: str | Path, size: int, channels: int) -> Labeled:
+    """An image folder whose first-level subfolders are the classes (root/<class>/...)."""
+    _check_shape_args(size, channels)
+    root = Path(path)
+    files = _image_files(root)
+    names = class_names(str(root))
+    stray = next((f for f in files if len(f.relative_to(root).parts) == 1), None)
+    if stray is not None:
+        raise DdpmError(f"{stray} is not inside a class subfolder: a conditional run needs {root}/<class>/<image>")
+    labels = torch.tensor([names.index(f.relative_to(root).parts[0]) for f in files], dtype=torch.long)
+    images, kept = _decode_files(files, root, size, channels)
+    return Labeled(images, labels[kept], names)
 
 
 def load_dataset(source: str, *, size: int, channels: int, data_dir: str | Path | None = None,
@@ -250,6 +317,19 @@ def load_dataset(source: str, *, size: int, channels: int, data_dir: str | Path 
                                      antialias=True, align_corners=False).round().clamp(0, 255)
                        .to(torch.uint8) for c in x.split(4096)])
     return x.repeat(1, 3, 1, 1) if channels == 3 else x
+
+
+def load_labeled_dataset(source: str, *, size: int, channels: int, data_dir: str | Path | None = None,
+                         split: Literal["train", "test"] = "train", download: bool = True) -> Labeled:
+    """:func:`load_dataset` with the labels: Fashion-MNIST's label files, or a folder's subfolders."""
+    if source.lower() != "fashion-mnist":
+        return load_image_folder_labeled(source, size, channels)
+    images = load_dataset(source, size=size, channels=channels, data_dir=data_dir, split=split,
+                          download=download)
+    labels = load_fashion_mnist_labels(split, data_dir, download=download)
+    if len(labels) != len(images):
+        raise DdpmError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
+    return Labeled(images, labels, FASHION_MNIST_CLASSES)
 
 
 # ---------------------------------------------------------------- tensors and batches
@@ -280,10 +360,13 @@ class Batches:
     """Infinite, reproducible and resumable batches of a uint8 (N, C, H, W) tensor, as float [-1, 1]."""
 
     def __init__(self, data: torch.Tensor, batch_size: int, *, seed: int, flip: bool = True,
-                 drop_last: bool = True):
+                 drop_last: bool = True, labels: torch.Tensor | None = None):
         if data.dtype != torch.uint8 or data.ndim != 4 or len(data) == 0:
             raise DdpmError(f"Batches needs a non-empty uint8 (N, C, H, W) tensor, got "
                             f"{data.dtype} {tuple(data.shape)}")
+        if labels is not None and tuple(labels.shape) != (len(data),):
+            raise DdpmError(f"labels must be one per image, (N,) = ({len(data)},), got {tuple(labels.shape)}")
+        self.labels = labels
         if batch_size < 1 or (drop_last and batch_size > len(data)):
             raise DdpmError(f"batch size {batch_size} must be between 1 and the {len(data)} images")
         self.data, self.batch_size, self.seed = data, batch_size, seed
@@ -310,14 +393,20 @@ class Batches:
         return self
 
     def __next__(self) -> torch.Tensor:
+        return self.next_labeled()[0]
+
+    def next_labeled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next batch in [-1, 1] and its labels (None without labels)."""
         if self._index >= self.steps_per_epoch:
             self._epoch, self._index, self._perm = self._epoch + 1, 0, None
         if self._perm is None:
             # Everything random is a function of (seed, epoch, index), so resuming needs only those.
             self._perm = torch.randperm(len(self.data), generator=_generator("perm", self.seed, self._epoch))
         b = self.batch_size
-        x = self.data[self._perm[self._index * b:(self._index + 1) * b].to(self.data.device)]
+        idx = self._perm[self._index * b:(self._index + 1) * b]
+        x = self.data[idx.to(self.data.device)]
+        y = None if self.labels is None else self.labels[idx.to(self.labels.device)]
         if self.flip:
             x = random_hflip(x, _generator("flip", self.seed, self._epoch, self._index))
         self._index += 1
-        return to_model_range(x)
+        return to_model_range(x), y

