@@ -229,6 +229,10 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import VARIANCES
+    from .core.schedules import SCHEDULES
+    from .flags import names_help
+
     p = argparse.ArgumentParser(prog="ddpm", description="Denoising diffusion probabilistic models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -257,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     nz = sub.add_parser("noise", help="the forward process figure: one image noised at several t")
     nz.add_argument("--image", help="PNG/JPEG (default: a Fashion-MNIST image)")
     nz.add_argument("--t", type=_csv_ints, default=(0, 50, 100, 150, 199))
-    nz.add_argument("--schedule", default="linear")
+    nz.add_argument("--schedule", default="linear", help=names_help(SCHEDULES))
     nz.add_argument("--timesteps", type=int, default=200)
     nz.add_argument("--size", type=int, default=28)
     nz.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
@@ -278,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = ev.add_argument_group("likelihood (--nll)")
     g.add_argument("--nll", action="store_true", help="the variational bound (DDPM Eq. 5) in bits/dim on the test set")
     g.add_argument("--nll-steps", type=int, help="KL terms per image: stratified, unbiased estimate (default all T)")
-    g.add_argument("--nll-variance", help="beta_tilde | beta | learned (default: learned for learn-sigma runs)")
+    g.add_argument("--nll-variance", help=f"{names_help(VARIANCES)} (default: learned for learn-sigma runs)")
     ev.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="train the fast preset for a few minutes, then sample a grid and a GIF")
@@ -293,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="PNG to write (default RUN/loss.png)")
     pl.set_defaults(fn=cmd_plot)
 
-    sc = sub.add_parser("schedules", help="alpha_bar and signal-to-noise ratio of the four beta schedules")
+    sc = sub.add_parser("schedules", help=f"alpha_bar and signal-to-noise ratio of the beta schedules ({names_help(SCHEDULES)})")
     sc.add_argument("--timesteps", type=int, default=1000)
     sc.add_argument("--out", default="schedules.png")
     sc.set_defaults(fn=cmd_schedules)
@@ -301,17 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
-    s.add_argument("--sampler", default="ddpm", help="ddpm | ddim | dpm++2m | heun")
+    from .config import CLIPS, VARIANCES
+    from .core.schedules import SPACINGS
+    from .flags import names_help
+    from .runtime.precision import PRECISIONS
+    from .samplers import SAMPLERS
+
+    s.add_argument("--sampler", default="ddpm", help="; ".join(f"{n}: {spec.summary}" for n, spec in SAMPLERS.items()))
     s.add_argument("--steps", type=int, help="sampling steps (default: the sampler's own)")
-    s.add_argument("--spacing", default="uniform", help="uniform | quadratic | trailing")
+    s.add_argument("--spacing", default="uniform", help=names_help(SPACINGS))
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic) to 1")
-    s.add_argument("--variance", default="beta_tilde", help="ddpm: beta_tilde | beta | learned")
-    s.add_argument("--clip", default="clip", help="x0 clipping: clip | dynamic | none")
+    s.add_argument("--variance", default="beta_tilde", help=f"ddpm only: {names_help(VARIANCES)} (default beta_tilde)")
+    s.add_argument("--clip", default="clip", help=f"x0 clipping: {names_help(CLIPS)}")
     s.add_argument("--n", type=int, default=n_default)
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    s.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast, 1.4-1.6x where native) | fp16 | auto")
+    s.add_argument("--precision", default="fp32",
+                   help=f"{names_help(PRECISIONS)}: bf16 autocast is 1.4-1.6x faster where native, fp16 needs CUDA")
     s.add_argument("--device", default="auto")
 
 

@@ -13,9 +13,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from .core.schedules import SCHEDULES, Spacing as SpacingName
 from .errors import DdpmError
 
-ScheduleName = Literal["linear", "cosine", "quadratic", "sigmoid"]
+# Each closed set of names is one table (docs/architecture.md, "Names"): the command's choices,
+# these checks and the plots read it. Schedules and spacings are tables of core.schedules.
+ScheduleName = Literal[tuple(SCHEDULES)]  # type: ignore[valid-type]  # the keys of core.schedules.SCHEDULES
 LossType = Literal["l1", "l2", "huber"]
 Objective = Literal["eps", "x0", "v"]
 LossWeighting = Literal["uniform", "min_snr"]
@@ -102,9 +105,10 @@ class TrainConfig:
     tf32: bool = _f(True, "CUDA: TF32 matrix products and convolutions in fp32")
 
 
-Clip = Literal["none", "clip", "dynamic"]  # x0 clipping while sampling (see core.diffusion.interpret)
+Clip = Literal["none", "clip", "dynamic"]  # x0 clipping while sampling (core.diffusion.interpret)
 Variance = Literal["beta_tilde", "beta", "learned"]  # sigma_t^2 of the reverse step (DDPM Sec. 3.2)
-SpacingName = Literal["uniform", "quadratic", "trailing"]  # see core.schedules.space_timesteps
+CLIPS: tuple[str, ...] = get_args(Clip)
+VARIANCES: tuple[str, ...] = get_args(Variance)
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,8 @@ def config_changes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             sec, name = key.split(".")
             out.setdefault(sec, {})[name] = given[key]
     return out
+
+
+def names_help(names: Any) -> str:
+    """A closed set of names (a table's keys) as the command's help shows it: ``a | b | c``."""
+    return " | ".join(map(str, names))

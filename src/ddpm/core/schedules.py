@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal, NamedTuple, get_args
 
 import torch
 
@@ -16,8 +16,8 @@ from ..errors import DdpmError
 if TYPE_CHECKING:
     from ..config import DiffusionConfig, RunConfig
 
-Spacing = Literal["uniform", "quadratic", "trailing"]
-SPACINGS: tuple[str, ...] = ("uniform", "quadratic", "trailing")
+Spacing = Literal["uniform", "quadratic", "trailing"]  # the one table of spacing names
+SPACINGS: tuple[str, ...] = get_args(Spacing)
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -44,18 +44,35 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(0.0, max_beta)
 
 
+class ScheduleSpec(NamedTuple):
+    betas: Callable[[int, float, float], torch.Tensor]  # (T, beta_start, beta_end) -> (T,) float64
+    beta_range: bool  # whether beta_start and beta_end shape it
+    summary: str
+
+
+def _cosine(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    return cosine_betas(T)  # shaped by alpha_bar alone, no beta range
+
+
+# The one table of schedule names: config.ScheduleName, the command's choices and the plots read it.
+SCHEDULES: dict[str, ScheduleSpec] = {
+    "linear": ScheduleSpec(linear_betas, True, "DDPM Sec. 4, betas linear in t"),
+    "cosine": ScheduleSpec(_cosine, False, "Improved DDPM Eq. 17, alpha_bar a squared cosine"),
+    "quadratic": ScheduleSpec(quadratic_betas, True, "sqrt(beta) linear in t"),
+    "sigmoid": ScheduleSpec(sigmoid_betas, True, "betas a sigmoid in t"),
+}
+
+
 def make_betas(name: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """The named schedule's betas (float64, shape (T,))."""
     if T < 1:
         raise DdpmError(f"timesteps must be at least 1, got {T}")
-    if name == "cosine":
-        return cosine_betas(T)
-    table = {"linear": linear_betas, "quadratic": quadratic_betas, "sigmoid": sigmoid_betas}
-    if name not in table:
-        raise DdpmError(f"unknown schedule {name!r}; choose one of: linear, cosine, quadratic, sigmoid")
-    if not 0 < beta_start <= beta_end < 1:
+    if name not in SCHEDULES:
+        raise DdpmError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
+    spec = SCHEDULES[name]
+    if spec.beta_range and not 0 < beta_start <= beta_end < 1:
         raise DdpmError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
-    return table[name](T, beta_start, beta_end)
+    return spec.betas(T, beta_start, beta_end)
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 
+from ..config import VARIANCES, Variance
 from ..data.readers import to_model_range
 from ..core.diffusion import CLIPS, Denoiser, prior_bpd, q_sample, vlb_term
 from ..errors import DdpmError
 from ..sampling.generate import LoadedModel
 
-Variance = Literal["beta_tilde", "beta", "learned"]
-VARIANCES: tuple[str, ...] = ("beta_tilde", "beta", "learned")
 
 
 @dataclass(frozen=True)

@@ -355,12 +355,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return save_png(img, Path(out) if out else run / "loss.png")
 
 
-SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
-
-
-def schedule_figure(timesteps: int = 1000) -> Image.Image:
-    """alpha_bar and SNR = alpha_bar / (1 - alpha_bar) of the four schedules against t (Improved DDPM Fig. 5)."""
-    from ..core.schedules import make_betas
+def schedule_panels(timesteps: int = 1000) -> list[Panel]:
+    """alpha_bar and SNR = alpha_bar / (1 - alpha_bar) of every schedule in the table against t
+    (Improved DDPM Fig. 5)."""
+    from ..core.schedules import SCHEDULES, make_betas
 
     t = np.arange(timesteps, dtype=float)
     ab, snr = [], []
@@ -368,20 +366,25 @@ def schedule_figure(timesteps: int = 1000) -> Image.Image:
         a = np.cumprod(1 - make_betas(name, timesteps).numpy())  # float64: SNR reaches 1e-9
         s = a / (1 - a)
         noise_frac = float((s < 1e-2).mean())
-        ab.append(Series(t, a, f"{name}", COLOURS[i], 2.5))
-        snr.append(Series(t, s, f"{name}: {noise_frac:.0%} of steps at SNR < 0.01", COLOURS[i], 2.5))
-    panels = [
+        colour = COLOURS[i % len(COLOURS)]
+        ab.append(Series(t, a, f"{name}", colour, 2.5))
+        snr.append(Series(t, s, f"{name}: {noise_frac:.0%} of steps at SNR < 0.01", colour, 2.5))
+    return [
         Panel("How much signal is left", "t", "alpha_bar(t)", ab,
               note="x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps"),
         Panel("Signal-to-noise ratio", "t", "alpha_bar / (1 - alpha_bar)", snr, log_y=True, hline=1.0,
               note="steps spent near pure noise teach the network little (Improved DDPM, Sec. 3.2)"),
     ]
-    return render(panels, columns=2, size=(1400, 620),
+
+
+def schedule_figure(timesteps: int = 1000) -> Image.Image:
+    """The schedules compared: :func:`schedule_panels` side by side."""
+    return render(schedule_panels(timesteps), columns=2, size=(1400, 620),
                   title=f"Noise schedules, T = {timesteps}: cosine keeps signal longer and lowers SNR evenly")
 
 
 def plot_schedules(out: str | Path = "schedules.png", timesteps: int = 1000) -> Path:
-    """The four schedules compared, as a PNG."""
+    """Every schedule of ``core.schedules.SCHEDULES`` compared, as a PNG."""
     if not 2 <= timesteps <= 100_000:
         raise DdpmError(f"--timesteps must be between 2 and 100000, got {timesteps}")
     return save_png(schedule_figure(timesteps), out)
