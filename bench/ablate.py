@@ -11,7 +11,7 @@ FD-FMNIST against the test set. Steps reached are recorded next to the budget, w
 average, since the wall clock is shared with whatever else runs on the machine.
 
 Resumable: a variant whose folder under bench/out/ablate-runs/ holds a finished run with the
-same budget and changes is not retrained. Writes bench/out/ablate.json (and a grid per variant),
+same budget and changes is not retrained. Writes bench/results/ablate.json (the grids stay in bench/out/),
 its rows named BASE-HASH/MINUTESmin/VARIANT, HASH being the first 8 hex digits of the SHA-1 of
 the base preset's JSON, so that results against an earlier version of a preset are kept apart.
 """
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import OUT, choose, read_json
+from harness import OUT, RESULTS, choose, cpu_info, read_json
 
 from ddpm.config import RunConfig, override, preset
 from ddpm.evaluation.evaluate import evaluate_images
@@ -100,14 +100,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="samples per variant (default 1000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=OUT, help="run folders and grids (default bench/out)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of ablate.json (default bench/results)")
     a = ap.parse_args()
     names = choose(a.only, VARIANTS, "variant")
     torch.set_num_threads(a.threads)
     sc = SampleConfig(sampler="dpm++2m", steps=20, n=a.n, batch_size=250, seed=0, clip="clip")
     runs = a.out / "ablate-runs"
     runs.mkdir(parents=True, exist_ok=True)
-    path = a.out / "ablate.json"
+    a.results.mkdir(parents=True, exist_ok=True)
+    path = a.results / "ablate.json"
     rows: dict = {}
     # the base preset's own config names its rows, so a changed preset never overwrites old results
     base_id = f"{a.base}-{hashlib.sha1(preset(a.base).to_json().encode()).hexdigest()[:8]}"
@@ -117,7 +119,7 @@ def main() -> None:
         rows = (read_json(path) or {}).get("variants", {})  # re-read: another invocation may run beside this one
         rows[f"{base_id}/{a.minutes:g}min/{name}"] = {"changes": VARIANTS[name],
                                                      **{k: v for k, v in row.items() if k != "key"}}
-        result = {"command": "python " + " ".join(sys.argv), "threads": a.threads,
+        result = {"command": "python " + " ".join(sys.argv), "threads": a.threads, "machine": cpu_info(),
                   "sampling": "dpm++2m, 20 steps, clip, seed 0", "variants": rows}
         path.write_text(json.dumps(result, indent=2, default=list) + "\n")
     print("| variant | steps | FD-FMNIST |\n|---|---|---|")

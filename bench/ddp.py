@@ -5,7 +5,7 @@
 
 Both run `ddpm train` for the same steps, one after the other; images/s is the median of the
 log's records after the first (start-up and the first steps excluded), and the loss at the last
-step shows whether the two followed the same trajectory. Writes bench/out/ddp.json.
+step shows whether the two followed the same trajectory. Writes bench/results/ddp.json.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import save
+from harness import cpu_info, save
 
 from ddpm.training.runlog import read_log
 
@@ -50,7 +50,7 @@ def main() -> None:
         r1 = summary(one, run([sys.executable, *train, str(one)], env1))
         r2 = summary(two, run([*torchrun, *train, str(two)], env2))
     save("ddp", {"command": "python " + " ".join(sys.argv), "preset": a.preset, "steps": a.steps,
-                 "loadavg_end": os.getloadavg(), "one_process_two_threads": r1,
+                 "machine": cpu_info(), "loadavg_end": os.getloadavg(), "one_process_two_threads": r1,
                  "two_processes_one_thread": r2, "ratio": r2["img_per_s"] / r1["img_per_s"]})
 
 

@@ -3,7 +3,7 @@
     PYTHONPATH=src python bench/fit_features.py            # train, test, write the assets
     PYTHONPATH=src python bench/fit_features.py --val 5000 --no-save   # tune on a held-out slice
 
-Writes src/ddpm/assets/fmnist_features.{safetensors,json} and bench/out/fit_features.json.
+Writes src/ddpm/assets/fmnist_features.{safetensors,json} and bench/results/fit_features.json.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ddpm.evaluation.features import (ASSET_NAME, FeatureNetConfig, fit_classifi
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "src" / "ddpm" / "assets" / f"{ASSET_NAME}.safetensors"
-OUT = ROOT / "bench" / "out"
+OUT = ROOT / "bench" / "results"
 
 
 def parse_args() -> argparse.Namespace:

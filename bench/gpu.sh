@@ -31,7 +31,7 @@ EOF
     --memory-steps 5 --profile --out gpu/throughput
 "$PY" - <<'EOF' | tee -a "$SUMMARY"
 import json
-r = json.load(open("bench/out/gpu/throughput.json"))
+r = json.load(open("bench/results/gpu/throughput.json"))
 t, s, f, m = r["train"], r["sample"], r["flops"], r["memory"]
 print(f"train: ours {t['ours_img_per_s']:.0f} img/s, seed code {t['reference_img_per_s']:.0f} img/s, ratio {t['ratio']:.2f}x; "
       f"bf16 autocast {t['ours_bf16_img_per_s']:.0f} img/s, ratio {t['ratio_bf16']:.2f}x")

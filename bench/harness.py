@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = Path(__file__).resolve().parent / "out"
+OUT = Path(__file__).resolve().parent / "out"  # run folders, grids, caches (not committed)
+RESULTS = Path(__file__).resolve().parent / "results"  # the small JSON each quoted figure comes from (committed)
 REFERENCE = Path(os.environ.get("SEED_REFERENCE", ROOT.parent / "shared" / "bench" / "seed_reference.py"))
 
 
@@ -89,6 +91,17 @@ def vm_mib(field: str) -> float:
     return float("nan")
 
 
+def cpu_info() -> dict:
+    """Which CPU a figure is from: the model name and the vector extensions that change results
+    (AVX-512 and native bfloat16 make bf16 autocast pay; AVX2-only machines emulate it)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), platform.processor())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    return {"cpu_model": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "kind": "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "other")}
+
+
 def read_json(path: Path) -> dict | None:
     """A JSON file's object, or None when it is missing or unreadable (a cache miss)."""
     try:
@@ -106,8 +119,9 @@ def choose(csv: str, table: dict, what: str) -> list[str]:
     return names
 
 
-def save(name: str, result: dict) -> Path:
-    path = OUT / f"{name}.json"
+def save(name: str, result: dict, folder: Path = RESULTS) -> Path:
+    """Write ``result`` as ``folder/name.json`` (bench/results/ by default) and print it."""
+    path = folder / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -11,7 +11,7 @@ feature net is shipped, and by pixel statistics and grids always.
     PYTHONPATH=src python bench/learned_variance.py --max-steps 200 --minutes 20 --nll-n 250 \
         --nll-steps 25 --nll-alt-n 100 --sample-n 32 --steps 25,50,100,500 --threads 1
 
-Writes bench/out/learned_variance.json, the runs in bench/out/lv-runs/{fixed,learned}/ (reused
+Writes bench/results/learned_variance.json, the runs in bench/out/lv-runs/{fixed,learned}/ (reused
 when present: delete them to retrain), and grids bench/out/lv-grids/MODEL-VARIANCE-STEPS.png.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ from ddpm.training.train import train
 from ddpm.pictures.viz import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out"
+OUT = ROOT / "bench" / "out"  # runs and grids
+RESULTS = ROOT / "bench" / "results"  # the JSON (committed)
 MODELS = {"fixed": False, "learned": True}  # name -> learn_sigma
 
 
@@ -171,16 +172,17 @@ def table(results: dict) -> str:
 
 
 def rescore(args: argparse.Namespace) -> None:
-    out = json.loads((OUT / "learned_variance.json").read_text())
+    out = json.loads((RESULTS / "learned_variance.json").read_text())
     out.update(score_samples(out["models"], args))
     _finish(out)
 
 
 def _finish(out: dict) -> None:
-    (OUT / "learned_variance.json").write_text(json.dumps(out, indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "learned_variance.json").write_text(json.dumps(out, indent=2) + "\n")
     print(table(out["models"]))
     print(f"test-set pixels (first 1000): {out['test_pixels']}")
-    print(f"wrote {OUT / 'learned_variance.json'}")
+    print(f"wrote {RESULTS / 'learned_variance.json'}")
 
 
 def main() -> None:

@@ -10,12 +10,12 @@ In-process (one process, contenders called in turns, medians of per-round ratios
   channels_last  training fwd+bwd, channels-last weights and input against contiguous
   adam           Adam.step: foreach (what Trainer uses), fused, and the for-loop
   sampling       one forward of 64 images: channels-last against contiguous weights (what
-                 ``load_model`` gives today), inference_mode against no_grad
+                 ``load_model`` gave before this lever; it now returns channels-last), inference_mode against no_grad
   group_norm     GroupNorm(1, 56) fwd+bwd at (128, 56, 28, 28), channels-last against contiguous
   compile        (--compile) Trainer.train_step with train.compile on against off
 Process-level (--env; children alternated A, B, A, B, each timing a few training steps):
   threads 1 and 2, OMP_WAIT_POLICY=PASSIVE, THP_MEM_ALLOC_ENABLE=1, each against the default.
-Writes bench/out/levers.json (or --out NAME).
+Writes bench/results/levers.json (or --out NAME).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import ROOT, interleave, median, ratio, save
+from harness import ROOT, cpu_info, interleave, median, ratio, save
 
 from ddpm import preset
 from ddpm.data import load_fashion_mnist
@@ -225,7 +225,7 @@ def main() -> None:
     ap.add_argument("--env-steps", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=None,
                     choices=["attention", "channels_last", "adam", "sampling", "group_norm"])
-    ap.add_argument("--out", default="levers", help="name of the JSON in bench/out/")
+    ap.add_argument("--out", default="levers", help="name of the JSON in bench/results/")
     ap.add_argument("--env-child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.threads:
@@ -234,7 +234,8 @@ def main() -> None:
         return env_child(a.env_child)
     t0 = time.perf_counter()
     result: dict = {"command": " ".join(["python", "bench/levers.py", *sys.argv[1:]]), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(), "batch": BATCH}
+                    "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(), "batch": BATCH,
+                    "machine": cpu_info()}
     levers = {"attention": lever_attention, "channels_last": lever_channels_last, "adam": lever_adam,
               "sampling": lever_sampling, "group_norm": lever_group_norm}
     for name, fn in levers.items():

@@ -17,7 +17,7 @@ the output names), timed drawing 64 images, against the seed's own 200-step ance
 script, the two called in turns; the ratio is the median of per-round ratios.
 
 Resumable: each setting's result is kept in bench/out/nfe_sweep-cache.json (keyed by the
-checkpoint, n and seed) and not recomputed. Writes bench/out/nfe_sweep.json and
+checkpoint, n and seed) and not recomputed. Writes bench/results/nfe_sweep.json and
 bench/out/nfe_sweep.png (FD against NFE, log-log, one line per sampler, the floor dashed).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import OUT, load_reference
+from harness import OUT, RESULTS, cpu_info, load_reference
 
 from ddpm.pictures import plots
 from ddpm.evaluation.evaluate import evaluate_images
@@ -72,7 +72,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def sample_config(sampler: str, steps: int, n: int, batch: int, seed: int) -> SampleConfig:
-    return SampleConfig(sampler=sampler, steps=steps, n=n, batch_size=batch, seed=seed, eta=0.0, clip=CLIP)
+    eta = 0.0 if sampler == "ddim" else None  # the other samplers refuse an eta they would ignore
+    return SampleConfig(sampler=sampler, steps=steps, n=n, batch_size=batch, seed=seed, eta=eta, clip=CLIP)
 
 
 def time_to_quality(model, best: dict, seed: int, rounds: int) -> dict:
@@ -163,7 +164,8 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=0.10)
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds of the time-to-quality pair")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see quality.py)")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=OUT, help="the cache and the plot (default bench/out)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of nfe_sweep.json (default bench/results)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start, load_start = time.perf_counter(), os.getloadavg()
@@ -235,18 +237,19 @@ def main() -> None:
                     "python": platform.python_version(), "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                     "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "wall_s_this_invocation": round(time.perf_counter() - t_start, 1)},
+                    "wall_s_this_invocation": round(time.perf_counter() - t_start, 1), **cpu_info()},
         "results": rows,
         "time_to_quality": ttq,
     }
-    _write_json(a.out / "nfe_sweep.json", result)
+    a.results.mkdir(parents=True, exist_ok=True)
+    _write_json(a.results / "nfe_sweep.json", result)
     png = figure(rows, floor, a.n, "Sample quality against network evaluations", figure_note(result),
                  a.out / "nfe_sweep.png")
     print("\n".join(table))
     if ttq:
         print(f"time to quality: ours {ttq['ours_median_s']:.2f} s vs the seed's {ttq['seed_median_s']:.2f} s "
               f"for 64 images: {ttq['speedup']:.1f}x")
-    print(f"wrote {a.out / 'nfe_sweep.json'} and {png}")
+    print(f"wrote {a.results / 'nfe_sweep.json'} and {png}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ Resumable per contender: a run folder under ``bench/out/quality-runs/NAME`` that
 checkpoint (or ``seed_model.pt``) is not retrained, and an evaluation already made with the
 same sampler, steps, n and seed is read back from that folder.
 
-Writes bench/out/quality.json and bench/out/quality-NAME.png (the first 64 samples).
+Writes bench/results/quality.json and bench/out/quality-NAME.png (the first 64 samples).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import OUT, REFERENCE, choose, read_json
+from harness import OUT, REFERENCE, RESULTS, choose, cpu_info, read_json
 
 from ddpm.checkpoint import resolve_checkpoint
 from ddpm.config import RunConfig, override, preset
@@ -221,7 +221,8 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true",
                     help="stop after training (to train contenders side by side in separate invocations, "
                          "then evaluate them all with --only '')")
-    ap.add_argument("--out", type=Path, default=OUT, help="output folder (default bench/out)")
+    ap.add_argument("--out", type=Path, default=OUT, help="run folders and grids (default bench/out)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of quality.json (default bench/results)")
     a = ap.parse_args()
     names = choose(a.only, CONTENDERS, "contender")
     torch.set_num_threads(a.threads)
@@ -264,7 +265,7 @@ def main() -> None:
                     "python": platform.python_version(), "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                     "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "wall_s_this_invocation": round(time.perf_counter() - t_start, 1)},
+                    "wall_s_this_invocation": round(time.perf_counter() - t_start, 1), **cpu_info()},
         "budget_minutes": a.minutes,
         "sampling": {"sampler": a.sampler, "steps": a.steps, "nfe": next(iter(rows.values()))["nfe"] if rows else None,
                      "clip": "clip", "n": a.n, "seed": a.seed,
@@ -272,7 +273,8 @@ def main() -> None:
         "contenders": rows,
         "ratios": ratios,
     }
-    path = a.out / "quality.json"
+    a.results.mkdir(parents=True, exist_ok=True)
+    path = a.results / "quality.json"
     _write_json(path, result)
     print(markdown(rows))
     print(json.dumps(ratios, indent=2))

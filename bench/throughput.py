@@ -21,7 +21,7 @@ Measures, in one process with the contenders called in turns (A, B, A, B, ...):
           faster GEMM of the same round (median over rounds)
   memory  peak resident memory of a child process that trains a few steps, ours and the
           seed's each in its own child (os.wait4's rusage); on CUDA also the peak allocated
-Writes bench/out/throughput.json (and bench/out/throughput_profile.txt with --profile).
+Writes bench/results/throughput.json (and bench/results/throughput_profile.txt with --profile).
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from harness import (
+    RESULTS,
+    cpu_info,
     interleave,
     load_reference,
     median,
@@ -223,7 +225,7 @@ def bench_sample(ref, rounds: int, iters: int, device: torch.device) -> dict:
     net = UNet(preset("seed").model).to(device)
     net_cl = UNet(preset("seed").model).to(device, memory_format=torch.channels_last)
     runs = {
-        "ours": synced(our_sampler(net, iters, False, device), device),  # as load_model gives it today
+        "ours": synced(our_sampler(net, iters, False, device), device),  # contiguous weights
         "ours_channels_last": synced(our_sampler(net_cl, iters, True, device), device),
         "ours_channels_last_bf16": synced(our_sampler(net_cl, iters, True, device, "bf16"), device),
         "reference": synced(reference_sampler(ref, ref_model, iters, device), device),
@@ -277,7 +279,9 @@ def child(who: str, steps: int, device: torch.device) -> None:
         for _ in range(steps):
             step()
     peak = vm_mib("VmHWM")  # not ru_maxrss: that includes the parent's memory at fork
-    report = {"setup_rss_mib": setup, "vm_hwm_mib": peak, "training_mib": peak - setup}
+    after = vm_mib("VmRSS")
+    report = {"setup_rss_mib": setup, "after_rss_mib": after, "vm_hwm_mib": peak,
+              "training_mib": peak - setup, "growth_after_steps_mib": after - setup}
     if device.type == "cuda":
         report["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     print(json.dumps(report))
@@ -309,7 +313,7 @@ def machine(device: torch.device) -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
             "loadavg_start": os.getloadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), **cpu_info()}
 
 
 def main() -> None:
@@ -322,7 +326,7 @@ def main() -> None:
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "memory"])
     ap.add_argument("--profile", action="store_true", help="write the top ops of our step")
-    ap.add_argument("--out", default="throughput", help="name of the JSON in bench/out/")
+    ap.add_argument("--out", default="throughput", help="name of the JSON in bench/results/")
     ap.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--child-steps", type=int, default=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -344,7 +348,7 @@ def main() -> None:
     result["seconds"] = time.perf_counter() - t0
     save(a.out, result)
     if a.profile:
-        profile_ours(Path(__file__).parent / "out" / f"{a.out}_profile.txt", device)
+        profile_ours(RESULTS / f"{a.out}_profile.txt", device)
 
 
 if __name__ == "__main__":
