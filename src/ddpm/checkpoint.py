@@ -6,16 +6,21 @@ A checkpoint is a folder ``RUN/checkpoints/step-0000123/`` holding
 - ``config.json``: the full resolved :class:`~ddpm.config.RunConfig`;
 - ``state.pt``: the training state (optimizer, step, data order, RNG states), plain tensors
   and numbers loaded with ``weights_only=True`` (no pickled code);
-- ``meta.json``: format version, step, and the SHA-256 of every file above, checked on load.
+- ``meta.json``: format version, step, and the SHA-256 of every file above, checked on load;
+  a known file the listing lacks (an EMA, say) makes the checkpoint damaged, not ignored.
 
-It is written into a temporary folder and renamed into place; ``RUN/latest`` names the
-newest complete checkpoint and is itself replaced atomically.
+Each file is written and fsynced in a temporary folder that is then renamed into place and
+its parent fsynced; ``RUN/latest`` names the newest complete checkpoint (only a ``step-N`` of
+this run), is replaced atomically, and is written last. A kill at any point of a write leaves
+the previous checkpoint whole and named by ``latest``.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +28,17 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .config import RunConfig
 from .errors import DdpmError
+from .files import atomic_write_text, fsync_dir, reason, shorten, write_new
 
 FORMAT_VERSION = 1
 LATEST = "latest"
+STEP_NAME = re.compile(r"step-\d{8,}")  # the only names `latest` may give: this run's own checkpoints
+KNOWN_FILES = ("model.safetensors", "ema.safetensors", "config.json", "state.pt")
 
 
 def _sha256(path: Path) -> str:
@@ -38,25 +47,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not also leave litter behind
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _cpu_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,44 +77,48 @@ def save_checkpoint(run_dir: Path, *, config: RunConfig, step: int, model: dict[
                     ema: dict[str, torch.Tensor] | None, state: dict[str, Any], keep: int = 2) -> Path:
     """Write a checkpoint for ``step`` atomically, point ``latest`` at it, prune old ones.
 
-    A failed write (full disk, read-only folder) leaves every earlier checkpoint and ``latest``
-    untouched and raises a one-line DdpmError naming the last good checkpoint.
+    A failed write (full disk, read-only folder, a kill) leaves every earlier checkpoint and
+    ``latest`` untouched; a failure raises a one-line DdpmError naming the last good checkpoint.
     """
     final = checkpoint_path(run_dir, step)
     ck_root = final.parent
     try:
+        blobs = _serialise(config, step, model, ema, state)
         ck_root.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(ck_root)
         tmp = ck_root / f".step-{step:08d}.tmp{os.getpid()}"
         tmp.mkdir()
         try:
-            _write_files(tmp, config, step, model, ema, state)
+            for name, data in blobs.items():  # meta.json, with every checksum, comes last
+                write_new(tmp / name, data)
+            fsync_dir(tmp)
             _replace_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        fsync_dir(ck_root)  # the rename survives a power cut before `latest` names it
         atomic_write_text(run_dir / LATEST, final.name + "\n")
-    except OSError as e:
-        raise DdpmError(f"cannot write checkpoint {final}: {e.strerror or e}; "
+    except (OSError, RuntimeError, SafetensorError) as e:  # serialisers raise their own types
+        raise DdpmError(f"cannot write checkpoint {final}: {reason(e)}; "
                         f"the last good checkpoint is {last_good_checkpoint(run_dir)}") from None
     _prune(ck_root, keep, final)
     return final
 
 
-def _write_files(folder: Path, config: RunConfig, step: int, model: dict[str, torch.Tensor],
-                 ema: dict[str, torch.Tensor] | None, state: dict[str, Any]) -> None:
-    save_file(_cpu_state(model), str(folder / "model.safetensors"))
+def _serialise(config: RunConfig, step: int, model: dict[str, torch.Tensor],
+               ema: dict[str, torch.Tensor] | None, state: dict[str, Any]) -> dict[str, bytes]:
+    """Every file of the checkpoint as bytes, meta.json (the checksum of each other file) last."""
+    blobs = {"model.safetensors": safetensors_bytes(_cpu_state(model))}
     if ema is not None:
-        save_file(_cpu_state(ema), str(folder / "ema.safetensors"))
-    (folder / "config.json").write_text(config.to_json())
-    torch.save(state, folder / "state.pt")
-    files = sorted(p.name for p in folder.iterdir())
+        blobs["ema.safetensors"] = safetensors_bytes(_cpu_state(ema))
+    blobs["config.json"] = config.to_json().encode()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blobs["state.pt"] = buf.getvalue()
     meta = {"format_version": FORMAT_VERSION, "step": step,
-            "sha256": {name: _sha256(folder / name) for name in files}}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-    for p in folder.iterdir():  # data on disk before the rename makes it visible
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+            "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(blobs.items())}}
+    blobs["meta.json"] = json.dumps(meta, indent=2).encode()
+    return blobs
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -157,11 +151,22 @@ def last_good_checkpoint(run_dir: Path) -> str:
         return "none (no checkpoint was written yet)"
 
 
+def _step_of(p: Path) -> int:
+    return int(p.name.split("-")[1])
+
+
 def _prune(ck_root: Path, keep: int, newest: Path) -> None:
-    done = sorted(p for p in ck_root.glob("step-*") if p.is_dir())
+    """Delete all but the newest ``keep`` checkpoints; each is renamed aside first, so that a kill
+    mid-delete leaves no half-deleted folder under a checkpoint's name."""
+    done = sorted((p for p in ck_root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name)), key=_step_of)
     for old in done[: max(0, len(done) - max(keep, 1))]:
         if old != newest:
-            shutil.rmtree(old, ignore_errors=True)
+            gone = old.with_name(f".{old.name}.del{os.getpid()}")
+            try:
+                os.replace(old, gone)
+            except OSError:
+                continue
+            shutil.rmtree(gone, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -171,59 +176,91 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise DdpmError(f"no run or checkpoint at {p}")
     if (p / "meta.json").is_file():
         return p
-    latest = p / LATEST
-    if latest.is_file():
-        ck = p / "checkpoints" / latest.read_text().strip()
-        if (ck / "meta.json").is_file():
-            return ck
-    found = sorted(q for q in (p / "checkpoints").glob("step-*") if (q / "meta.json").is_file())
+    named = _read_latest(p)
+    if named is not None and (p / "checkpoints" / named / "meta.json").is_file():
+        return p / "checkpoints" / named
+    found = sorted((q for q in (p / "checkpoints").glob("step-*")
+                    if STEP_NAME.fullmatch(q.name) and (q / "meta.json").is_file()), key=_step_of)
     if found:
         return found[-1]
     raise DdpmError(f"{p} is not a checkpoint and holds no checkpoints (expected a run folder from `ddpm train`)")
 
 
-def _verify(ck: Path) -> dict[str, Any]:
+def _read_latest(run: Path) -> str | None:
+    """The checkpoint ``RUN/latest`` names; only a name of this run's own (step-NNNNNNNN) is taken."""
+    f = run / LATEST
+    if not f.is_file():
+        return None
     try:
-        meta = json.loads((ck / "meta.json").read_text())
-        expected, version, step = meta["sha256"], meta["format_version"], meta["step"]
+        with open(f, "rb") as fh:
+            text = fh.read(256).decode("utf-8", "replace").strip()
+    except OSError as e:
+        raise DdpmError(f"cannot read {f}: {reason(e)}") from None
+    if not STEP_NAME.fullmatch(text):
+        raise DdpmError(f"{f} names {shorten(text)}, not a checkpoint of this run (expected step-NNNNNNNN); "
+                        "fix or delete it to use the newest checkpoint")
+    return text
+
+
+def _read_meta(ck: Path) -> tuple[dict[str, str], int, int]:
+    try:
+        with open(ck / "meta.json", "rb") as fh:
+            raw = fh.read(1 << 20)  # a real meta.json is a few hundred bytes
+        meta = json.loads(raw)
+        return meta["sha256"], meta["format_version"], meta["step"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DdpmError(f"checkpoint {ck} has an unreadable meta.json ({e})") from None
+        raise DdpmError(f"checkpoint {ck} has an unreadable meta.json ({shorten(str(e))})") from None
+
+
+def _verify(ck: Path, with_state: bool = False) -> tuple[dict[str, str], int]:
+    """Check the listing and every listed file's checksum; a known file outside the listing
+    (e.g. an EMA the listing lacks) means the checkpoint is damaged, never silently used."""
+    expected, version, step = _read_meta(ck)
     if not (isinstance(expected, dict) and isinstance(version, int) and isinstance(step, int)
-            and all(isinstance(k, str) and isinstance(v, str) and "/" not in k for k, v in expected.items())
+            and all(isinstance(k, str) and isinstance(v, str) and "/" not in k and k not in (".", "..")
+                    for k, v in expected.items())
             and {"model.safetensors", "config.json"} <= expected.keys()):
         raise DdpmError(f"checkpoint {ck} has a malformed meta.json (not written by `ddpm train`?)")
     if version > FORMAT_VERSION:
         raise DdpmError(f"checkpoint {ck} has format {version}; this ddpm reads up to {FORMAT_VERSION}")
+    for name in KNOWN_FILES:
+        if name not in expected and (ck / name).exists():
+            raise DdpmError(f"checkpoint {ck} is damaged: {name} is there but meta.json does not list it")
+    if with_state and "state.pt" not in expected:
+        raise DdpmError(f"checkpoint {ck} is damaged: meta.json does not list its training state state.pt")
     for name, digest in expected.items():
         f = ck / name
         if not f.is_file():
             raise DdpmError(f"checkpoint {ck} is incomplete: {name} is missing")
-        if _sha256(f) != digest:
+        try:
+            ok = _sha256(f) == digest
+        except OSError as e:
+            raise DdpmError(f"cannot read checkpoint file {f}: {reason(e)}") from None
+        if not ok:
             raise DdpmError(f"checkpoint {ck} is damaged: {name} does not match its checksum (truncated?)")
-    return meta
+    return expected, step
 
 
 def _load_weights(f: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(f))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DdpmError(f"cannot read weights {f}: {e}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise DdpmError(f"cannot read weights {f}: {shorten(str(e))}") from None
 
 
 def load_checkpoint(path: str | Path, *, with_state: bool = False) -> Checkpoint:
     """Load and verify a checkpoint (or a run's latest one)."""
     ck = resolve_checkpoint(path)
-    meta = _verify(ck)
+    listed, step = _verify(ck, with_state)
     config = RunConfig.load(ck / "config.json")
-    ema_f = ck / "ema.safetensors"
     state = None
     if with_state:
         try:
             state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad file
-            raise DdpmError(f"cannot read training state {ck / 'state.pt'}: {e}") from None
-    return Checkpoint(ck, config, _load_weights(ck / "model.safetensors"),
-                      _load_weights(ema_f) if ema_f.is_file() else None, state, int(meta["step"]))
+            raise DdpmError(f"cannot read training state {ck / 'state.pt'}: {shorten(str(e))}") from None
+    ema = _load_weights(ck / "ema.safetensors") if "ema.safetensors" in listed else None
+    return Checkpoint(ck, config, _load_weights(ck / "model.safetensors"), ema, state, step)
 
 
 def load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

@@ -1,0 +1,271 @@
+"""Files that are never seen half-written: atomic writes, output checks before long work, result sets.
+
+Every writer of the package goes through here, so a full disk, a read-only folder or a signal
+mid-way turns into one line (:class:`WriteError`, both a ``DdpmError`` and an ``OSError``) and
+leaves what was on disk before untouched.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .errors import DdpmError
+
+MAX_SHOWN = 80  # characters of a user's value quoted in a message
+
+
+def shorten(value: object, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a 50 MB value never becomes a 50 MB "line"."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r):,} characters)"
+
+
+class WriteError(DdpmError, OSError):
+    """A file that could not be written: one line naming the file, never the temporary beside it."""
+
+    def __init__(self, path: str | Path, reason: str, code: int = 0, note: str = ""):
+        super().__init__(code, reason, str(path))
+        self.note = note
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}{self.note}"
+
+
+def reason(e: BaseException) -> str:
+    """The short cause of a failed write: errno's words, or the first line of another writer's message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new name in ``folder`` durable (a crash after it cannot undo it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # some file systems do not open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file and fsync it (no rename: the caller makes it visible)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write via a temporary file in the same folder, fsync, rename over ``path``, fsync the folder.
+
+    Raises :class:`WriteError` naming ``path``; the temporary never outlives a failure."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a folder, not a file")
+        write_new(tmp, data)
+        os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)  # a full disk must not also leave litter behind
+        raise WriteError(path, reason(e), e.errno or 0) from None
+    except BaseException:
+        _discard(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def _discard(p: Path) -> None:
+    try:
+        p.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------ checks before long work
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable_dir(path: str | Path, what: str = "output folder", shown: str | Path | None = None) -> Path:
+    """Refuse, in one line, a folder that cannot be written (or made) before any long work starts.
+
+    Nothing is created: a probe file in the nearest existing folder is written and removed.
+    ``shown`` is the path the message names (the output file whose folder this is)."""
+    path = Path(path)
+    shown = path if shown is None else shown
+    if path.exists() and not path.is_dir():
+        what_ = "it is" if Path(shown) == path else f"{path} is"
+        raise WriteError(shown, f"{what_} a file, not a folder", errno.ENOTDIR)
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise WriteError(shown, f"{base} is a file, not a folder", errno.ENOTDIR)
+    probe = base / f".ddpm-probe{os.getpid()}"
+    try:
+        write_new(probe, b"x")  # one byte: a disk with no room left fails here already
+    except OSError as e:
+        _discard(probe)
+        where = f"cannot create files in {base} ({reason(e)})" if base != Path(shown).absolute() else reason(e)
+        raise WriteError(shown, where, e.errno or 0) from None
+    _discard(probe)
+    return path
+
+
+def check_writable_file(path: str | Path, what: str = "output file") -> Path:
+    """Refuse, in one line, an output file that cannot be written: a folder in its place, an
+    unwritable or impossible parent, a full disk. Nothing is created."""
+    path = Path(path)
+    if path.is_dir():
+        raise WriteError(path, f"it is a folder; give a file name for the {what}", errno.EISDIR)
+    check_writable_dir(path.parent, shown=path)
+    return path
+
+
+# ------------------------------------------------------------------ signals
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) turned into an exception, so that clean-up runs; exit status 128 + signum."""
+
+    def __init__(self, signum: int, message: str = ""):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}{'; ' + message if message else ''}")
+        self.signum = signum
+
+
+def raise_stopped(signum: int, frame: object) -> None:
+    """A signal handler: SIGTERM becomes :class:`Stopped` (the default would skip every clean-up)."""
+    raise Stopped(signum)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (the renames of a result set)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # no POSIX masks: the window stays small anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# ------------------------------------------------------------------ result sets
+
+
+class ResultSet:
+    """The outputs of one command (e.g. grid.png, samples.npz, denoising.gif), all new or all old.
+
+    Every file is first written in full to a temporary name beside its place and fsynced; only
+    then are they renamed into place, with SIGINT/SIGTERM held for those few renames. Members of
+    the set not written this time are removed with it, so an earlier GIF never sits beside new
+    samples. A failure or a signal before the renames removes the temporaries and leaves the
+    earlier set as it was; ``keep`` names the member saved elsewhere if its place cannot be written.
+    """
+
+    def __init__(self, folder: str | Path, members: Sequence[str], keep: str | None = None):
+        self.folder, self.members, self.keep = Path(folder), tuple(members), keep
+        self.files: dict[str, bytes] = {}
+
+    def add(self, name: str, data: bytes) -> None:
+        if name not in self.members:
+            raise ValueError(f"{name} is not a member of this result set {self.members}")
+        self.files[name] = data
+
+    def commit(self) -> list[Path]:
+        """Write the set; on failure a one-line WriteError that says the earlier files are unchanged."""
+        temps: dict[str, Path] = {}
+        current = self.folder  # what the message names: the member being written, never its temporary
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for name, data in self.files.items():
+                current, temps[name] = self.folder / name, _tmp_name(self.folder / name)
+                if current.is_dir():
+                    raise IsADirectoryError(errno.EISDIR, "it is a folder, not a file")
+                write_new(temps[name], data)
+        except OSError as e:
+            self._drop(temps)
+            raise WriteError(current, reason(e), e.errno or 0, self._failure_note()) from None
+        except KeyboardInterrupt as e:
+            self._drop(temps)
+            raise Stopped(getattr(e, "signum", signal.SIGINT), f"nothing written; {self._unchanged()}") from None
+        except BaseException:
+            self._drop(temps)
+            raise
+        with signals_held():
+            for name, tmp in temps.items():
+                os.replace(tmp, self.folder / name)
+            for name in self.members:
+                if name not in self.files:
+                    _discard(self.folder / name)
+        fsync_dir(self.folder)
+        return [self.folder / name for name in self.members if name in self.files]
+
+    def _drop(self, temps: dict[str, Path]) -> None:
+        for tmp in temps.values():
+            _discard(tmp)
+
+    def _unchanged(self) -> str:
+        old = [n for n in self.members if (self.folder / n).exists()]
+        return f"the earlier {', '.join(old)} in {self.folder} are unchanged" if old else "no earlier files there"
+
+    def _failure_note(self) -> str:
+        note = f"; {self._unchanged()}"
+        if self.keep in self.files:
+            saved = save_fallback(self.keep, self.files[self.keep])
+            note += f"; the {self.keep} is saved as {saved}" if saved else f"; the {self.keep} could not be saved anywhere"
+        return note
+
+
+def save_fallback(name: str, data: bytes) -> Path | None:
+    """Keep minutes of work when its place cannot be written: the temp folder, else the current one."""
+    stem, dot, ext = name.partition(".")
+    for folder in (Path(tempfile.gettempdir()), Path.cwd()):
+        path = None
+        try:
+            fd, name_ = tempfile.mkstemp(prefix=f"ddpm-{stem}-", suffix=dot + ext, dir=folder)
+            os.close(fd)
+            path = Path(name_)
+            write_new(path, data)
+            return path
+        except OSError:
+            if path is not None:
+                _discard(path)
+    return None
