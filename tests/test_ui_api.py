@@ -256,3 +256,43 @@ def test_frames_stream_while_it_samples(client: TestClient, monkeypatch: pytest.
                     assert not job.finished  # step 2's frame reached the page while step 3 still runs
                     gate.set()
     assert [e["done"] for e in seen if e["type"] == "frame"] == list(range(1, 21))
+
+
+def test_inpaint_and_edit(client: TestClient) -> None:
+    src = np.asarray(Image.open(io.BytesIO(client.get("/api/runs/tiny/source.png?index=1").content)))
+    assert src.shape == (8, 8)
+    keep = np.ones((8, 8), np.uint8)
+    keep[:, 4:] = 0  # fill in the right half
+    common = {"run": "tiny", "sampler": "ddim", "steps": 4, "n": 3, "image": {"index": 1}}
+    r = client.post("/api/edit", json={**common, "mode": "inpaint", "keep": keep.ravel().tolist(),
+                                       "jump_length": 2, "resample": 2})
+    assert r.status_code == 201, r.text
+    evs = events(client, r.json()["id"])
+    frames = [e for e in evs if e["type"] == "frame"]
+    assert evs[-1]["type"] == "done" and frames and frames[-1]["done"] == frames[-1]["total"]
+    shown = np.asarray(decode_data_url(frames[0]["x_t"]))  # the known half is shown as the input's
+    assert np.array_equal(shown[2:10, 2:6], src[:, :4])
+    out = np.load(io.BytesIO(client.get(f"/api/jobs/{r.json()['id']}/files/samples.npz").content))["images"]
+    assert out.shape == (3, 1, 8, 8) and (out[:, 0, :, :4] == src[:, :4]).all()  # known pixels exact
+    grid = decode_data_url(evs[-1]["grid"])  # input | mask | 3 completions
+    assert grid.size == (2 + 5 * 10, 12)
+
+    r = client.post("/api/edit", json={**common, "mode": "edit", "strength": 0.5})
+    assert r.status_code == 201, r.text
+    assert events(client, r.json()["id"])[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"mode": "edit", "strength": 0}, "strength"),
+    ({"mode": "edit", "strength": 1.5}, "strength"),
+    ({"mode": "edit", "strength": "a lot"}, "strength"),
+    ({"mode": "inpaint", "keep": [1, 0]}, "8x8"),
+    ({"mode": "inpaint", "keep": [1] * 64}, "keeps every pixel"),
+    ({"mode": "inpaint", "keep": [0] * 64, "resample": 0}, "resample"),
+    ({"mode": "paint"}, "unknown edit mode"),
+    ({"mode": "edit", "strength": 0.5, "image": {"path": "/etc/passwd"}}, "image must be"),
+    ({"mode": "edit", "strength": 0.5, "steps": 0}, "steps"),
+])
+def test_bad_edits_are_400(client: TestClient, extra: dict, message: str) -> None:
+    r = client.post("/api/edit", json={"run": "tiny", "sampler": "ddim", "steps": 4, "n": 1, **extra})
+    assert r.status_code == 400 and message in r.json()["error"], r.text

@@ -112,7 +112,7 @@ def test_sample_stream_scrub_cancel_forward(page: Any, tmp_path: Path) -> None:
     assert pg.errors == [], pg.errors
 
 
-def test_compare_training_and_errors(page: Any) -> None:
+def test_compare_and_training(page: Any) -> None:
     pg = page
     pg.click("nav button[data-tab=compare]")
     set_form(pg, "#compare-form", n=4)
@@ -128,7 +128,32 @@ def test_compare_training_and_errors(page: Any) -> None:
     pg.wait_for_function("document.querySelector('#train-sample').naturalWidth > 0")
     assert pg.errors == [], pg.errors
 
+
+def test_edit_panel_paints_a_mask_and_inpaints(page: Any) -> None:
+    pg = page
+    pg.click("nav button[data-tab=edit]")
+    pg.wait_for_function("edit.img !== null && edit.keep !== null")
+    box = pg.locator("#edit-canvas").bounding_box()  # paint a stroke over the right part
+    pg.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.2)
+    pg.mouse.down()
+    pg.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.8, steps=8)
+    pg.mouse.up()
+    painted = pg.evaluate("edit.keep.filter(v => v === 0).length")
+    assert 0 < painted < 64
+    set_form(pg, "#edit-form", steps=4, n=2, jump_length=2, resample=2)
+    pg.click("#edit-go")
+    pg.wait_for_function("document.querySelector('#edit-result').naturalWidth > 0")
+    assert pg.evaluate("document.querySelector('#edit-result').naturalWidth") == 42  # input | mask | 2 results
+    assert "network evaluations" in pg.inner_text("#edit-status")
+    set_form(pg, "#edit-form", mode="edit")
+    pg.click("#edit-go")
+    pg.wait_for_function("document.querySelector('#edit-status').textContent.includes('network evaluations')")
+    assert pg.errors == [], pg.errors
+
+
+def test_bad_parameters_show_a_message(page: Any) -> None:
     # a bad parameter: a message on the page, no traceback (the 400 itself is logged by Chromium)
+    pg = page
     pg.click("nav button[data-tab=sample]")
     set_form(pg, "#sample-form", steps=0)
     pg.click("#sample-go")

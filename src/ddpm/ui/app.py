@@ -24,8 +24,8 @@ from ..config import SampleConfig, override
 from ..errors import DdpmError
 from ..samplers import SAMPLERS
 from ..sampling.generate import check_sample_config
-from . import panels
-from .jobs import Job, JobStore, gif_bytes, grid_png, npz_bytes, png_bytes
+from . import edits, panels
+from .jobs import Job, JobStore, gif_bytes, grid_png, npz_bytes, png_bytes, sampling
 from .runs import ModelCache, NotFound, Run, RunIndex, latest_checkpoint, run_config
 
 STATIC = Path(__file__).parent / "static"
@@ -54,6 +54,7 @@ async def meta(request: Request) -> JSONResponse:
         "samplers": [{"name": k, "default_steps": s.default_steps, "summary": s.summary} for k, s in SAMPLERS.items()],
         "spacings": _choices("spacing"), "precisions": _choices("precision"), "clips": _choices("clip"),
         "schedules": list(panels.SCHEDULE_NAMES), "fields": list(PAGE_FIELDS), "max_images": MAX_IMAGES,
+        "edit": edits.editing_available(),
     })
 
 
@@ -101,8 +102,42 @@ async def start_sample(request: Request) -> JSONResponse:
     cache: ModelCache = request.app.state.cache
     model = await run_in_threadpool(cache.get, run, cfg.use_ema)
     steps = check_sample_config(model, cfg)
-    job = request.app.state.jobs.start(run.name, model, cfg, stream)
+    job = request.app.state.jobs.start(run.name, sampling(model, cfg), stream)
     return JSONResponse({"id": job.id, "steps": steps, "checkpoint": model.source.name}, status_code=201)
+
+
+async def start_edit(request: Request) -> JSONResponse:
+    """Inpaint (RePaint) or edit (SDEdit) an image of the run's data or an uploaded one."""
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("expected a JSON object")
+    req = edits.parse_edit(body)
+    run_name, cfg, stream = _sample_request(body)
+    run, rcfg = _run_and_config(request, run_name)
+    model = await run_in_threadpool(request.app.state.cache.get, run, cfg.use_ema)
+    check_sample_config(model, cfg)
+    image = await run_in_threadpool(_image, request, rcfg, req.source)
+    work, shown, final = edits.edit_work(model, cfg, req, image)
+    job = request.app.state.jobs.start(run.name, work, stream, shown, final)
+    return JSONResponse({"id": job.id, "checkpoint": model.source.name}, status_code=201)
+
+
+def _image(request: Request, cfg: Any, source: dict[str, Any]) -> Any:
+    if "upload" in source:
+        uploads: dict[str, bytes] = request.app.state.uploads
+        if source["upload"] not in uploads:
+            raise NotFound("no such uploaded image (the server restarted?)")
+        return panels.uploaded_image(uploads[source["upload"]], cfg)
+    return panels.data_image(cfg, source["index"])
+
+
+async def source_image(request: Request) -> Response:
+    """The image an edit starts from, at the model's size (the page paints its mask over it)."""
+    _, cfg = _run_and_config(request)
+    upload = request.query_params.get("upload")
+    source = {"upload": upload} if upload else {"index": _int_param(request, "index", 0)}
+    x = await run_in_threadpool(_image, request, cfg, source)
+    return Response(png_bytes(x.permute(1, 2, 0).numpy()), media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 def _job(request: Request) -> Job:
@@ -158,8 +193,8 @@ async def job_file(request: Request) -> Response:
     return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-def _run_and_config(request: Request) -> tuple[Run, Any]:
-    run = request.app.state.index.get(request.path_params["run"])
+def _run_and_config(request: Request, name: str | None = None) -> tuple[Run, Any]:
+    run = request.app.state.index.get(name or request.path_params["run"])
     cfg = run_config(run)
     if cfg is None:
         raise NotFound(f"run {run.name} has no readable config.json yet")
@@ -261,7 +296,8 @@ def create_app(index: RunIndex, cache: ModelCache | None = None, jobs: JobStore 
         Route(f"{j}/cancel", cancel_job, methods=["POST"]), Route(f"{j}/files/{{file}}", job_file),
         Route(f"{r}/schedules", schedules), Route(f"{r}/forward.png", forward),
         Route(f"{r}/log", training_log), Route(f"{r}/sample.png", training_sample),
-        Route("/api/upload", upload_image, methods=["POST"]),
+        Route("/api/upload", upload_image, methods=["POST"]), Route(f"{r}/source.png", source_image),
+        Route("/api/edit", start_edit, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     handlers = {BadRequest: _error(400), DdpmError: _error(400), NotFound: _error(404),

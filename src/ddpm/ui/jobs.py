@@ -16,15 +16,17 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..config import SampleConfig
 from ..data.readers import from_model_range
 from ..errors import DdpmError
 from ..pictures.viz import make_grid, save_gif, to_pil
-from ..sampling.generate import LoadedModel, Samples, SamplingCancelled, StepEvent, generate
+from ..sampling.generate import LoadedModel, Samples, SamplingCancelled, StepEvent, StepHook, generate
 
 
 def png_bytes(grid: np.ndarray) -> bytes:
@@ -38,19 +40,29 @@ def data_url(grid: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(grid)).decode("ascii")
 
 
+Work = Callable[[StepHook], Samples]  # generate, inpaint or edit, given the step hook
+Shown = Callable[[torch.Tensor], torch.Tensor]  # what the page sees of x_t / x0 (an inpainting: known pixels pasted)
+
+
+def sampling(model: LoadedModel, cfg: SampleConfig) -> Work:
+    return lambda hook: generate(model, cfg, on_step=hook)
+
+
 @dataclass
 class Job:
-    """One sampling request: its config, its thread, and what it has produced so far."""
+    """One request: the work, its thread, and what it has produced so far."""
 
     id: str
     run: str
-    model: LoadedModel
-    cfg: SampleConfig
+    work: Work
     stream: bool  # send the grids of every step (Compare turns this off to time the sampler alone)
+    shown: Shown | None = None
+    final: Callable[[Samples], np.ndarray] | None = None  # the result grid (default: the samples)
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list[str] = field(default_factory=list)  # JSON lines, in order
     frames: list[np.ndarray] = field(default_factory=list)  # the x_t grids, for the GIF
     samples: Samples | None = None
+    grid: np.ndarray | None = None
     finished: bool = False
     thread: threading.Thread | None = None
     started: float = 0.0
@@ -67,7 +79,8 @@ class Job:
         if self.cancel.is_set():
             return False
         if ev.batch_start == 0 and self.stream:
-            xt, x0 = make_grid(from_model_range(ev.x_t).cpu()), make_grid(from_model_range(ev.x0).cpu())
+            show = self.shown or (lambda x: x)
+            xt, x0 = (make_grid(from_model_range(show(x)).cpu()) for x in (ev.x_t, ev.x0))
             self.frames.append(xt)
             self.emit("frame", done=ev.done, total=ev.total, x_t=data_url(xt), x0=data_url(x0),
                       width=int(xt.shape[1]), height=int(xt.shape[0]),
@@ -78,9 +91,9 @@ class Job:
 
     def _run(self) -> None:
         try:
-            s = generate(self.model, self.cfg, on_step=self._hook)
-            self.samples = s
-            grid = make_grid(s.images[:64])
+            s = self.work(self._hook)
+            grid = self.final(s) if self.final else make_grid(s.images[:64])
+            self.samples, self.grid = s, grid
             self.emit("done", nfe=s.nfe, steps=s.steps, n=len(s.images), arithmetic=s.arithmetic,
                       seconds=round(time.perf_counter() - self.started, 4), grid=data_url(grid),
                       width=int(grid.shape[1]), height=int(grid.shape[0]), gif=bool(self.frames))
@@ -106,11 +119,12 @@ class JobStore:
     def running(self) -> int:
         return sum(1 for j in self._jobs.values() if not j.finished)
 
-    def start(self, run: str, model: LoadedModel, cfg: SampleConfig, stream: bool) -> Job:
+    def start(self, run: str, work: Work, stream: bool, shown: Shown | None = None,
+              final: Callable[[Samples], np.ndarray] | None = None) -> Job:
         with self._lock:
             if self.running() >= self.max_running:
                 raise DdpmError(f"{self.max_running} samples are running already; wait or cancel one")
-            job = Job(uuid.uuid4().hex[:12], run, model, cfg, stream)
+            job = Job(uuid.uuid4().hex[:12], run, work, stream, shown, final)
             self._jobs[job.id] = job
             done = [k for k, j in self._jobs.items() if j.finished]
             for k in done[: max(0, len(self._jobs) - self.keep)]:
@@ -123,8 +137,8 @@ class JobStore:
 
 
 def grid_png(job: Job) -> bytes:
-    assert job.samples is not None
-    return png_bytes(make_grid(job.samples.images[:64]))
+    assert job.grid is not None
+    return png_bytes(job.grid)
 
 
 def gif_bytes(job: Job) -> bytes:

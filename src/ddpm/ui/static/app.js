@@ -38,6 +38,8 @@ function fillSamplerSelects() {
   for (const s of state.meta.samplers) f.sampler.add(new Option(s.name, s.name));
   for (const p of state.meta.precisions) f.precision.add(new Option(p, p, p === "fp32", p === "fp32"));
   f.sampler.value = "ddim";
+  $("nav button[data-tab=edit]").hidden = !state.meta.edit;
+  if (state.meta.edit) setupEdit();
   addCompareRow("ddim", 20); addCompareRow("dpm++2m", 10);
 }
 
@@ -52,6 +54,7 @@ function onRunChange() {
   const tab = document.querySelector("nav button.active").dataset.tab;
   if (tab === "forward") openForward();
   if (tab === "training") openTraining();
+  if (tab === "edit") openEdit();
 }
 
 function setupConditional(r) {
@@ -69,6 +72,7 @@ function switchTab(name) {
   clearInterval(state.trainTimer);
   if (name === "forward") openForward();
   if (name === "training") openTraining();
+  if (name === "edit") openEdit();
 }
 
 // ---- sampling (shared by Sample and Compare) ----
@@ -84,8 +88,8 @@ function sampleParams(form, extra) {
 }
 
 // Start a job and feed its server-sent events to onEvent; resolves with the last event.
-async function runJob(params, onEvent) {
-  const job = await postJSON("/api/sample", params);
+async function runJob(params, onEvent, path = "/api/sample") {
+  const job = await postJSON(path, params);
   return new Promise(resolve => {
     const es = new EventSource(`/api/jobs/${job.id}/events`);
     state.job = {id: job.id, es};
@@ -343,5 +347,7 @@ function wire() {
   drop.addEventListener("drop", e => { e.preventDefault(); drop.classList.remove("over"); onUpload(e.dataTransfer.files[0]); });
 }
 
-wire();
-loadRuns().catch(err => showError(err.message));
+window.addEventListener("DOMContentLoaded", () => {
+  wire();
+  loadRuns().catch(err => showError(err.message));
+});
