@@ -1,0 +1,340 @@
+"""Editing with any trained model, no retraining: RePaint inpainting (Lugmayr et al. 2022) and
+SDEdit (Meng et al. 2022), with every sampler of the table.
+
+Both drive the samplers unchanged. RePaint's "known region from the input noised to that
+level" lives in a denoiser wrapper (:class:`KnownRegion`): before each network call the known
+pixels of x_t are replaced by q_sample(input, t). Every sampler updates each pixel from its own
+x_t and the network's prediction only, so the unknown pixels follow exactly RePaint's
+Algorithm 1, and the stale known pixels of the sampler's state are never seen. The jumps back
+(q(x_t | x_{t-1}) over the sampler's respaced grid) happen between runs of the sampler; a run
+that stops above t = 0 is cut short from its step callback.
+
+Masks: True (white, >= 50% grey in a file) = keep the input's pixel, False (black) = fill it in.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..config import SampleConfig
+from ..core.diffusion import Prediction, q_sample
+from ..core.schedules import NoiseSchedule
+from ..data.readers import from_model_range, load_image, to_model_range
+from ..errors import DdpmError
+from ..pictures.viz import make_grid
+from ..runtime.precision import autocast_dtype, describe
+from ..samplers import SamplerOptions, SamplerSpec, StepCallback, get_sampler, grid
+from ..samplers.base import ImageGenerators, t_batch
+from .generate import LoadedModel, Samples, StepHook, _with_hook, check_sample_config
+from .guidance import class_labels, resolve_classes
+
+MaskShape = Literal["right", "center"]
+MASK_SHAPES: tuple[str, ...] = ("right", "center")
+
+
+@dataclass(frozen=True)
+class RePaintConfig:
+    """RePaint's jump schedule (Lugmayr et al. 2022, Sec. 4.2): its j and r."""
+
+    jump_length: int = 10  # j: grid levels gone back up at each jump
+    resample: int = 10  # r: passes over each jump point; 1 = no resampling (plain replacement)
+
+
+def check_repaint(cfg: RePaintConfig) -> None:
+    if cfg.jump_length < 1 or cfg.resample < 1:
+        raise DdpmError(f"--jump-length and --resample must be at least 1, got {cfg.jump_length} and {cfg.resample}")
+
+
+def check_strength(strength: float) -> None:
+    if not (0.0 < strength <= 1.0):  # also rejects NaN
+        raise DdpmError(f"--strength must be in (0, 1], got {strength}")
+
+
+# ---------------------------------------------------------------- the math
+
+def jump_schedule(levels: int, jump_length: int, resample: int) -> list[int]:
+    """RePaint Sec. 4.2 (its get_schedule_jump) over grid levels K-1 .. 0 and -1 (clean): down one
+    level at a time; at levels 0, j, 2j, ... (with j more above them) r - 1 times back up j levels."""
+    jumps = {k: resample - 1 for k in range(0, levels - jump_length, jump_length)}
+    k, out = levels - 1, [levels - 1]
+    while k >= 0:
+        k -= 1
+        out.append(k)
+        if jumps.get(k, 0) > 0:
+            jumps[k] -= 1
+            out.extend(range(k + 1, k + jump_length + 1))
+            k += jump_length
+    return out
+
+
+def renoise(s: NoiseSchedule, x: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor) -> torch.Tensor:
+    """q(x_to | x_from) for t_to > t_from, DDPM Eq. 2 composed: N(sqrt(ab_to / ab_from) x, 1 - ab_to / ab_from)."""
+    ratio = s.alpha_bar[t_to] / s.alpha_bar[t_from]
+    return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+
+
+def strength_timestep(strength: float, T: int) -> int:
+    """SDEdit's t0 = S * T as a 0-based index into the T training steps: ceil(S T) - 1."""
+    check_strength(strength)
+    return min(T, max(1, math.ceil(strength * T - 1e-9))) - 1
+
+
+def sdedit_grid(timesteps: list[int], t0: int) -> list[int]:
+    """The part of a sampler's grid below t0, with t0 itself on top (where the input is noised to)."""
+    return [t for t in timesteps if t < t0] + [t0]
+
+
+# ---------------------------------------------------------------- RePaint
+
+class KnownRegion:
+    """A denoiser whose network sees the known pixels of x_t replaced by q_sample(x0_known, t)
+    (RePaint Algorithm 1, line 5); counts its network evaluations."""
+
+    def __init__(self, inner, x0: torch.Tensor, keep: torch.Tensor, noise: ImageGenerators):
+        self.inner, self.x0, self.keep, self.noise = inner, x0, keep, noise
+        self.schedule, self.learn_sigma = inner.schedule, inner.learn_sigma
+        self.calls = 0
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
+        known = q_sample(self.schedule, self.x0, t, self.noise.randn(self.x0.shape, device=self.x0.device))
+        self.calls += 1
+        return self.inner(torch.where(self.keep, known, x_t), t)
+
+
+class _Stop(Exception):
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+
+@dataclass
+class _Run:
+    """What one batch's descent needs: the sampler, its grid, options and hooks."""
+
+    spec: SamplerSpec
+    denoiser: object
+    timesteps: list[int]
+    options: SamplerOptions
+    generator: ImageGenerators
+    on_step: StepCallback | None
+    done: int = 0  # sampler steps so far (the on_step index)
+
+
+def descend(run: _Run, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+    """Run the sampler from grid level ``top`` down to ``bottom`` (-1: the clean image)."""
+    n = top - bottom
+
+    def step(i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        if run.on_step is not None:
+            run.on_step(run.done, x_t, x0)
+        run.done += 1
+        if i + 1 == n and bottom >= 0:
+            raise _Stop(x_t)
+
+    try:
+        return run.spec.fn(run.denoiser, x, run.timesteps[: top + 1], options=run.options,
+                           generator=run.generator, on_step=step)
+    except _Stop as stop:
+        return stop.x
+
+
+def repaint(run: _Run, schedule: NoiseSchedule, x_T: torch.Tensor, cfg: RePaintConfig,
+            noise: ImageGenerators) -> torch.Tensor:
+    """RePaint Algorithm 1 over the run's grid: descents by the sampler, jumps back by :func:`renoise`."""
+    levels = jump_schedule(len(run.timesteps), cfg.jump_length, cfg.resample)
+    x, pos = x_T, 0
+    while pos < len(levels) - 1:
+        down = levels[pos + 1] < levels[pos]
+        end = pos + 1
+        while end + 1 < len(levels) and (levels[end + 1] < levels[end]) == down:
+            end += 1
+        a, b = levels[pos], levels[end]
+        if down:
+            x = descend(run, x, a, b)
+        else:
+            x = renoise(schedule, x, run.timesteps[a], run.timesteps[b], noise.randn(x.shape, device=x.device))
+        pos = end
+    return x
+
+
+def repaint_steps(steps: int, cfg: RePaintConfig) -> int:
+    """Sampler steps (on_step calls) per batch of an inpainting over ``steps`` grid levels."""
+    levels = jump_schedule(steps, cfg.jump_length, cfg.resample)
+    return sum(1 for a, b in zip(levels, levels[1:]) if b < a)
+
+
+# ---------------------------------------------------------------- the public calls
+
+def _as_batch(image: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 (C, H, W) -> n copies; (N, C, H, W) -> as is."""
+    if image.dtype != torch.uint8 or image.ndim not in (3, 4):
+        raise DdpmError(f"the image must be uint8 (C, H, W) or (N, C, H, W), got {image.dtype} {tuple(image.shape)}")
+    return image.expand(n, *image.shape) if image.ndim == 3 else image
+
+
+def _check_image(model: LoadedModel, images: torch.Tensor) -> None:
+    c, s = model.config.model.channels, model.config.data.image_size
+    if tuple(images.shape[1:]) != (c, s, s):
+        raise DdpmError(f"the image is {tuple(images.shape[1:])} (C, H, W); the model draws ({c}, {s}, {s})")
+
+
+def _as_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """A bool mask (H, W), (1, H, W) or (N, 1, H, W), True = keep -> (N, 1, H, W)."""
+    if mask.dtype != torch.bool:
+        raise DdpmError(f"the mask must be a bool tensor (True = keep), got {mask.dtype}")
+    m = mask.reshape(-1, 1, *mask.shape[-2:]) if mask.ndim in (2, 3) else mask
+    h, w = images.shape[-2:]
+    if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[-2:]) != (h, w) or m.shape[0] not in (1, len(images)):
+        raise DdpmError(f"the mask is {'x'.join(map(str, mask.shape[-2:]))}, the image {h}x{w}: they must match")
+    return m.expand(len(images), 1, h, w)
+
+
+class _Request:
+    """An edit of ``images`` in batches: labels, the sampler's grid, one generator per image."""
+
+    def __init__(self, model: LoadedModel, cfg: SampleConfig, image: torch.Tensor):
+        self.model, self.cfg = model, cfg
+        self.steps = check_sample_config(model, cfg)
+        self.images = _as_batch(image, cfg.n)
+        _check_image(model, self.images)
+        classes = resolve_classes(cfg.classes, model.config)
+        self.labels = None if classes is None else class_labels(classes, len(self.images))[: len(self.images)]
+        self.device = model.schedule.alpha_bar.device
+        self.timesteps = grid(cfg.sampler, model.schedule.T, self.steps, cfg.spacing)
+        self.denoiser = model.denoiser(cfg.clip, cfg.precision)
+
+    def batches(self):
+        """(start, x0 in [-1, 1] on the device, per-image generators, the run for this batch)."""
+        cfg = self.cfg
+        for start in range(0, len(self.images), cfg.batch_size):
+            b = min(cfg.batch_size, len(self.images) - start)
+            den = self.denoiser if self.labels is None else self.denoiser.conditioned(
+                self.labels[start:start + b].to(self.device), cfg.guidance, cfg.guidance_interval)
+            gens = ImageGenerators.for_images(cfg.seed, start, b, self.device)  # image i: (seed, i) only
+            run = _Run(get_sampler(cfg.sampler), den, self.timesteps, SamplerOptions(cfg.eta, cfg.variance), gens, None)
+            yield start, to_model_range(self.images[start:start + b].to(self.device)), gens, run
+
+    def hook(self, start: int, steps: int, on_step: StepHook | None, record: StepCallback | None) -> StepCallback | None:
+        """The sampler callback of a batch: GIF frames (first batch) and the caller's progress hook."""
+        total = -(-len(self.images) // self.cfg.batch_size) * steps
+        return _with_hook(record if start == 0 else None, on_step, start, steps, total, self.cfg.batch_size)
+
+    def samples(self, out: list[torch.Tensor], nfe: int, steps: int, frames: list[np.ndarray]) -> Samples:
+        return Samples(torch.cat(out), nfe, steps, frames, describe(autocast_dtype(self.cfg.precision, self.device)),
+                       self.labels)
+
+
+def _recorder(frames: list[np.ndarray], keep: torch.Tensor, x0: torch.Tensor, every: int) -> StepCallback:
+    """Every ``every``-th x_t of the batch, the known pixels shown as the clean input."""
+    def on_step(i: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
+        if i % every == 0:
+            frames.append(make_grid(from_model_range(torch.where(keep, x0, x_t)).cpu()))
+    return on_step
+
+
+@torch.inference_mode()
+def inpaint(model: LoadedModel, image: torch.Tensor, mask: torch.Tensor, cfg: SampleConfig,
+            repaint_cfg: RePaintConfig = RePaintConfig(), *, on_step: StepHook | None = None,
+            record: bool = False, max_frames: int = 100) -> Samples:
+    """Fill in the pixels where ``mask`` is False (RePaint, Lugmayr et al. 2022, Algorithm 1).
+
+    ``image``: uint8 (C, H, W) -> ``cfg.n`` completions, or (N, C, H, W) -> one each.
+    ``mask``: bool (H, W) or (N, 1, H, W), True = keep; the kept pixels of the result are exactly
+    the input's. Completion i depends only on (cfg.seed, i) and its input. ``cfg.classes`` and
+    ``cfg.guidance`` steer a conditional model. ``on_step(StepEvent)`` as in ``generate`` (steps
+    count the whole jump schedule, :func:`repaint_steps`; False cancels); ``record``: grids of
+    the first batch's x_t in ``Samples.frames``.
+    """
+    req = _Request(model, cfg, image)
+    check_repaint(repaint_cfg)
+    keep = _as_mask(mask, req.images)
+    steps = repaint_steps(req.steps, repaint_cfg)
+    out, frames, nfe = [], [], 0
+    for start, x0, gens, run in req.batches():
+        m = keep[start:start + len(x0)].to(req.device)
+        run.denoiser = KnownRegion(run.denoiser, x0, m, gens)
+        record_fn = _recorder(frames, m, x0, max(1, steps // max_frames)) if record else None
+        run.on_step = req.hook(start, steps, on_step, record_fn)
+        x = repaint(run, model.schedule, gens.randn(x0.shape, device=req.device), repaint_cfg, gens)
+        out.append(torch.where(m.cpu(), req.images[start:start + len(x0)], from_model_range(x).cpu()))
+        nfe = run.denoiser.calls
+    return req.samples(out, nfe, req.steps, frames)
+
+
+@torch.inference_mode()
+def edit(model: LoadedModel, image: torch.Tensor, strength: float, cfg: SampleConfig, *,
+         on_step: StepHook | None = None, record: bool = False, max_frames: int = 100) -> Samples:
+    """SDEdit (Meng et al. 2022, Algorithm 1): noise the input to t0 = strength * T, then denoise
+    with ``cfg.sampler`` over the part of its grid below t0.
+
+    ``image``: uint8 (C, H, W) -> ``cfg.n`` edits, or (N, C, H, W) -> one each; edit i depends
+    only on (cfg.seed, i) and its input. Small strengths stay close to the input; 1 is sampling.
+    ``on_step``, ``record``: as :func:`inpaint`.
+    """
+    t0 = strength_timestep(strength, model.schedule.T)
+    req = _Request(model, cfg, image)
+    sub = sdedit_grid(req.timesteps, t0)
+    out, frames = [], []
+    for start, x0, gens, run in req.batches():
+        x_t0 = q_sample(model.schedule, x0, t_batch(t0, x0), gens.randn(x0.shape, device=req.device))
+        record_fn = None
+        if record:
+            record_fn = _recorder(frames, torch.zeros_like(x0, dtype=torch.bool), x0, max(1, len(sub) // max_frames))
+            frames.append(make_grid(from_model_range(x_t0).cpu()))
+        hook = req.hook(start, len(sub), on_step, record_fn)
+        x = run.spec.fn(run.denoiser, x_t0, sub, options=run.options, generator=gens, on_step=hook)
+        out.append(from_model_range(x).cpu())
+    return req.samples(out, run.spec.nfe(model.schedule.alpha_bar, sub), len(sub), frames)
+
+
+def comparison_grid(image: torch.Tensor, results: torch.Tensor, mask: torch.Tensor | None = None,
+                    per_row: int = 8) -> tuple[torch.Tensor, int]:
+    """Rows of input | mask | up to ``per_row`` results (without a mask: input | results), uint8,
+    and the tiles per row, for ``make_grid``."""
+    lead = [image] if mask is None else [image, (mask.to(torch.uint8) * 255).expand_as(image)]
+    blank = torch.full_like(image, 255)
+    rows = []
+    for k in range(0, len(results), per_row):
+        chunk = list(results[k:k + per_row])
+        rows += lead + chunk + [blank] * (min(per_row, len(results)) - len(chunk))
+    return torch.stack(rows), len(lead) + min(per_row, len(results))
+
+
+# ---------------------------------------------------------------- files and masks
+
+def load_edit_image(model: LoadedModel, path: str | Path) -> torch.Tensor:
+    """An image file as the model draws them: uint8 (C, S, S), through the data folders' reader."""
+    return load_image(path, model.config.data.image_size, model.config.model.channels)
+
+
+def load_mask(path: str | Path, size: int) -> torch.Tensor:
+    """A grey or black-and-white image -> bool (size, size), True (>= 50% grey, white) = keep.
+
+    The file must already be size x size: a resized mask would blur its edge."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DdpmError(f"cannot read mask {path}: {e}") from None
+    if (w, h) != (size, size):
+        raise DdpmError(f"the mask {path} is {w}x{h}, the model's images are {size}x{size}")
+    return load_image(path, size, 1)[0] >= 128
+
+
+def region_mask(shape: MaskShape, size: int) -> torch.Tensor:
+    """The evaluation masks, True = keep: ``right`` half unknown, or a ``center`` square of half the side."""
+    keep = torch.ones(size, size, dtype=torch.bool)
+    if shape == "right":
+        keep[:, size // 2:] = False
+    elif shape == "center":
+        lo = size // 4
+        keep[lo: lo + size // 2, lo: lo + size // 2] = False
+    else:
+        raise DdpmError(f"unknown mask {shape!r}; choose one of: {', '.join(MASK_SHAPES)}")
+    return keep
