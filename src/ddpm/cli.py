@@ -140,6 +140,70 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     return 0
 
 
+INPAINT_HELP = (
+    "RePaint (Lugmayr et al. 2022): at each step the kept pixels come from the input noised to that level, the "
+    "rest from the model; every j levels it goes back up j levels (fresh forward noise) r - 1 times. Every "
+    "sampler works: ddpm (ancestral, as in the paper), ddim (eta 0: deterministic descents, the jumps back "
+    "still add noise), dpm++2m (its multistep history restarts after each jump) and heun (ODE steps between "
+    "jumps). The kept pixels of the results are exactly the input's.")
+
+
+def _edit_request(args: argparse.Namespace, folder: str) -> tuple[Any, Any, Any, Path]:
+    """What inpaint and edit share, all checked before anything is written: the model, the
+    sampling config, the input image and the output folder (default RUN/<folder>)."""
+    from .files import check_writable_dir
+    from .sampling.editing import load_edit_image
+    from .sampling.generate import check_sample_config, load_model
+
+    scfg = _sample_config(args)
+    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    check_sample_config(model, scfg)
+    image = load_edit_image(model, args.image)
+    out = Path(args.out) if args.out else model.source.parent.parent / folder
+    return model, scfg, image, out
+
+
+def _save_edits(out: Path, s: Any, grid: Any, nrow: int, gif: bool, dt: float, what: str) -> None:
+    from .pictures.viz import save_sample_set
+
+    print(f"{what} with {s.steps} steps, {s.nfe} network evaluations per image; "
+          f"{len(s.images)} images in {dt:.1f}s")
+    written = save_sample_set(out, s.images, grid=grid, nrow=nrow, frames=s.frames if gif else None)
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    from .files import check_writable_dir
+    from .sampling.editing import RePaintConfig, check_repaint, comparison_grid, inpaint, load_mask
+
+    model, scfg, image, out = _edit_request(args, "inpaint")
+    rp = RePaintConfig(jump_length=args.jump_length, resample=args.resample)
+    check_repaint(rp)
+    mask = load_mask(args.mask, model.config.data.image_size)
+    check_writable_dir(out)
+    t0 = time.perf_counter()
+    s = inpaint(model, image, mask, scfg, rp, record=args.gif)
+    grid, nrow = comparison_grid(image, s.images, mask)
+    _save_edits(out, s, grid, nrow, args.gif, time.perf_counter() - t0,
+                f"RePaint (j={rp.jump_length}, r={rp.resample}), sampler {scfg.sampler}")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .files import check_writable_dir
+    from .sampling.editing import check_strength, comparison_grid, edit
+
+    check_strength(args.strength)
+    model, scfg, image, out = _edit_request(args, "edits")
+    check_writable_dir(out)
+    t0 = time.perf_counter()
+    s = edit(model, image, args.strength, scfg, record=args.gif)
+    grid, nrow = comparison_grid(image, s.images)
+    _save_edits(out, s, grid, nrow, args.gif, time.perf_counter() - t0,
+                f"SDEdit (strength {args.strength}), sampler {scfg.sampler}")
+    return 0
+
+
 def _load_npz_images(path: str) -> Any:
     import numpy as np
     import torch
@@ -301,7 +365,35 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--timesteps", type=int, default=1000)
     sc.add_argument("--out", default="schedules.png")
     sc.set_defaults(fn=cmd_schedules)
+
+    ip = sub.add_parser("inpaint", help="fill in the black part of --mask in --image (RePaint; any model, "
+                        "every sampler)", description=INPAINT_HELP)
+    _add_edit_flags(ip, "inpaint")
+    ip.add_argument("--mask", required=True, help="grey or black-and-white image of the model's size: "
+                    "white (>= 50%% grey) = keep the input's pixel, black = fill it in")
+    ip.add_argument("--jump-length", type=int, default=10, help="RePaint's j: grid levels gone back up at "
+                    "each jump (default 10)")
+    ip.add_argument("--resample", type=int, default=10, help="RePaint's r: passes over each jump point; 1 = "
+                    "plain replacement, no resampling; costs about r times the sampler's steps (default 10)")
+    ip.set_defaults(fn=cmd_inpaint)
+
+    ed = sub.add_parser("edit", help="turn --image (e.g. a rough sketch) into a sample near it (SDEdit)")
+    _add_edit_flags(ed, "edits")
+    ed.add_argument("--strength", type=float, required=True, help="in (0, 1]: noise the image to t0 = S*T, then "
+                    "denoise; small stays close to the input, 1 ignores it (plain sampling)")
+    ed.set_defaults(fn=cmd_edit)
     return p
+
+
+def _add_edit_flags(p: argparse.ArgumentParser, folder: str) -> None:
+    """inpaint and edit: the run, the input image, the sampling flags, the outputs."""
+    p.add_argument("run", help="run folder or checkpoint folder (any model, conditional or not)")
+    p.add_argument("--image", required=True, help="PNG/JPEG, read like a data folder's images (resized and "
+                   "centre-cropped to the model's size, grey or RGB as the model)")
+    _add_sample_flags(p, n_default=8)
+    p.add_argument("--out", help=f"output folder (default RUN/{folder}): grid.png (input | "
+                   f"{'mask | ' if folder == 'inpaint' else ''}results), samples.npz")
+    p.add_argument("--gif", action="store_true", help="also write denoising.gif (the first image's batch)")
 
 
 def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
