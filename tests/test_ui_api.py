@@ -135,6 +135,7 @@ def test_cancel_stops_the_thread(client: TestClient, monkeypatch: pytest.MonkeyP
     ({"eta": 3.0}, 400, "eta"),
     ({"seed": "x"}, 400, "seed"),
     ({"bogus": 1}, 400, "unknown parameter"),
+    ({"classes": "sneaker"}, 400, "conditional"),
     ({"run": "nope"}, 404, "no run"),
     ({"run": "../tiny"}, 404, "no run"),
     ({"run": "empty-run"}, 400, "no checkpoint"),
@@ -296,3 +297,32 @@ def test_inpaint_and_edit(client: TestClient) -> None:
 def test_bad_edits_are_400(client: TestClient, extra: dict, message: str) -> None:
     r = client.post("/api/edit", json={"run": "tiny", "sampler": "ddim", "steps": 4, "n": 1, **extra})
     assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+def test_class_and_guidance_on_a_conditional_run(tmp_path: Path, image_dir: Path) -> None:
+    from dataclasses import replace
+
+    from helpers import make_images
+
+    data = tmp_path / "data"
+    for name in ("left", "right"):
+        (data / name).mkdir(parents=True)
+        make_images(data / name, n=8)
+    cfg = tiny_config(data, max_steps=2)
+    cfg = replace(cfg, model=replace(cfg.model, num_classes=2), data=replace(cfg.data, class_names=("left", "right")))
+    runs = tmp_path / "runs"
+    assert main(["train", "--config", str(write_config(tmp_path / "c.json", cfg)), "--out", str(runs / "cond"),
+                 "--no-progress", "--no-tensorboard"]) == 0
+    client = TestClient(create_app(RunIndex([], runs)))
+    info = client.get("/api/runs").json()["runs"][0]
+    assert info["num_classes"] == 2 and info["class_names"] == ["left", "right"]
+    assert {"classes", "guidance"} <= set(client.get("/api/meta").json()["fields"])
+    r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 4, "classes": "all",
+                                         "guidance": 2.0})
+    assert r.status_code == 201, r.text
+    done = events(client, r.json()["id"])[-1]
+    assert done["type"] == "done" and done["n"] == 4
+    assert decode_data_url(done["grid"]).size == (22, 22)  # a row per class: 2 x 2 tiles
+    for bad, msg in (({"classes": "middle"}, "middle"), ({"guidance": -1.0}, "guidance")):
+        r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, **bad})
+        assert r.status_code == 400 and msg in r.json()["error"], r.text

@@ -91,7 +91,8 @@ def _sample_request(body: Any) -> tuple[str, SampleConfig, bool]:
     steps = given.get("steps")
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise BadRequest(f"steps must be a whole number of at least 1, got {steps!r}")
-    cfg = override(SampleConfig(), **{**given, "n": n, "batch_size": n})
+    # one batch: the page streams the first batch, and per-image seeds make the size irrelevant to the pictures
+    cfg = override(SampleConfig(), **{**given, "n": n, "batch_size": MAX_IMAGES})
     return body["run"], cfg, bool(body.get("stream", True))
 
 

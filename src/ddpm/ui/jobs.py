@@ -92,7 +92,7 @@ class Job:
     def _run(self) -> None:
         try:
             s = self.work(self._hook)
-            grid = self.final(s) if self.final else make_grid(s.images[:64])
+            grid = self.final(s) if self.final else make_grid(s.images[:64], getattr(s, "per_class", None))
             self.samples, self.grid = s, grid
             self.emit("done", nfe=s.nfe, steps=s.steps, n=len(s.images), arithmetic=s.arithmetic,
                       seconds=round(time.perf_counter() - self.started, 4), grid=data_url(grid),

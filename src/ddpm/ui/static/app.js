@@ -62,8 +62,10 @@ function setupConditional(r) {
   const ok = r && r.num_classes > 0 && ["classes", "guidance"].every(k => state.meta.fields.includes(k));
   cond.hidden = !ok;
   f.classes.innerHTML = "";
-  if (ok) (r.class_names.length ? r.class_names : [...Array(r.num_classes).keys()].map(String))
-    .forEach((name, i) => f.classes.add(new Option(name, String(i))));
+  if (!ok) return;
+  (r.class_names.length ? r.class_names : [...Array(r.num_classes).keys()].map(String))
+    .forEach(name => f.classes.add(new Option(name, name)));
+  f.classes.add(new Option("all (a row each)", "all"));
 }
 
 function switchTab(name) {
@@ -82,7 +84,7 @@ function sampleParams(form, extra) {
   if (form === $("#sample-form")) {
     Object.assign(p, {sampler: form.sampler.value, steps: num("steps"), precision: form.precision.value});
     if (!form.querySelector(".cond").hidden)
-      Object.assign(p, {classes: [Number(form.classes.value)], guidance: num("guidance")});
+      Object.assign(p, {classes: form.classes.value, guidance: num("guidance")});
   }
   return p;
 }
