@@ -140,6 +140,15 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    if not args.onnx:
+        raise DdpmError("choose a format: --onnx (the only one so far)")
+    print(export_onnx(args.run, args.out, use_ema=not args.no_ema, opset=args.opset).summary())
+    return 0
+
+
 INPAINT_HELP = (
     "RePaint (Lugmayr et al. 2022): at each step the kept pixels come from the input noised to that level, the "
     "rest from the model; every j levels it goes back up j levels (fresh forward noise) r - 1 times. Every "
@@ -365,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--timesteps", type=int, default=1000)
     sc.add_argument("--out", default="schedules.png")
     sc.set_defaults(fn=cmd_schedules)
+
+    ex = sub.add_parser("export", help="the network as an ONNX graph (x_t, t[, cond]) -> out, checked "
+                        "against PyTorch (needs ddpm[export])")
+    ex.add_argument("run", help="run folder or checkpoint folder")
+    ex.add_argument("--onnx", action="store_true", help="write ONNX (dynamic batch)")
+    ex.add_argument("--out", help="file to write (default RUN/model.onnx)")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    ex.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    ex.set_defaults(fn=cmd_export)
 
     ip = sub.add_parser("inpaint", help="fill in the black part of --mask in --image (RePaint; any model, "
                         "every sampler)", description=INPAINT_HELP)
