@@ -16,18 +16,21 @@ Writes bench/results/ui_latency.json.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from harness import ROOT, cpu_info, save
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: as the server (the `ddpm` command) runs
 
-from ddpm.config import SampleConfig
-from ddpm.sampling.generate import LoadedModel, SamplingCancelled, generate, load_model
-from ddpm.ui.browser import chromium, ui_server
+import torch  # noqa: E402
+from harness import ROOT, cpu_info, save  # noqa: E402
+
+from ddpm.config import SampleConfig  # noqa: E402
+from ddpm.sampling.generate import LoadedModel, SamplingCancelled, generate, load_model  # noqa: E402
+from ddpm.ui.browser import chromium, ui_server  # noqa: E402
 
 PING = """async () => { const t = performance.now(); await fetch('/api/meta'); return performance.now() - t; }"""
 
@@ -97,7 +100,7 @@ def main() -> None:
         "ui_overhead_s_median": round(statistics.median(f - s for f, s in zip(first, lib)), 3),
         "done_s_median": round(statistics.median(r["done_s"] for r in rounds), 3),
         "max_ping_while_sampling_s": round(max(r["max_ping_s"] for r in rounds + [cold]), 3),
-        "rounds": rounds, "cold": cold, "cpu": cpu_info(),
+        "rounds": rounds, "cold": cold, "cpu": cpu_info(), "load_avg_1min_after": round(os.getloadavg()[0], 2),
         "command": "python bench/ui_latency.py " + " ".join(sys.argv[1:]),
     }
     save("ui_latency", result)

@@ -57,6 +57,7 @@ def ui_server(runs: list[str], runs_dir: str | Path, *, threads: int | None = No
     """`ddpm ui RUN... --runs DIR` on a free port of 127.0.0.1; yields its address."""
     port = free_port()
     env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `ddpm` command runs (ddpm.runtime.env)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "ddpm.cli", "ui", *runs, "--runs", str(runs_dir), "--port", str(port),

@@ -22,7 +22,7 @@ function fmtNum(v) {
 // series: [{x: [...], y: [...], label, colour, width}]; opts: {title, logY, marker, xlabel}
 function drawChart(canvas, series, opts) {
   const ctx = canvas.getContext("2d"), W = canvas.width, H = canvas.height;
-  const pad = {l: 56, r: 12, t: 28, b: 34};
+  const pad = {l: 56, r: 22, t: 44, b: 34};
   ctx.clearRect(0, 0, W, H);
   ctx.font = "12px system-ui, sans-serif";
   ctx.fillStyle = "#222";
@@ -60,12 +60,12 @@ function drawChart(canvas, series, opts) {
     });
     ctx.stroke();
   });
-  let lx = pad.l + 8;
+  let lx = pad.l;
   series.forEach((s, k) => {
     if (!s.label) return;
     ctx.fillStyle = s.colour || COLOURS[k % COLOURS.length];
-    ctx.fillRect(lx, pad.t + 2, 10, 3);
-    ctx.fillText(s.label, lx + 14, pad.t + 8);
+    ctx.fillRect(lx, 26, 10, 3);
+    ctx.fillText(s.label, lx + 14, 32);
     lx += ctx.measureText(s.label).width + 28;
   });
   if (opts.marker !== undefined && opts.marker !== null) {
