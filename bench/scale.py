@@ -131,7 +131,7 @@ def bench_size(ref, s: Size, rounds: int, iters: int) -> dict:
         tr = Trainer(cfg, Path(tmp), fake_data(s), torch.device("cpu"))
         ref_step, ref_model = reference_train_step(ref, s)
         train = interleave({"ours": tr.train_step, "reference": ref_step}, rounds=rounds, warmup=1)
-    net = UNet(cfg.model)  # contiguous weights (`load_model` now gives channels-last, ~1.2x faster)
+    net = UNet(cfg.model)  # contiguous weights (`load_model` now gives channels-last)
     sample = interleave({"ours": our_sampler(cfg, net, s, iters), "reference": reference_sampler(ref, ref_model, s, iters)},
                         rounds=rounds, warmup=1)
     T = ref.timesteps
