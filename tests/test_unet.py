@@ -24,9 +24,14 @@ TINY = ModelConfig(dim=8, attn_heads=2, attn_dim_head=8)
 
 
 def seed_reference():
+    """The seed's module; a missing file or einops fails loudly (CI has both), never skips."""
     if not (BENCH / "seed_reference.py").exists():
-        pytest.skip(f"no seed reference at {BENCH}")
-    pytest.importorskip("einops")
+        pytest.fail(f"the seed reference is missing: expected {BENCH / 'seed_reference.py'} "
+                    "(the repository's ../shared/bench/)")
+    try:
+        import einops  # noqa: F401
+    except ImportError:
+        pytest.fail("seed_reference.py needs einops: pip install -e '.[test]'")
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
     return importlib.import_module("seed_reference")
