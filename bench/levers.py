@@ -38,6 +38,7 @@ from harness import ROOT, cpu_info, interleave, median, ratio, save
 from ddpm import preset
 from ddpm.data import load_fashion_mnist
 from ddpm.nn import UNet, layers
+from ddpm.runtime.env import process_settings
 from ddpm.training.train import Trainer
 
 BATCH = 128
@@ -176,9 +177,10 @@ def lever_compile(rounds: int) -> dict:
 
 # ---------------------------------------------------------------- process-level settings
 
-# `import ddpm` sets OMP_WAIT_POLICY=PASSIVE unless the variable exists; an empty value keeps
-# libgomp's own default (spin a while, then sleep; it prints one "Invalid value" line for it)
-OMP_DEFAULT = {"OMP_WAIT_POLICY": ""}
+# The children import ddpm as a library, which leaves OMP_WAIT_POLICY alone (only the `ddpm`
+# command sets PASSIVE for itself, ddpm.runtime.env): without the variable, libgomp's own default
+# (spin a while, then sleep). Each child records what it ran with.
+OMP_DEFAULT: dict[str, str] = {}
 ENV_VARIANTS = {
     "default_2_threads": (OMP_DEFAULT, 2),
     "1_thread": (OMP_DEFAULT, 1),
@@ -197,20 +199,24 @@ def env_child(steps: int) -> None:
             t0 = time.perf_counter()
             tr.train_step()
             times.append(time.perf_counter() - t0)
-    print(json.dumps({"sec_per_step": statistics.median(times)}))
+    print(json.dumps({"sec_per_step": statistics.median(times), **process_settings()}))
 
 
 def lever_env(rounds: int, steps: int) -> dict:
     names = list(ENV_VARIANTS)
     times: dict[str, list[float]] = {n: [] for n in names}
+    ran_with: dict[str, dict] = {}  # what each child's process really ran with
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
             env, threads = ENV_VARIANTS[n]
             env = {**{k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}, **env}
             p = subprocess.run([sys.executable, __file__, "--env-child", str(steps), "--threads", str(threads)],
                                env=env, cwd=ROOT, stdout=subprocess.PIPE, check=True)
-            times[n].append(json.loads(p.stdout.decode().strip().splitlines()[-1])["sec_per_step"])
+            rec = json.loads(p.stdout.decode().strip().splitlines()[-1])
+            times[n].append(rec["sec_per_step"])
+            ran_with[n] = {k: rec.get(k) for k in ("omp_wait_policy", "omp_wait_policy_set_by", "threads")}
     out = summarize(times, "default_2_threads")
+    out["ran_with"] = ran_with
     out["seconds"] = times
     return out
 

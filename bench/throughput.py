@@ -57,6 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddpm import preset
 from ddpm.data import load_fashion_mnist
 from ddpm.nn import UNet
+from ddpm.runtime.env import process_settings
 from ddpm.samplers import SamplerOptions, get_sampler
 from ddpm.sampling import LoadedModel, make_schedule
 from ddpm.core.schedules import space_timesteps
@@ -311,7 +312,7 @@ def machine(device: torch.device) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"device": str(device), "gpu": gpu, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
-            "loadavg_start": os.getloadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "loadavg_start": os.getloadavg(), **process_settings(),  # the OpenMP wait policy libgomp read
             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), **cpu_info()}
 

@@ -233,3 +233,63 @@ def test_bad_flag_values_are_one_line(capsys: pytest.CaptureFixture) -> None:
         "train"].format_help()
     assert main(["train", "--preset", "seed", "--objective", "q", "--max-steps", "1"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: unknown objective 'q'; choose one of: eps, x0, v")
+
+
+# ---------------------------------------------------------------- the process: no surprises
+
+def _python(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter with OMP_WAIT_POLICY and DDPM_* unset, plus ``env``."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "DDPM_OMP_WAIT_POLICY")}
+    r = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_import_ddpm_changes_nothing() -> None:
+    """`import ddpm` (and the command's module) load no torch and set no variable; the public names work."""
+    out = _python("import os, sys, ddpm, ddpm.cli; print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY')); "
+                  "from ddpm import SampleConfig, load_model, UNet; print(os.environ.get('OMP_WAIT_POLICY'))")
+    assert out.splitlines() == ["False None", "None"]
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, "PASSIVE ddpm"),  # the command's default, set before torch loads
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE user"),  # the user's own setting wins
+    ({"DDPM_OMP_WAIT_POLICY": "off"}, "None nobody"),  # ours turned off: libgomp's default
+])
+def test_command_sets_the_wait_policy_before_torch(env: dict[str, str], want: str, tmp_path: Path) -> None:
+    code = ("import os, sys\nfrom ddpm.cli import main\n"
+            f"assert main(['schedules', '--timesteps', '10', '--out', {str(tmp_path / 's.png')!r}]) == 0\n"
+            "from ddpm.runtime.env import process_settings\ns = process_settings()\n"
+            "print(s['omp_wait_policy'], s['omp_wait_policy_set_by'].split()[0])")
+    assert _python(code, **env).splitlines()[-1] == want
+
+
+def test_load_model_leaves_cuda_settings_alone(tmp_path: Path, image_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library caller's process keeps its TF32 / cuDNN settings (checked as if CUDA were there)."""
+    import torch
+
+    from ddpm.sampling import load_model
+
+    cfg = write_config(tmp_path / "cfg.json", tiny_config(image_dir, max_steps=1))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,  # noqa: E731
+                     torch.backends.cudnn.benchmark)
+    def set_flags(tf32: bool, cudnn_tf32: bool, benchmark: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32, cudnn_tf32
+        torch.backends.cudnn.benchmark = benchmark
+
+    before = flags()
+    try:
+        set_flags(False, False, False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        load_model(tmp_path / "run", device=torch.device("cpu"))
+        assert flags() == (False, False, False)
+    finally:
+        set_flags(*before)

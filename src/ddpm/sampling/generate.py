@@ -15,7 +15,7 @@ from ..core.diffusion import Denoiser
 from ..errors import DdpmError
 from ..nn import UNet
 from ..runtime.device import resolve_device
-from ..runtime.precision import autocast_dtype, describe, fast_cuda_math, under_autocast
+from ..runtime.precision import autocast_dtype, describe, under_autocast
 from ..samplers import SamplerOptions, check_options, get_sampler
 from ..core.schedules import NoiseSchedule, make_schedule, space_timesteps
 from ..pictures.viz import make_grid
@@ -46,7 +46,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", use_ema:
     net = UNet(ck.config.model)
     load_into(net, ck.sampling_weights(use_ema), ck.path)
     net = net.to(dev).eval()
-    fast_cuda_math(True)
     if ck.config.train.channels_last:  # the layout it trained in: 1.2x faster convolutions (BENCHMARKS.md)
         net = net.to(memory_format=torch.channels_last)
     return LoadedModel(net, make_schedule(ck.config).to(dev), ck.config, ck.step, ck.path)

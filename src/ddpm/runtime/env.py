@@ -1,0 +1,66 @@
+"""Process-wide settings that only the ``ddpm`` command makes, for its own process.
+
+``import ddpm`` changes nothing in the caller's process. The command's entry point
+(:func:`ddpm.cli.main`) calls :func:`apply_command_defaults` before torch loads:
+
+- ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning, which keeps
+  training 3-4x faster when anything else shares the CPU (BENCHMARKS.md, "Levers"). libgomp
+  reads the variable once, when torch loads it, so it is set only if torch is not loaded yet.
+  The user's own ``OMP_WAIT_POLICY`` always wins; ``DDPM_OMP_WAIT_POLICY=off`` leaves libgomp's
+  default, any other value of it is used instead of PASSIVE.
+- TF32 matrix products and cuDNN's autotuner on CUDA, for the command's sampling and
+  evaluation (:func:`command_cuda_math`); training follows ``train.tf32``.
+
+:func:`process_settings` says what is in effect, for logs and benchmark records.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import MutableMapping
+
+OMP_VAR = "OMP_WAIT_POLICY"
+DDPM_OMP_VAR = "DDPM_OMP_WAIT_POLICY"  # ddpm's choice for its own command; "off": none
+DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
+
+# Filled in by apply_command_defaults: who set OMP_WAIT_POLICY for this process, if anyone.
+_applied: dict[str, str | None] = {}
+
+
+def apply_command_defaults(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Set the command's OpenMP wait policy (see the module's docstring); the value set, or None."""
+    want = environ.get(DDPM_OMP_VAR, DEFAULT_OMP_WAIT_POLICY).strip()
+    if OMP_VAR in environ:
+        _applied["omp_set_by"] = "user"
+    elif "torch" in sys.modules:  # too late: libgomp has read its environment already
+        _applied["omp_set_by"] = "nobody (torch was loaded first)"
+    elif want.lower() in ("", "off", "none", "default"):
+        _applied["omp_set_by"] = f"nobody ({DDPM_OMP_VAR}={want or '(empty)'})"
+    else:
+        environ[OMP_VAR] = want
+        _applied["omp_set_by"] = "ddpm"
+        return want
+    return None
+
+
+def command_cuda_math(enabled: bool = True) -> None:
+    """The command's CUDA arithmetic: TF32 and cuDNN's autotuner (library callers choose their own)."""
+    from .precision import fast_cuda_math
+
+    fast_cuda_math(enabled)
+
+
+def process_settings() -> dict[str, object]:
+    """What this process runs with: the OpenMP wait policy libgomp read (None: its default, spin
+    then sleep), who set it, and, once torch is loaded, its threads and CUDA arithmetic."""
+    out: dict[str, object] = {"omp_wait_policy": os.environ.get(OMP_VAR) or None,
+                              "omp_wait_policy_set_by": _applied.get("omp_set_by", "user" if OMP_VAR in os.environ
+                                                                     else "nobody")}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        out["torch"] = torch.__version__
+        out["threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            out["cuda_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+            out["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+    return out
