@@ -60,6 +60,7 @@ def one_click(pg, sampler: str, steps: int, n: int) -> dict[str, float]:
             sys.exit("the page showed an error: " + pg.inner_text("#error"))
     t = pg.evaluate("window.ddpmTimings")
     return {"first_frame_s": (t["firstFrame"] - t["click"]) / 1000, "done_s": (t["done"] - t["click"]) / 1000,
+            "server_first_frame_s": pg.evaluate("state.frames[0].elapsed"),  # sampling thread start -> frame sent
             "max_ping_s": max(pings, default=0.0), "pings": len(pings)}
 
 
@@ -96,6 +97,8 @@ def main() -> None:
         "run": run.name, "sampler": args.sampler, "steps": args.steps, "n": args.n, "threads": args.threads,
         "cold_first_frame_s": round(cold["first_frame_s"], 3),
         "warm_first_frame_s_median": round(statistics.median(first), 3), "warm_first_frame_s_max": round(max(first), 3),
+        "warm_first_frame_s_min": round(min(first), 3),
+        "server_first_frame_s_median": round(statistics.median(r["server_first_frame_s"] for r in rounds), 3),
         "library_first_step_s_median": round(statistics.median(lib), 3),
         "ui_overhead_s_median": round(statistics.median(f - s for f, s in zip(first, lib)), 3),
         "done_s_median": round(statistics.median(r["done_s"] for r in rounds), 3),
