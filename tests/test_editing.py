@@ -3,6 +3,7 @@ the data's own distribution, resampling pulls a correlated hole towards its exac
 known pixels are the input's bit for bit; and the two commands end to end on a tiny made-up run."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -279,3 +280,28 @@ def test_bad_input_is_one_line_and_writes_nothing(args: list[str], message: str,
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert sorted(p.name for p in out.iterdir()) == ["samples.npz"]
     assert (out / "samples.npz").read_bytes() == b"earlier"
+
+
+def test_eval_inpaint_on_a_tiny_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """`ddpm eval RUN --inpaint right`: completions of made-up "test images" (IDX files the test
+    writes), scored with the shipped feature net, beside the originals and the black hole."""
+    from test_data import fake_fashion
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fake_fashion(tmp_path / "fm", n_train=30, n_test=30)
+    cfg = tiny_config(tmp_path)
+    cfg = replace(cfg, data=replace(cfg.data, image_size=28))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run", config=cfg, step=1, model=UNet(cfg.model).state_dict(), ema=None, state={})
+    out = tmp_path / "out"
+    argv = ["eval", str(tmp_path / "run"), "--n", "12", "--sampler", "ddim", "--steps", "4", "--jump-length", "2",
+            "--data", str(tmp_path / "fm"), "--out", str(out)]
+    assert main([*argv, "--inpaint", "right", "--resample", "2"]) == 0
+    rep = json.loads((out / "eval-inpaint-right-ddim-4-j2-r2.json").read_text())
+    assert rep["nfe"] == 4 + 2 and rep["resample"] == 2 and rep["mask"] == "right"
+    assert rep["report"]["n_samples"] == 12 and rep["report"]["fd"] > 0
+    assert 0 <= rep["fd_originals"] < rep["fd_hole_black"]
+    capsys.readouterr()
+    assert main([*argv, "--inpaint", "left"]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown --inpaint 'left'; choose one of: right, center"
