@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "DdpmError": "errors",
     "UNet": "nn",
     "generate": "sampling.generate", "load_model": "sampling.generate",
+    "inpaint": "sampling.editing", "edit": "sampling.editing", "RePaintConfig": "sampling.editing",
     "train": "training.train",
     "noise_figure": "pictures.forward", "save_gif": "pictures.viz", "save_grid": "pictures.viz",
 }

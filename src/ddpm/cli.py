@@ -234,6 +234,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.nll:
         return cmd_eval_nll(args)
+    if args.inpaint is not None:
+        return cmd_eval_inpaint(args)
     if sum(x is not None and x is not False for x in (args.run, args.samples, args.real)) != 1:
         raise DdpmError("give exactly one of: a RUN (to sample from), --samples FILE.npz, or --real")
     net = load_feature_net(args.features) if args.features else default_feature_net()
@@ -278,6 +280,35 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
             "arithmetic": s.arithmetic}
     return s.images, out, info
+
+
+def cmd_eval_inpaint(args: argparse.Namespace) -> int:
+    """ddpm eval RUN --inpaint right|center --resample R: FD of RePaint's completions of test images."""
+    from .evaluation.features import default_feature_net, load_feature_net
+    from .evaluation.inpainting import fmnist_test_images, inpainting_report
+    from .files import check_writable_dir
+    from .sampling.editing import MASK_SHAPES, RePaintConfig, check_repaint
+    from .sampling.generate import check_sample_config, load_model
+
+    if args.inpaint not in MASK_SHAPES:
+        raise DdpmError(f"unknown --inpaint {args.inpaint!r}; choose one of: {', '.join(MASK_SHAPES)}")
+    if args.run is None or args.samples or args.real:
+        raise DdpmError("--inpaint evaluates a RUN (the model that fills the holes); drop --samples / --real")
+    scfg = _sample_config(args)
+    rp = RePaintConfig(jump_length=args.jump_length, resample=args.resample)
+    check_repaint(rp)
+    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    check_sample_config(model, scfg)
+    out = check_writable_dir(Path(args.out) if args.out else model.source.parent.parent / "samples")
+    net = load_feature_net(args.features) if args.features else default_feature_net()
+    images = fmnist_test_images(model, scfg.n, args.data)
+    rep = inpainting_report(model, scfg, rp, args.inpaint, images=images, feature_net=net,
+                            reference=args.reference, data_dir=args.data, seed=args.seed)
+    print(rep.summary())
+    path = out / f"eval-inpaint-{args.inpaint}-{scfg.sampler}-{rep.steps}-j{rp.jump_length}-r{rp.resample}.json"
+    _write_report(path, json.dumps(rep.to_dict(), indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 def cmd_eval_nll(args: argparse.Namespace) -> int:
@@ -360,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nll", action="store_true", help="the variational bound (DDPM Eq. 5) in bits/dim on the test set")
     g.add_argument("--nll-steps", type=int, help="KL terms per image: stratified, unbiased estimate (default all T)")
     g.add_argument("--nll-variance", help=f"{names_help(VARIANCES)} (default: learned for learn-sigma runs)")
+    g = ev.add_argument_group("inpainting (--inpaint)")
+    g.add_argument("--inpaint", metavar="right|center", help="FD-FMNIST of the first --n test images "
+                   "completed by RePaint with this region unknown (the right half, or a centre square of half "
+                   "the side), beside the originals' FD (the floor) and the hole left black")
+    g.add_argument("--jump-length", type=int, default=10, help="RePaint's j (default 10)")
+    g.add_argument("--resample", type=int, default=10, help="RePaint's r (default 10; 1: no resampling)")
     ev.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="train the fast preset for a few minutes, then sample a grid and a GIF")
