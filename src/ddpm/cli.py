@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import DdpmError
 
+NO_PROGRESS = "no progress bar (it is off anyway when stderr is not a terminal)"
 BUDGET = ("epochs", "max_steps", "minutes")  # a budget flag replaces the preset's budget
 
 
@@ -25,6 +26,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per config field (ddpm.flags), plus the flags that derive fields."""
     from .flags import add_config_flags
 
+    p.add_argument("--cond", action="store_true",
+                   help="class-conditional: one class per Fashion-MNIST label, or per first-level "
+                        "subfolder of an image folder (root/<class>/...)")
     add_config_flags(p)
 
 
@@ -32,19 +36,30 @@ def build_config(args: argparse.Namespace) -> Any:
     """Preset or --config file (or the run's own config on --resume), then the flags on top."""
     from .config import RunConfig, override, preset
     from .flags import config_changes
+    from .training.train import resume_config
 
-    run_cfg = Path(args.run_dir) / "config.json" if args.run_dir else None
+    own = resume_config(args.run_dir) if args.resume and args.run_dir and args.preset is None else None
     if args.config:
         cfg = RunConfig.load(args.config)
-    elif args.resume and run_cfg is not None and run_cfg.is_file() and args.preset is None:
-        cfg = RunConfig.load(run_cfg)
+    elif own is not None:
+        cfg = own  # the checkpoint's own config, not a hand-edited RUN/config.json
     else:
         cfg = preset(args.preset or "seed")
     sections = config_changes(args)
     if any(k in sections.get("train", {}) for k in BUDGET):
         sections["train"] = {**{k: None for k in BUDGET}, **sections["train"]}
     new = {sec: override(getattr(cfg, sec), **fl) for sec, fl in sections.items()}
-    return replace(cfg, **new)
+    cfg = replace(cfg, **new)
+    return _conditional(cfg) if getattr(args, "cond", False) else cfg
+
+
+def _conditional(cfg: Any) -> Any:
+    """--cond: as many classes as the data source has, their names stored with the run."""
+    from .data.readers import class_names
+
+    names = class_names(cfg.data.source, cfg.data.data_dir)
+    return replace(cfg, model=replace(cfg.model, num_classes=len(names)),
+                   data=replace(cfg.data, class_names=names))
 
 
 def _run_dir(args: argparse.Namespace, default_name: str) -> Path:
@@ -70,42 +85,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_config(args: argparse.Namespace) -> Any:
+def _sample_config(args: argparse.Namespace, sweep: bool = False) -> Any:
     from .config import override
     from .sampling.generate import SampleConfig
 
     return override(SampleConfig(), sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta,
                     variance=args.variance, clip=args.clip, n=args.n, batch_size=args.batch_size,
-                    seed=args.seed, use_ema=not args.no_ema, precision=args.precision)
+                    seed=args.seed, use_ema=not args.no_ema, precision=args.precision,
+                    **_guidance_fields(args, sweep))
+
+
+def _guidance_fields(args: argparse.Namespace, sweep: bool = False) -> dict[str, Any]:
+    """--class, --guidance (one value; eval: the first of its sweep), --guidance-interval LO,HI."""
+    from .sampling.guidance import parse_guidances
+
+    ws = parse_guidances(args.guidance) if args.guidance is not None else (0.0,)
+    if len(ws) > 1 and not sweep:
+        raise DdpmError(f"--guidance takes one value here, got {args.guidance!r} "
+                        "(a sweep: ddpm eval RUN --class all --guidance 0,1,2)")
+    iv = None
+    if args.guidance_interval is not None:
+        try:
+            iv = tuple(float(v) for v in args.guidance_interval.split(","))
+        except ValueError:
+            raise DdpmError(f"--guidance-interval must be LO,HI (noise levels sigma), got "
+                            f"{args.guidance_interval!r}") from None
+    return {"classes": args.classes, "guidance": ws[0], "guidance_interval": iv}
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .checkpoint import atomic_write_bytes
-    from .sampling.generate import generate, load_model
-    from .pictures.viz import save_gif, save_grid
+    from .files import check_writable_dir
+    from .pictures.viz import save_sample_set
+    from .sampling.generate import check_sample_config, generate, load_model
 
     scfg = _sample_config(args)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
     out = Path(args.out) if args.out else model.source.parent.parent / "samples"
     if args.index is not None and not 0 <= args.index < min(scfg.n, scfg.batch_size):
         raise DdpmError(f"--index must be between 0 and {min(scfg.n, scfg.batch_size) - 1}, got {args.index}")
-    out.mkdir(parents=True, exist_ok=True)
+    check_sample_config(model, scfg)  # bad input: one line, before anything is written
+    check_writable_dir(out)  # and an output folder that cannot take the result, before minutes of sampling
     frames = args.gif_show if args.gif else "none"
     t0 = time.perf_counter()
-    s = generate(model, scfg, frames=frames, frame_index=args.index, progress=True)
+    s = generate(model, scfg, frames=frames, frame_index=args.index, progress=not args.no_progress)
     dt = time.perf_counter() - t0
     print(f"sampler {scfg.sampler}: {s.steps} steps, {s.nfe} network evaluations per image; "
-          f"{scfg.n} images in {dt:.1f}s ({scfg.n / dt:.1f} images/s)")
-    import io
-    buf = io.BytesIO()
-    np.savez_compressed(buf, images=s.images.numpy())
-    atomic_write_bytes(out / "samples.npz", buf.getvalue())
-    save_grid(s.images[:64], out / "grid.png")
-    written = [out / "grid.png", out / "samples.npz"]
-    if args.gif:
-        written.append(save_gif(s.frames, out / "denoising.gif", scale=4 if args.index is not None else 2))
+          f"{len(s.images)} images in {dt:.1f}s ({len(s.images) / dt:.1f} images/s)")
+    grid, nrow = None, None
+    if s.per_class is not None:  # one row per class, at most 16 images of each
+        nrow = min(s.per_class, 16)
+        grid = s.images.reshape(-1, s.per_class, *s.images.shape[1:])[:, :nrow].flatten(0, 1)
+    written = save_sample_set(out, s.images, labels=s.labels, grid=grid, nrow=nrow,
+                              frames=s.frames if args.gif else None, gif_scale=4 if args.index is not None else 2)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -146,6 +177,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.onnx:
         raise DdpmError("choose a format: --onnx (the only one so far)")
     print(export_onnx(args.run, args.out, use_ema=not args.no_ema, opset=args.opset).summary())
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui import serve
+
+    serve(args.runs_given, args.runs, host=args.host, port=args.port, device=args.device)
     return 0
 
 
@@ -217,27 +255,44 @@ def _load_npz_images(path: str) -> Any:
     import numpy as np
     import torch
 
+    import zipfile
+
+    from .files import shorten
+
     try:
-        with np.load(path) as z:
-            arr = z["images"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DdpmError(f"cannot read samples {path}: expected an .npz with key 'images' ({e})") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise DdpmError(f"{path}: 'images' must be uint8 (N, C, H, W), got {arr.dtype} {arr.shape}")
+        z = np.load(path)  # an .npz (key 'images') or a plain .npy array; never pickles
+        if isinstance(z, np.ndarray):
+            arr = z
+        else:
+            with z:
+                arr = z["images"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DdpmError(f"cannot read samples {path}: expected an .npz with key 'images' or an .npy array "
+                        f"({shorten(str(e))})") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) == 0 or arr.shape[1] not in (1, 3):
+        raise DdpmError(f"{path}: the images must be uint8 (N, C, H, W) with N >= 1 and C 1 or 3, "
+                        f"got {arr.dtype} {arr.shape}")
     return torch.from_numpy(arr)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_write_text
+    from .files import check_writable_dir
     from .evaluation.evaluate import evaluate_images, inception_fid, resolve_images
     from .evaluation.features import default_feature_net, load_feature_net
 
+    from .config import check_seed
+
+    check_seed(args.seed)
     if args.nll:
         return cmd_eval_nll(args)
     if args.inpaint is not None:
         return cmd_eval_inpaint(args)
+    if args.run is not None and args.classes is not None:
+        return cmd_eval_control(args)
     if sum(x is not None and x is not False for x in (args.run, args.samples, args.real)) != 1:
         raise DdpmError("give exactly one of: a RUN (to sample from), --samples FILE.npz, or --real")
+    if args.out or not args.run:  # the report's folder, checked before the work (a RUN's: once it is found)
+        check_writable_dir(args.out or (Path(args.samples).parent if args.samples else Path(".")))
     net = load_feature_net(args.features) if args.features else default_feature_net()
     info: dict[str, Any] = {}
     if args.samples:
@@ -264,22 +319,62 @@ def cmd_eval(args: argparse.Namespace) -> int:
     arith = f"-{info['arithmetic']}" if info.get("arithmetic", "fp32") != "fp32" else ""
     name = f"eval-{info.get('sampler', 'samples')}-{info['steps']}{arith}.json" if "steps" in info else "eval.json"
     path = Path(args.out) / name if args.out else out / name
-    atomic_write_text(path, text + "\n")
+    _write_report(path, text + "\n")
     print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _write_report(path: Path, text: str) -> None:
+    """A report printed above is kept there when its file cannot be written: say so."""
+    from .files import WriteError, atomic_write_text
+
+    try:
+        atomic_write_text(path, text)
+    except WriteError as e:
+        e.note = "; the report printed above is its only copy"
+        raise
 
 
 def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     from .sampling.generate import generate, load_model
 
+    from .files import check_writable_dir
+
     scfg = _sample_config(args)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
-    s = generate(model, scfg)
-    out = Path(args.out) if args.out else model.source.parent.parent / "samples"
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable_dir(Path(args.out) if args.out else model.source.parent.parent / "samples")
+    s = generate(model, scfg, progress=not args.no_progress)
     info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
             "arithmetic": s.arithmetic}
     return s.images, out, info
+
+
+def cmd_eval_control(args: argparse.Namespace) -> int:
+    """ddpm eval RUN --class all --guidance 0,1,2,4: a guidance sweep with class agreement."""
+    from .evaluation.control import guidance_sweep, plot_sweep
+    from .evaluation.features import default_feature_net, load_feature_net
+    from .files import check_writable_dir
+    from .sampling.generate import load_model
+    from .sampling.guidance import parse_guidances
+
+    if args.samples or args.real:
+        raise DdpmError("--class evaluates a RUN; drop --samples / --real")
+    ws = parse_guidances(args.guidance) if args.guidance is not None else (0.0,)
+    scfg = _sample_config(args, sweep=True)
+    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    out = check_writable_dir(Path(args.out) if args.out else model.source.parent.parent / "samples")
+    net = load_feature_net(args.features) if args.features else default_feature_net()
+    floor = "fashion-mnist-train" if args.reference == "fashion-mnist-test" else None
+    rep = guidance_sweep(model, scfg, ws, feature_net=net, reference=args.reference, floor=floor,
+                         data_dir=args.data, seed=args.seed)
+    for r in rep.results:
+        agree = "" if r.agreement is None else f" agreement={100 * r.agreement:.1f}%"
+        print(f"guidance {r.guidance:g}: {r.report.summary()}{agree} ({r.images_per_sec:.1f} images/s)")
+    name = f"eval-control-{scfg.sampler}-{rep.steps}"
+    _write_report(out / f"{name}.json", json.dumps(rep.to_dict(), indent=2) + "\n")
+    plot_sweep(rep, out / f"{name}.png")
+    print(f"wrote {out / (name + '.json')}, {out / (name + '.png')}", file=sys.stderr)
+    return 0
 
 
 def cmd_eval_inpaint(args: argparse.Namespace) -> int:
@@ -312,8 +407,8 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_nll(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_write_text
     from .data.readers import load_fashion_mnist
+    from .files import check_writable_file
     from .evaluation.likelihood import format_nll, nll_bits_per_dim
     from .sampling.generate import load_model
 
@@ -322,12 +417,14 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise DdpmError(f"--n must be at least 1, got {args.n}")
     model = load_model(args.run, device=args.device, use_ema=not args.no_ema)
+    out = Path(args.out) / "nll.json" if args.out else model.source.parent.parent / "nll.json"
+    check_writable_file(out, "report")  # before minutes of work
     images = load_fashion_mnist("test", args.data)[: args.n]
     report = nll_bits_per_dim(model, images, timesteps=args.nll_steps, batch_size=args.batch_size,
-                              seed=args.seed, variance=args.nll_variance, clip=args.clip, progress=True)
+                              seed=args.seed, variance=args.nll_variance, clip=args.clip,
+                              progress=not args.no_progress)
     print(format_nll(report))
-    out = Path(args.out) / "nll.json" if args.out else model.source.parent.parent / "nll.json"
-    atomic_write_text(out, json.dumps(report.to_dict(), indent=2))
+    _write_report(out, json.dumps(report.to_dict(), indent=2))
     print(f"wrote {out}")
     return 0
 
@@ -345,13 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (a run folder under runs/)")
-    t.add_argument("--preset", help="seed (the seed's recipe) | fast (small, for CPUs)")
+    t.add_argument("--preset", help="seed (the seed's recipe) | fast (small, for CPUs) | fast-cond "
+                                    "(fast, class-conditional on Fashion-MNIST)")
     t.add_argument("--config", help="a config.json to train from (e.g. RUN/config.json)")
     t.add_argument("--name", help="run name: the run lives in runs/NAME")
     t.add_argument("--out", help="run folder (instead of runs/NAME)")
     t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     t.add_argument("--no-tensorboard", action="store_true",
                    help="no TensorBoard events in RUN/tb (written only when tensorboard is installed)")
     _add_train_flags(t)
@@ -425,6 +523,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
     ex.set_defaults(fn=cmd_export)
 
+    ui = sub.add_parser("ui", help="a local web page: watch sampling step by step, compare samplers, "
+                        "the forward process, training curves (needs ddpm[ui])")
+    ui.add_argument("runs_given", nargs="*", metavar="RUN", help="run folders to show (besides those under --runs)")
+    ui.add_argument("--runs", default="runs", help="also list every run folder directly under DIR (default runs/)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind: 127.0.0.1 (default) serves this machine only")
+    ui.add_argument("--port", type=int, default=8000)
+    ui.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ui.set_defaults(fn=cmd_ui)
+
     ip = sub.add_parser("inpaint", help="fill in the black part of --mask in --image (RePaint; any model, "
                         "every sampler)", description=INPAINT_HELP)
     _add_edit_flags(ip, "inpaint")
@@ -462,11 +569,26 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     from .runtime.precision import PRECISIONS
     from .samplers import SAMPLERS
 
+    def own(field: str) -> str:  # each sampler's default, from the table
+        return ", ".join(f"{n} {getattr(spec, field) or 'T'}" for n, spec in SAMPLERS.items())
+
     s.add_argument("--sampler", default="ddpm", help="; ".join(f"{n}: {spec.summary}" for n, spec in SAMPLERS.items()))
-    s.add_argument("--steps", type=int, help="sampling steps (default: the sampler's own)")
-    s.add_argument("--spacing", default="uniform", help=names_help(SPACINGS))
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic) to 1")
-    s.add_argument("--variance", default="beta_tilde", help=f"ddpm only: {names_help(VARIANCES)} (default beta_tilde)")
+    g = s.add_argument_group("class-conditional models")
+    g.add_argument("--class", dest="classes", metavar="CLASS",
+                   help="a class name (e.g. sneaker) or index, a comma list, or 'all' (one grid row per "
+                        "class); several classes share --n evenly, rounded up")
+    g.add_argument("--guidance", metavar="W",
+                   help="classifier-free guidance w >= 0: eps = eps_c + w (eps_c - eps_u); 0 (the default) "
+                        "is the plain conditional model; w is Ho & Salimans' w, diffusers' guidance_scale "
+                        "is w + 1; costs one batched pass of twice the images (eval: a comma list, a sweep)")
+    g.add_argument("--guidance-interval", metavar="LO,HI",
+                   help="guide only where the noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is "
+                        "in [LO, HI] (sigma units, as EDM; not t), Kynkaanniemi et al. 2024")
+    s.add_argument("--steps", type=int, help=f"sampling steps (default: the sampler's own: {own('default_steps')})")
+    s.add_argument("--spacing", default=None,
+                   help=f"{' | '.join(SPACINGS)} (default: the sampler's own: {own('default_spacing')})")
+    s.add_argument("--eta", type=float, default=None, help="ddim only: noise, 0 (deterministic, the default) to 1")
+    s.add_argument("--variance", default=None, help=f"ddpm only: {names_help(VARIANCES)} (default beta_tilde)")
     s.add_argument("--clip", default="clip", help=f"x0 clipping: {names_help(CLIPS)}")
     s.add_argument("--n", type=int, default=n_default)
     s.add_argument("--batch-size", type=int, default=256)
@@ -475,6 +597,7 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     s.add_argument("--precision", default="fp32",
                    help=f"{names_help(PRECISIONS)}: bf16 autocast is 1.4-1.6x faster where native, fp16 needs CUDA")
     s.add_argument("--device", default="auto")
+    s.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -485,14 +608,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     fn: Callable[[argparse.Namespace], int] = args.fn
     if getattr(args, "device", None) is not None:
         command_cuda_math(True)  # the command's own process only; `ddpm train` then follows train.tf32
-    try:
-        return fn(args)
-    except DdpmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
-        return 128 + getattr(e, "signum", 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    with _sigterm_raises():
+        try:
+            return fn(args)
+        except DdpmError as e:
+            return _fail(str(e))
+        except KeyboardInterrupt as e:
+            print(_one_line(f"interrupted: {e}" if str(e) else "interrupted"), file=sys.stderr)
+            return 128 + getattr(e, "signum", 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        except OSError as e:  # the last resort: a reader or writer that did not say it in its own words
+            where = f"{e.filename}: " if e.filename else ""
+            return _fail(f"{where}{e.strerror or e}")
+        except MemoryError as e:
+            return _fail(f"out of memory{': ' + str(e) if str(e) else ''} (try a smaller --batch-size or size)")
+
+
+def _fail(message: str) -> int:
+    print(_one_line(f"error: {message}"), file=sys.stderr)
+    return 2
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    """A message is one line, and never a 50 MB one."""
+    text = " ".join(text.split("\n"))
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _sigterm_raises() -> Any:
+    """SIGTERM raises (as Ctrl-C does), so that every command cleans up and says so in one line."""
+    import contextlib
+    import signal
+
+    from .files import raise_stopped
+
+    @contextlib.contextmanager
+    def installed() -> Any:
+        try:
+            old = signal.signal(signal.SIGTERM, raise_stopped)
+        except ValueError:  # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, old)
+    return installed()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from .core.schedules import SCHEDULES, Spacing as SpacingName
 from .errors import DdpmError
+from .files import shorten
 
 # Each closed set of names is one table (docs/architecture.md, "Names"): the command's choices,
 # these checks and the plots read it. Schedules and spacings are tables of core.schedules.
@@ -50,6 +51,7 @@ class ModelConfig:
     linear_attn: bool = _f(True, "linear attention at every resolution, as the seed")
     learn_sigma: bool = _f(False, "learn the reverse variances (improved DDPM hybrid loss)")
     grad_checkpoint: bool = _f(False, "recompute block activations in backward to save memory")
+    num_classes: int = _f(0, "> 0: class-conditional (index num_classes: the null class of classifier-free guidance)")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class DataConfig:
     channels: int = _f(1, "image channels (1: grey, 3: RGB)")
     flip: bool = _f(True, "random horizontal flips")
     data_dir: str | None = _f(None, "folder holding the Fashion-MNIST IDX files")
+    class_names: tuple[str, ...] = _f((), "a conditional run's classes, by index (filled in from the data)")
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the network")
     precision: Precision = _f("fp32", "fp32 (exact) | bf16 (autocast, 1.4-1.6x where native) | fp16 (CUDA) | auto")
     tf32: bool = _f(True, "CUDA: TF32 matrix products and convolutions in fp32")
+    cond_drop: float = _f(0.1, "conditional runs: P(label -> null class), Ho & Salimans 2022's p_uncond")
 
 
 Clip = Literal["none", "clip", "dynamic"]  # x0 clipping while sampling (core.diffusion.interpret)
@@ -117,15 +121,24 @@ class SampleConfig:
 
     sampler: str = _f("ddpm", "the sampler (ddpm.samplers.SAMPLERS)")
     steps: int | None = _f(None, "sampling steps (default: the sampler's own)")
-    spacing: SpacingName = _f("uniform", "which of the T training steps the sampler visits")
-    eta: float = _f(0.0, "DDIM noise, 0 (deterministic) to 1")
-    variance: Variance = _f("beta_tilde", "ddpm: the reverse step's variance")
+    # None: not given; the sampler's own default (ddpm.samplers.SAMPLERS), and eta / variance
+    # given to a sampler that does not read them are refused, not silently ignored
+    spacing: SpacingName | None = _f(None, "which of the T training steps the sampler visits (default: the sampler's own)")
+    eta: float | None = _f(None, "ddim only: noise, 0 (deterministic, the default) to 1")
+    variance: Variance | None = _f(None, "ddpm only: the reverse step's variance (default beta_tilde)")
     clip: Clip = _f("clip", "x0 clipping")
     n: int = _f(64, "images to draw")
     batch_size: int = _f(256, "images per batch")
     seed: int = _f(0, "seed of the noise")
     use_ema: bool = _f(True, "the EMA weights (else the raw weights)")
     precision: Precision = _f("fp32", "fp32 | bf16 (autocast, 1.4-1.6x where native) | fp16 (CUDA) | auto")
+    classes: str | None = _f(None, "conditional models: a class name or index, a comma list, or 'all' "
+                                   "(one grid row per class; several classes share --n evenly, rounded up)")
+    guidance: float = _f(0.0, "classifier-free guidance w >= 0: eps = eps_c + w (eps_c - eps_u); 0 is the "
+                              "plain conditional model; Ho & Salimans' w; diffusers' guidance_scale = w + 1")
+    guidance_interval: tuple[float, ...] | None = _f(
+        None, "LO,HI: guide only where the noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) "
+              "is in [LO, HI] (Kynkaanniemi et al. 2024; EDM's sigma units, not t)")
 
 
 def check_sample_config(cfg: SampleConfig) -> None:
@@ -134,6 +147,35 @@ def check_sample_config(cfg: SampleConfig) -> None:
         _check_value(name, typing.get_type_hints(SampleConfig)[name], getattr(cfg, name))
     if cfg.n < 1 or cfg.batch_size < 1:
         raise DdpmError(f"--n and --batch-size must be at least 1, got {cfg.n} and {cfg.batch_size}")
+    check_seed(cfg.seed)
+
+
+MAX_SEED = 2**62  # seeds are offset (seed + 1, per-image seeds) and must stay inside int64
+MAX_WIDTH = 65_536  # channels of any layer: far above any U-Net in use; beyond, torch fails in C++
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """A seed torch can take (an int64, with room for the offsets derived from it)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise DdpmError(f"{flag} must be between 0 and 2**62, got {shorten(seed)}")
+
+
+def check_model_config(m: ModelConfig) -> None:
+    """Sizes the U-Net can be built from and sampled with, in one line each (before any training)."""
+    mults = m.dim_mults
+    if not (2 <= m.dim <= MAX_WIDTH and mults and len(mults) <= 16 and all(1 <= k <= MAX_WIDTH for k in mults)
+            and m.dim * max(mults) <= MAX_WIDTH):
+        raise DdpmError(f"invalid U-Net size: dim={shorten(m.dim)}, dim_mults={shorten(mults)} (dim at least 2, "
+                        f"1 to 16 multipliers of at least 1, widths up to {MAX_WIDTH:,})")
+    for name, least in (("init_dim", 1), ("attn_heads", 1), ("attn_dim_head", 1), ("resnet_block_groups", 1),
+                        ("convnext_mult", 1)):
+        v = getattr(m, name)
+        if v is not None and not least <= v <= MAX_WIDTH:
+            raise DdpmError(f"model.{name} must be between {least} and {MAX_WIDTH:,}, got {shorten(v)}")
+    want = m.channels * (2 if m.learn_sigma else 1)
+    if m.out_dim is not None and m.out_dim != want:
+        raise DdpmError(f"model.out_dim must be {want} (the image channels{', twice, for learn_sigma' if m.learn_sigma else ''}"
+                        f"), got {shorten(m.out_dim)}: a network with other outputs can never be sampled")
 
 
 @dataclass(frozen=True)
@@ -182,17 +224,25 @@ def _fast() -> RunConfig:
     )
 
 
+def _fast_cond() -> RunConfig:
+    """The fast recipe, class-conditional on Fashion-MNIST's ten classes (classifier-free
+    guidance: 10% of labels dropped to the null class)."""
+    cfg = _fast()
+    return replace(cfg, model=replace(cfg.model, num_classes=10), preset="fast-cond")
+
+
 PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
     # The seed's recipe exactly: T=200 linear, huber, eps, Adam 1e-3, batch 128, 6 epochs.
     "seed": lambda: RunConfig(preset="seed"),
     "fast": _fast,
+    "fast-cond": _fast_cond,
 }
 
 
 def preset(name: str) -> RunConfig:
     """The named preset's full config."""
     if name not in PRESETS:
-        raise DdpmError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise DdpmError(f"unknown preset {shorten(name)}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()
 
 
@@ -205,7 +255,7 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
     if origin is Literal:
         if value not in get_args(tp):
             choices = ", ".join(map(str, get_args(tp)))
-            raise DdpmError(f"unknown {path} {value!r}; choose one of: {choices}")
+            raise DdpmError(f"unknown {path} {shorten(value)}; choose one of: {choices}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -215,27 +265,27 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
         return _check_value(path, inner[0], value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise DdpmError(f"{path} must be a list, got {value!r}")
+            raise DdpmError(f"{path} must be a list, got {shorten(value)}")
         (elem, _) = get_args(tp)
         return tuple(_check_value(path, elem, v) for v in value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise DdpmError(f"{path} must be an object, got {value!r}")
+            raise DdpmError(f"{path} must be an object, got {shorten(value)}")
         return _from_dict(tp, value, path + ".")
     if tp is bool:
         if not isinstance(value, bool):
-            raise DdpmError(f"{path} must be true or false, got {value!r}")
+            raise DdpmError(f"{path} must be true or false, got {shorten(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise DdpmError(f"{path} must be an integer, got {value!r}")
+            raise DdpmError(f"{path} must be an integer, got {shorten(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DdpmError(f"{path} must be a number, got {value!r}")
+            raise DdpmError(f"{path} must be a number, got {shorten(value)}")
         return float(value)
     if tp is str and not isinstance(value, str):
-        raise DdpmError(f"{path} must be a string, got {value!r}")
+        raise DdpmError(f"{path} must be a string, got {shorten(value)}")
     return value
 
 
@@ -244,7 +294,8 @@ def _from_dict(cls: type[T], d: dict[str, Any], prefix: str) -> T:
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise DdpmError(f"unknown config key {prefix}{sorted(unknown)[0]}")
+        key = sorted(unknown)[0]
+        raise DdpmError(f"unknown config key {prefix}{key if len(key) <= 80 else shorten(key)}")
     kwargs = {k: _check_value(prefix + k, hints[k], v) for k, v in d.items()}
     return cls(**kwargs)
 

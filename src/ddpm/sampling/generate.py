@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -16,9 +16,12 @@ from ..errors import DdpmError
 from ..nn import UNet
 from ..runtime.device import resolve_device
 from ..runtime.precision import autocast_dtype, describe, under_autocast
-from ..samplers import SamplerOptions, check_options, get_sampler
-from ..core.schedules import NoiseSchedule, make_schedule, space_timesteps
+from ..runtime.progress import StepBar, chain_hooks
+from ..samplers.base import ImageGenerators
+from ..samplers import SamplerOptions, StepCallback, check_options, get_sampler, grid
+from ..core.schedules import NoiseSchedule, make_schedule
 from ..pictures.viz import make_grid
+from .guidance import check_guidance, class_labels, resolve_classes
 
 
 @dataclass
@@ -36,7 +39,8 @@ class LoadedModel:
         dev = self.schedule.alpha_bar.device
         net = under_autocast(self.net, dev, autocast_dtype(precision, dev))
         return Denoiser(net, self.schedule, objective=d.objective,
-                        learn_sigma=self.config.model.learn_sigma, clip=clip)
+                        learn_sigma=self.config.model.learn_sigma, clip=clip,
+                        num_classes=self.config.model.num_classes)
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedModel:
@@ -58,6 +62,8 @@ class Samples:
     steps: int
     frames: list[np.ndarray] = field(default_factory=list)  # grids of x_t (or x0) during sampling
     arithmetic: str = "fp32"  # what cfg.precision resolved to on this device
+    labels: torch.Tensor | None = None  # (N,) the class of each image (class by class), when asked
+    per_class: int | None = None  # images of each class: one grid row per class
 
 
 def check_sample_config(model: LoadedModel, cfg: SampleConfig) -> int:
@@ -66,38 +72,53 @@ def check_sample_config(model: LoadedModel, cfg: SampleConfig) -> int:
     check_config(cfg)
     T = model.schedule.T
     steps = min(spec.default_steps or T, T) if cfg.steps is None else cfg.steps
-    space_timesteps(T, steps, cfg.spacing)  # raises on bad steps / spacing
+    grid(cfg.sampler, T, steps, cfg.spacing)  # raises on bad steps / spacing
     check_options(cfg.sampler, SamplerOptions(cfg.eta, cfg.variance), model.config.model.learn_sigma)
     autocast_dtype(cfg.precision, model.schedule.alpha_bar.device)  # e.g. fp16 without CUDA
+    check_guidance(cfg, model.config)
     return steps
 
 
 @torch.inference_mode()
 def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "x_t", "x0"] = "none",
-             frame_index: int | None = None, max_frames: int = 100, progress: bool = False) -> Samples:
-    """Draw ``cfg.n`` images in batches; optionally record grids of the first batch's denoising."""
+             frame_index: int | None = None, max_frames: int = 100, progress: bool = False,
+             on_step: StepHook | None = None) -> Samples:
+    """Draw ``cfg.n`` images in batches; optionally record grids of the first batch's denoising.
+    ``progress``: a bar with the time left on stderr (when it is a terminal).
+
+    ``on_step(StepEvent)`` is called after every sampler step of every batch; returning False
+    (or raising SamplingCancelled) stops the loop and raises SamplingCancelled out of here."""
     steps = check_sample_config(model, cfg)
     spec = get_sampler(cfg.sampler)
     dev = model.schedule.alpha_bar.device
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    timesteps = space_timesteps(model.schedule.T, steps, cfg.spacing)
+    classes = resolve_classes(cfg.classes, model.config)
+    labels = None if classes is None else class_labels(classes, cfg.n)
+    n = cfg.n if labels is None else len(labels)
+    timesteps = grid(cfg.sampler, model.schedule.T, steps, cfg.spacing)  # spacing None: the sampler's own
     mc = model.config
     shape = (mc.model.channels, mc.data.image_size, mc.data.image_size)
     out, recorded = [], []
     every = max(1, steps // max_frames)
     denoiser = model.denoiser(cfg.clip, cfg.precision)
-    for start in range(0, cfg.n, cfg.batch_size):
-        b = min(cfg.batch_size, cfg.n - start)
-        x_T = torch.randn((b, *shape), generator=gen, device=dev)
-        on_step = None
+    bar = StepBar(-(-n // cfg.batch_size) * steps, f"{cfg.sampler}, {steps} steps", progress) if progress else None
+    on_step = chain_hooks(bar, on_step)  # the bar is one more consumer of the steps
+    for start in range(0, n, cfg.batch_size):
+        b = min(cfg.batch_size, n - start)
+        gen = ImageGenerators.for_images(cfg.seed, start, b, dev)  # image i: seed + i, whatever the batch
+        x_T = gen.randn((b, *shape), device=dev)
+        den = denoiser if labels is None else denoiser.conditioned(
+            labels[start:start + b].to(dev), cfg.guidance, cfg.guidance_interval)
+        record = None
         if frames != "none" and start == 0:
-            on_step = _recorder(recorded, frames, frame_index, every, steps)
+            record = _recorder(recorded, frames, frame_index, every, steps)
             recorded.append(_frame(x_T, frame_index))
-        x = spec.fn(denoiser, x_T, timesteps, options=SamplerOptions(cfg.eta, cfg.variance),
-                    generator=gen, on_step=on_step)
+        hooked = _with_hook(record, on_step, start, steps, -(-n // cfg.batch_size) * steps, cfg.batch_size)
+        x = spec.fn(den, x_T, timesteps, options=SamplerOptions(cfg.eta, cfg.variance),
+                    generator=gen, on_step=hooked)
         out.append(from_model_range(x).cpu())
     return Samples(torch.cat(out), spec.nfe(model.schedule.alpha_bar, timesteps), steps, recorded,
-                   describe(autocast_dtype(cfg.precision, dev)))
+                   describe(autocast_dtype(cfg.precision, dev)), labels,
+                   None if classes is None else n // len(classes))
 
 
 def _frame(x: torch.Tensor, index: int | None) -> np.ndarray:
@@ -109,4 +130,36 @@ def _recorder(frames: list[np.ndarray], what: str, index: int | None, every: int
     def on_step(i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
         if i % every == 0 or i == steps - 1:
             frames.append(_frame(x_t if what == "x_t" else x0, index))
+    return on_step
+
+
+class SamplingCancelled(DdpmError):
+    """Raised out of ``generate`` when its ``on_step`` hook asked to stop."""
+
+
+class StepEvent(NamedTuple):
+    """One finished sampler step: progress over the whole request, and the batch's x_t and x0 guess."""
+
+    done: int  # steps finished so far, over all batches
+    total: int  # steps in the whole request (batches x steps)
+    batch_start: int  # index of the batch's first image
+    x_t: torch.Tensor  # (B, C, H, W) in [-1, 1] (roughly, for x_t)
+    x0: torch.Tensor  # (B, C, H, W): the model's current guess of the clean images
+
+
+StepHook = Callable[[StepEvent], "bool | None"]
+
+
+def _with_hook(record: StepCallback | None, hook: StepHook | None, start: int, steps: int, total: int,
+               batch_size: int) -> StepCallback | None:
+    """The sampler's callback: ``record`` (GIF frames), then the caller's hook, which may stop the loop."""
+    if hook is None:
+        return record
+    before = (start // batch_size) * steps
+
+    def on_step(i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        if record is not None:
+            record(i, x_t, x0)
+        if hook(StepEvent(before + i + 1, total, start, x_t, x0)) is False:
+            raise SamplingCancelled("sampling cancelled")
     return on_step

@@ -8,6 +8,7 @@ schedule, step, data order, the noise generator and torch's global RNG).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import signal
@@ -21,15 +22,17 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..checkpoint import (Checkpoint, atomic_write_text, checkpoint_path, last_good_checkpoint, load_checkpoint,
-                         load_into, save_checkpoint)
-from ..config import RunConfig
-from ..data.readers import Batches, load_dataset
+from ..checkpoint import (Checkpoint, checkpoint_path, last_good_checkpoint, load_checkpoint, load_into,
+                         save_checkpoint)
+from ..files import atomic_write_text, shorten
+from ..config import RunConfig, check_model_config, check_seed
+from ..data.readers import Batches, class_names, load_dataset, load_labeled_dataset, to_model_range
 from ..core.diffusion import sample_noise, training_losses
 from ..runtime.distributed import Dist, from_env, shutdown
 from ..errors import DdpmError
 from ..nn import UNet, check_image_size, count_parameters
 from ..runtime.precision import autocast_dtype, describe, fast_cuda_math, under_autocast
+from ..runtime.progress import BudgetBar
 from .runlog import LOG_NAME, JsonLog, TensorBoard, reset_log
 from ..config import SampleConfig
 from ..core.schedules import make_schedule
@@ -141,6 +144,7 @@ def _validate_train(cfg: RunConfig) -> None:
             raise DdpmError(f"{_flag(name)} must be a finite number, got {v}")
     if tc.batch_size < 1:
         raise DdpmError(f"batch size must be at least 1, got {tc.batch_size}")
+    check_seed(tc.seed)
     if not tc.lr > 0:
         raise DdpmError(f"learning rate must be positive, got {tc.lr}")
     if not 0 <= tc.ema_decay < 1:
@@ -170,8 +174,17 @@ def _validate_diffusion(cfg: RunConfig) -> None:
 
 
 def _validate_model(cfg: RunConfig) -> None:
+    k, names = cfg.model.num_classes, cfg.data.class_names
+    if k < 0:
+        raise DdpmError(f"--num-classes must be 0 (unconditional) or more, got {k}")
+    if not 0 <= cfg.train.cond_drop <= 1:  # NaN fails too
+        raise DdpmError(f"--cond-drop must be between 0 and 1, got {cfg.train.cond_drop}")
+    if k and names and len(names) != k:
+        raise DdpmError(f"the model has {k} classes but the data has {len(names)} ({', '.join(names)}); "
+                        f"use --num-classes {len(names)} or --cond")
     if cfg.data.channels != cfg.model.channels:
         raise DdpmError(f"data has {cfg.data.channels} channels but the model takes {cfg.model.channels}")
+    check_model_config(cfg.model)
     check_image_size(cfg.model, cfg.data.image_size)
 
 
@@ -182,6 +195,22 @@ def build_model(cfg: RunConfig) -> UNet:
         return UNet(cfg.model)
     except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as e:
         raise DdpmError(f"cannot build the U-Net from this model config: {e}") from None
+
+
+def with_class_names(cfg: RunConfig) -> RunConfig:
+    """A conditional config with its data's class names filled in (stored with the run, so that
+    sampling can take a name); an unconditional one unchanged."""
+    if cfg.model.num_classes == 0 or cfg.data.class_names:
+        return cfg
+    names = class_names(cfg.data.source, cfg.data.data_dir)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, class_names=names))
+
+
+def drop_labels(y: torch.Tensor, p: float, null: int, gen: torch.Generator) -> torch.Tensor:
+    """Classifier-free guidance training (Ho & Salimans 2022, Algorithm 1): each label becomes
+    the null class with probability p."""
+    drop = torch.rand(y.shape, generator=gen, device=gen.device).to(y.device) < p
+    return torch.where(drop, torch.full_like(y, null), y)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -219,7 +248,7 @@ class Trainer:
     """Holds the model, optimiser, EMA, data order and RNG; runs steps; saves and restores."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device,
-                 dist: Dist = Dist()):
+                 dist: Dist = Dist(), labels: torch.Tensor | None = None):
         self.cfg, self.run_dir, self.device, self.dist = cfg, run_dir, device, dist
         torch.manual_seed(cfg.train.seed)  # the same initial weights in every process
         self.model = build_model(cfg).to(device)
@@ -230,13 +259,14 @@ class Trainer:
         keep_ema = cfg.train.ema_decay > 0 and dist.main  # only the main process samples and saves
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if keep_ema else None
         self.batches = Batches(_place_data(data, device), cfg.train.batch_size, seed=cfg.train.seed,
-                               flip=cfg.data.flip)
+                               flip=cfg.data.flip, labels=None if labels is None else labels.to(device))
         self.gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
         self.step = 0
         self.horizon = step_budget(cfg, self.batches.steps_per_epoch)
         self.bad_steps = 0
         self.skipped = 0
         self.resumed_from: Path | None = None
+        self.config_pending = False  # RUN/config.json still to be written (see save)
         net: nn.Module = self.model
         if dist.active:  # averages the gradients over processes inside backward()
             from torch.nn.parallel import DistributedDataParallel
@@ -256,27 +286,36 @@ class Trainer:
 
         Every process draws the same global batch, t and noise and keeps its own slice
         (see :mod:`ddpm.distributed`)."""
-        x0 = next(self.batches).to(self.device, non_blocking=True)
+        x0, y = self.batches.next_labeled()
+        x0 = x0.to(self.device, non_blocking=True)
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         dc = self.cfg.diffusion
         t = torch.randint(0, dc.timesteps, (x0.shape[0],), device=self.device, generator=self.gen)
         noise = sample_noise(x0, dc.offset_noise, self.gen)
+        k = self.cfg.model.num_classes
+        y = drop_labels(y.to(self.device), self.cfg.train.cond_drop, k, self.gen) if k else None
         if self.dist.active:
             part = self.dist.shard(x0.shape[0])
             x0, t, noise = x0[part], t[part], noise[part]
-        terms = training_losses(self.net_fn, self.schedule, dc, x0, t, noise, learn_sigma=self.cfg.model.learn_sigma)
+            y = None if y is None else y[part]
+        terms = training_losses(self.net_fn, self.schedule, dc, x0, t, noise, learn_sigma=self.cfg.model.learn_sigma,
+                                cond=y)
+        return self.optimize(terms.loss, terms.per_sample, t)
+
+    def optimize(self, loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> StepOut | Skipped:
+        """Backward, clip, Adam, EMA: the half of a step that any loss shares (distillation too)."""
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler.scale(terms.loss).backward()
+            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.opt)
         else:
-            terms.loss.backward()
+            loss.backward()
         clip = self.cfg.train.max_grad_norm
         gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
-        bad = not (torch.isfinite(terms.loss) and torch.isfinite(gnorm))
+        bad = not (torch.isfinite(loss) and torch.isfinite(gnorm))
         if self.dist.max([float(bad)], self.device)[0]:  # every process skips the same steps
-            return self._bad_step(float(terms.loss.detach()), float(gnorm))
+            return self._bad_step(float(loss.detach()), float(gnorm))
         self.bad_steps = 0
         if self.scaler is not None:
             self.scaler.step(self.opt)
@@ -287,7 +326,7 @@ class Trainer:
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model, self.step)
-        return StepOut(terms.loss.detach(), terms.per_sample.detach(), t, gnorm)
+        return StepOut(loss.detach(), per_sample.detach(), t, gnorm)
 
     def _bad_step(self, loss: float, gnorm: float) -> Skipped:
         if self.scaler is not None:
@@ -321,8 +360,12 @@ class Trainer:
         if not self.dist.main:
             return checkpoint_path(self.run_dir, self.step)
         ema = self.ema.model.state_dict() if self.ema is not None else None
-        return save_checkpoint(self.run_dir, config=self.cfg, step=self.step, model=self.model.state_dict(),
-                               ema=ema, state=self.state(), keep=self.cfg.train.keep)
+        ck = save_checkpoint(self.run_dir, config=self.cfg, step=self.step, model=self.model.state_dict(),
+                             ema=ema, state=self.state(), keep=self.cfg.train.keep)
+        if self.config_pending:  # a resumed run's new settings: written once they have made a checkpoint
+            atomic_write_text(self.run_dir / "config.json", self.cfg.to_json())
+            self.config_pending = False
+        return ck
 
     def restore(self, ck: Checkpoint) -> None:
         """Continue from a checkpoint loaded with its training state."""
@@ -360,21 +403,62 @@ class Trainer:
 # -------------------------------------------------------------------------- run folder
 
 
-def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
+def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> list[Path]:
     """Check the run folder before anything is loaded: not another run's, writable, same config on resume.
 
-    Nothing in an existing run changes here (only a probe file is created and removed)."""
+    Nothing in an existing run changes here (only a probe file is created and removed). Returns
+    the folders it made, deepest first, for :func:`remove_if_empty` should the run fail."""
     if not resume and (run_dir / "latest").exists():
         raise DdpmError(f"{run_dir} already holds a run; use --resume to continue it or pick another --name/--out")
     if resume and not (run_dir / "latest").exists() and not any((run_dir / "checkpoints").glob("step-*")):
         raise DdpmError(f"--resume: {run_dir} has no checkpoint to resume from")
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    probe = run_dir / f".write-test{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test{os.getpid()}"
-        probe.write_bytes(b"x")
+        probe.write_bytes(b"x")  # one byte: a full disk fails here, before any data is loaded
         probe.unlink()
     except OSError as e:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        remove_if_empty(made)
         raise DdpmError(f"cannot write to run folder {run_dir}: {e.strerror or e}") from None
+    return made
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """A failed run leaves no empty folder behind (only folders it made, only while empty)."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+def resume_config(run_dir: str | Path) -> RunConfig | None:
+    """The config a --resume continues from: the (verified) one stored in the run's latest
+    checkpoint, never RUN/config.json, which a hand edit may have cut short; None without one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "latest").exists() and not any((run_dir / "checkpoints").glob("step-*")):
+        return None
+    return load_checkpoint(run_dir).config
+
+
+def dry_run(tr: Trainer, data: torch.Tensor) -> None:
+    """One forward pass on one image before any file is written: a network that cannot take
+    these images (or whose output the loss cannot use) is refused here, not at the first step."""
+    x = to_model_range(data[:1].to(tr.device))
+    t = torch.zeros(1, dtype=torch.long, device=tr.device)
+    want = (1, tr.cfg.model.channels * (2 if tr.cfg.model.learn_sigma else 1), *x.shape[2:])
+    try:
+        with torch.no_grad():
+            got = tuple(tr.model(x, t).shape)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise DdpmError(f"the U-Net of this config cannot run on these images: {shorten(str(e))}") from None
+    if got != want:
+        raise DdpmError(f"the U-Net of this config outputs {got} for an input {tuple(x.shape)}; sampling needs {want}")
 
 
 def check_resume_config(ck: Checkpoint, cfg: RunConfig) -> None:
@@ -443,15 +527,33 @@ def _place_data(data: torch.Tensor, device: torch.device) -> torch.Tensor:
     return data.to(device) if data.nbytes < free // 4 else data
 
 
-def _load_data(cfg: RunConfig) -> torch.Tensor:
-    """The training images; each skipped unreadable file becomes one ``warning:`` line on stderr."""
+def _load_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training images (and labels for a conditional run); each skipped unreadable file
+    becomes one ``warning:`` line on stderr."""
+    d = cfg.data
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = load_dataset(cfg.data.source, size=cfg.data.image_size, channels=cfg.data.channels,
-                            data_dir=cfg.data.data_dir)
+        if cfg.model.num_classes:
+            lab = load_labeled_dataset(d.source, size=d.image_size, channels=d.channels, data_dir=d.data_dir)
+            if lab.class_names != d.class_names:
+                raise DdpmError(f"the run's classes {list(d.class_names)} are not the data's {list(lab.class_names)}")
+            data, labels = lab.images, lab.labels
+        else:
+            data = load_dataset(d.source, size=d.image_size, channels=d.channels, data_dir=d.data_dir)
+            labels = None
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    return data
+    return data, labels
+
+
+def _check_labels(cfg: RunConfig, data: torch.Tensor, labels: torch.Tensor | None) -> None:
+    k = cfg.model.num_classes
+    if not k:
+        return
+    if labels is None or labels.shape != (len(data),) or labels.dtype != torch.long:
+        raise DdpmError(f"a conditional run needs int64 labels, one per image ({len(data)},)")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < k:
+        raise DdpmError(f"labels must lie in [0, {k - 1}], got {int(labels.min())}..{int(labels.max())}")
 
 
 def _check_data(cfg: RunConfig, data: torch.Tensor) -> None:
@@ -462,28 +564,35 @@ def _check_data(cfg: RunConfig, data: torch.Tensor) -> None:
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: str = "auto",
           progress: bool = True, data: torch.Tensor | None = None, log: Callable[[str], None] = print,
-          tensorboard: bool = True) -> TrainResult:
+          tensorboard: bool = True, labels: torch.Tensor | None = None) -> TrainResult:
     """Train ``cfg`` in ``run_dir`` until its budget runs out (or a signal); always checkpoint.
 
     Everything is checked (config, folder, checkpoint, data) before the first file is written.
     Under ``torchrun`` (``WORLD_SIZE`` > 1) each process runs this, the main one writing.
+    A conditional run (``model.num_classes`` > 0) takes ``labels`` (N,) with ``data``, or reads
+    them from its source; its class names are stored in the run's config.
     """
+    cfg = with_class_names(cfg)
     validate(cfg)
     run_dir = Path(run_dir)
     dist, dev = from_env(resolve_device(device))
     autocast_dtype(cfg.train.precision, dev)  # fp16 without CUDA: refused before any file is touched
     fast_cuda_math(cfg.train.tf32)
+    made: list[Path] = []
     try:
         if cfg.train.batch_size % dist.world:
             raise DdpmError(f"the batch size {cfg.train.batch_size} (the global batch) does not split evenly "
                             f"over {dist.world} processes")
-        prepare_run_dir(run_dir, cfg, resume)
+        made = prepare_run_dir(run_dir, cfg, resume)
         ck = load_checkpoint(run_dir, with_state=True) if resume else None
         if ck is not None:
             check_resume_config(ck, cfg)
-        data = _load_data(cfg) if data is None else data
+        if data is None:
+            data, labels = _load_data(cfg)
         _check_data(cfg, data)
-        tr = Trainer(cfg, run_dir, data, dev, dist)
+        _check_labels(cfg, data, labels)
+        tr = Trainer(cfg, run_dir, data, dev, dist, labels)
+        dry_run(tr, data)
         say = log if dist.main else (lambda _: None)
         if ck is not None:
             tr.restore(ck)
@@ -493,14 +602,19 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
             f"{describe(tr.amp)}{procs}), "
             f"run folder {run_dir}")
         try:
-            if dist.main:
+            if dist.main and ck is None:
                 atomic_write_text(run_dir / "config.json", cfg.to_json())
+            tr.config_pending = dist.main and ck is not None  # never a bad --resume value on disk
+            if dist.main:
                 reset_log(run_dir / LOG_NAME, tr.step)
             tb = TensorBoard(run_dir / "tb", tr.step + 1, tensorboard and dist.main)
             return _loop(tr, progress and dist.main, tb)
         except OSError as e:  # the log, a sample grid or TensorBoard: checkpoints report their own
             raise DdpmError(f"cannot write {e.filename or run_dir}: {e.strerror or e}; "
                             f"the last good checkpoint is {last_good_checkpoint(run_dir)}") from None
+    except BaseException:
+        remove_if_empty(made)
+        raise
     finally:
         shutdown(dist)
 
@@ -528,12 +642,10 @@ def _halt(tr: Trainer, stop: _StopFlag, clock: _Clock) -> int | None:
 
 
 def _loop(tr: Trainer, progress: bool, tb: TensorBoard) -> TrainResult:
-    from tqdm import tqdm
-
     tc = tr.cfg.train
     clock = _Clock(time.monotonic() + tc.minutes * 60 if tc.minutes else None)
     start_step, ck = tr.step, tr.resumed_from
-    bar = tqdm(total=tr.horizon, initial=tr.step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = BudgetBar(tr.horizon, tr.step, tc.minutes, progress)  # a --minutes budget: the clock's time left
     log, win = JsonLog(tr.run_dir / LOG_NAME, tr.dist.main), _Window()
     try:
         with _StopFlag() as stop:
