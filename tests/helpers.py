@@ -1,10 +1,14 @@
 """Shared test helpers: tiny made-up data, a tiny run config, the Gaussian oracle denoiser."""
 from __future__ import annotations
 
+import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -48,3 +52,33 @@ def oracle_eps_net(s: NoiseSchedule, mu: float, sd: float) -> Callable[[torch.Te
         return ((1 - a).sqrt() * (x.double() - a.sqrt() * mu) / (a * sd**2 + 1 - a)).float()
 
     return net
+
+
+@contextmanager
+def small_disk(folder: Path, size: str = "2m", read_only: bool = False) -> Iterator[Path]:
+    """A real small file system (tmpfs) mounted at ``folder``, optionally read-only; the test is
+    skipped, with the reason, where mounting is refused (not root, or a locked-down container)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``folder`` until only ``leave`` bytes (whole pages) are free."""
+    filler = folder / "filler"
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize - leave
+    with open(filler, "wb") as f:
+        try:
+            f.write(b"\0" * max(free, 0))
+        except OSError:  # ENOSPC: full, as asked
+            pass
+    return filler

@@ -31,6 +31,7 @@ from ddpm.cli import main
 from ddpm.config import RunConfig
 from ddpm.core.diffusion import LossTerms
 from ddpm.training.train import Trainer, train
+from helpers import small_disk
 from helpers import tiny_config as tiny
 from helpers import write_config
 
@@ -241,15 +242,16 @@ def test_unwritable_run_folder_before_training(tmp_path: Path, image_dir: Path,
 def test_full_disk_during_checkpoint_keeps_last_good(tmp_path: Path, image_dir: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture) -> None:
-    real, calls = ddpm.checkpoint.save_file, [0]
+    """A write that fails mid-checkpoint (here: the third file of the second checkpoint)."""
+    real, calls = ddpm.checkpoint.write_new, [0]
 
-    def save_file(*args: Any, **kwargs: Any) -> None:
+    def write_new(path: Path, data: bytes) -> None:
         calls[0] += 1
-        if calls[0] == 4:  # model and EMA of the first checkpoint, model of the second: then the disk is full
+        if calls[0] == 8:  # 5 files in the first checkpoint (and latest apart): the 3rd of the second
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(*args, **kwargs)
+        real(path, data)
 
-    monkeypatch.setattr(ddpm.checkpoint, "save_file", save_file)
+    monkeypatch.setattr(ddpm.checkpoint, "write_new", write_new)
     cfg = write_config(tmp_path / "cfg.json", tiny(image_dir, max_steps=6))
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2
@@ -262,6 +264,24 @@ def test_full_disk_during_checkpoint_keeps_last_good(tmp_path: Path, image_dir: 
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]  # no half-written folder
     monkeypatch.undo()
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # and it resumes from there
+
+
+def test_real_full_disk_during_checkpoint(tmp_path: Path, image_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A 2 MB tmpfs that really fills while the second checkpoint (about 1 MB) is written."""
+    with small_disk(tmp_path / "disk", size="2m") as disk:
+        cfg = write_config(tmp_path / "cfg.json", tiny(image_dir, max_steps=6, keep=2))
+        run = disk / "run"
+        assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress", "--no-tensorboard"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err, err
+        assert err.startswith(f"error: cannot write checkpoint {run / 'checkpoints' / 'step-00000004'}: "
+                              "No space left on device; the last good checkpoint is "), err
+        assert err.endswith("step-00000002")
+        assert latest(run) == "step-00000002" and load_checkpoint(run, with_state=True).step == 2
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)  # room again
+        assert main(["train", "--out", str(run), "--resume", "--no-progress", "--no-tensorboard"]) == 0
+        assert latest(run) == "step-00000006"
 
 
 def test_full_disk_while_logging(tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch,
@@ -611,3 +631,265 @@ def test_resume_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert not (tmp_path / "none").exists()
     assert main(["train", "--resume"]) == 2
     one_error_line(capsys, "--resume needs the run")
+
+
+# ------------------------------------------------------------------ a kill during a checkpoint write
+
+
+def _kill_at(n: int) -> None:
+    """In a forked child: patch every step of a checkpoint write (before each file, with each file
+    half written, before each rename, folder fsync and delete) to SIGKILL the process at step ``n``.
+    (After one step is before the next: the disk looks the same; the last is the finished write.)"""
+    import shutil
+
+    import ddpm.files
+
+    count = [0]
+
+    def hit() -> None:
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap(fn: Any) -> Any:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            hit()
+            return fn(*args, **kwargs)
+        return step
+
+    real_write = ddpm.files.write_new
+
+    def write_new(path: Path, data: bytes) -> None:
+        hit()
+        with open(path, "wb") as f:  # half the file on disk, then (maybe) the kill
+            f.write(data[: len(data) // 2])
+        hit()
+        real_write(path, data)
+
+    ddpm.files.write_new = ddpm.checkpoint.write_new = write_new
+    os.replace = wrap(os.replace)
+    shutil.rmtree = wrap(shutil.rmtree)
+    ddpm.checkpoint.fsync_dir = wrap(ddpm.checkpoint.fsync_dir)
+    ddpm.files.fsync_dir = wrap(ddpm.files.fsync_dir)
+
+
+def test_kill_at_every_point_of_a_checkpoint_write(tmp_path: Path, image_dir: Path) -> None:
+    import shutil
+
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    run, spare = tmp_path / "run", tmp_path / "spare"
+    tr = Trainer(tiny(image_dir, keep=1), run, images, torch.device("cpu"))
+    for _ in range(2):
+        tr.train_step()
+    tr.save()  # step 2: the last good checkpoint
+    for _ in range(2):
+        tr.train_step()
+    shutil.copytree(run, spare)
+    ema = tr.ema.model.state_dict() if tr.ema is not None else None
+    blobs = ddpm.checkpoint._serialise(tr.cfg, tr.step, tr.model.state_dict(), ema, tr.state())
+    outcomes: list[int] = []
+    for n in range(1, 200):
+        pid = os.fork()
+        if pid == 0:  # the child writes the checkpoint of step 4 and is killed at point n
+            try:
+                _kill_at(n)
+                ddpm.checkpoint._serialise = lambda *args: blobs  # the same bytes, serialised once
+                tr.save()
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status):  # n is past the last point: the write completed
+            assert latest(run) == "step-00000004"
+            break
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        ck = ddpm.checkpoint.resolve_checkpoint(run)  # never a damaged one: the old or the new, whole
+        _, step = ddpm.checkpoint._verify(ck, with_state=True)  # every listed file, the training state too
+        assert step in (2, 4)
+        if step == 4:
+            assert all((ck / name).read_bytes() == data for name, data in blobs.items())
+        outcomes.append(step)
+        if step == 2 and outcomes.count(2) == 1 or step == 4 and outcomes.count(4) == 1:
+            # a full resume from each outcome, to the end of the budget
+            res = train(tiny(image_dir, keep=1, max_steps=6), run, resume=True, data=images, progress=False,
+                        log=lambda s: None)
+            assert res.step == 6 and not list((run / "checkpoints").glob(".*"))
+        shutil.rmtree(run)
+        shutil.copytree(spare, run)
+    else:
+        pytest.fail("the checkpoint write never completed")
+    assert len(outcomes) >= 15 and outcomes[0] == 2 and outcomes[-1] == 4  # many points, both outcomes
+
+
+# ------------------------------------------------------------------ what a checkpoint lists
+
+
+def test_a_file_missing_from_the_listing_is_damage(existing_run: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """No forged checksum needed: the listing itself is what is wrong."""
+    for drop, argv in [("ema.safetensors", ["sample", "RUN", "--n", "1"]),
+                       ("state.pt", ["train", "--out", "RUN", "--resume", "--max-steps", "6", "--no-progress"])]:
+        run = make_run_copy(existing_run, tmp_path / drop)
+        ck = run / "checkpoints" / "step-00000004"
+        meta = json.loads((ck / "meta.json").read_text())
+        del meta["sha256"][drop]
+        (ck / "meta.json").write_text(json.dumps(meta))
+        before = files_of(run)
+        assert main([str(run) if a == "RUN" else a for a in argv]) == 2
+        one_line = capsys.readouterr().err.strip()
+        assert one_line.startswith(f"error: checkpoint {ck} is damaged: ") and drop in one_line
+        assert files_of(run) == before
+
+
+@pytest.mark.parametrize("content", ["../../other/checkpoints/step-00000004\n", "/etc\n", "step-4/../x",
+                                     "\xff\xfe junk", "step-00000004" + "x" * 5_000_000])
+def test_latest_names_only_this_runs_checkpoints(content: str, existing_run: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    other = make_run_copy(existing_run, tmp_path / "other")
+    run = make_run_copy(existing_run, tmp_path / "mine")
+    (run / "latest").write_bytes(content.encode("utf-8", "surrogateescape"))
+    assert other.exists()
+    for argv in (["sample", str(run), "--n", "1"], ["train", "--out", str(run), "--resume", "--no-progress"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {run / 'latest'} names ") and "not a checkpoint of this run" in err
+        assert len(err) < 400 and "\n" not in err
+
+
+# ------------------------------------------------------------------ more hostile input (issue 10)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"out_dim": 5}, "model.out_dim must be 1"),
+    ({"out_dim": 0}, "model.out_dim must be 1"),
+    ({"init_dim": 0}, "model.init_dim must be between 1"),
+    ({"attn_heads": 0}, "model.attn_heads must be between 1"),
+    ({"attn_dim_head": 0}, "model.attn_dim_head must be between 1"),
+    ({"dim": 10**20}, "invalid U-Net size"),
+    ({"dim_mults": [1, 10**20]}, "invalid U-Net size"),
+])
+def test_networks_that_could_never_sample_are_refused(model: dict, message: str, existing_run: Path,
+                                                      tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    c = json.loads((existing_run.parent / "cfg.json").read_text())
+    c["model"].update(model)
+    (tmp_path / "c.json").write_text(json.dumps(c))
+    assert main(["train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    one_error_line(capsys, message)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv", [["--dim", str(10**20)], ["--dim-mults", f"1,{10**20}"]])
+def test_absurd_widths_from_flags(argv: list[str], existing_run: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture) -> None:
+    cfg = str(existing_run.parent / "cfg.json")
+    assert main(["train", "--config", cfg, *argv, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    one_error_line(capsys, "invalid U-Net size")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def thin_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1 x 10,000,000 pixels in about 19 KB: a decompression bomb by aspect ratio."""
+    p = tmp_path_factory.mktemp("thin") / "thin.png"
+    Image.new("L", (1, 10_000_000)).save(p)
+    return p
+
+
+def test_a_thin_image_is_refused_not_resized(thin_png: Path, image_dir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from ddpm.data.readers import load_image_folder
+
+    assert thin_png.stat().st_size < 100_000
+    assert main(["noise", "--image", str(thin_png), "--out", str(tmp_path / "n.png")]) == 2
+    one_error_line(capsys, "1 x 10,000,000 pixels, too thin")
+    folder = Path(shutil.copytree(image_dir, tmp_path / "imgs"))
+    shutil.copy(thin_png, folder)
+    with pytest.warns(UserWarning, match="too thin"):  # skipped among good images, as a broken file is
+        assert load_image_folder(folder, 8, 1).shape == (24, 1, 8, 8)
+
+
+def test_resume_takes_the_checkpoints_config_not_a_cut_config_json(existing_run: Path, tmp_path: Path) -> None:
+    run = make_run_copy(existing_run, tmp_path)
+    c = json.loads((run / "config.json").read_text())
+    for key in ("batch_size", "lr"):
+        del c["train"][key]
+    del c["model"]
+    (run / "config.json").write_text(json.dumps(c))
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    ck = load_checkpoint(run)
+    assert ck.step == 6 and ck.config.train.batch_size == 8 and ck.config.train.lr == 1e-3
+    assert ck.config.model == load_checkpoint(existing_run).config.model
+
+
+def test_a_bad_resume_value_is_never_saved(existing_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = make_run_copy(existing_run, tmp_path)
+    before = files_of(run)
+    assert main(["train", "--out", str(run), "--resume", "--lr", "1e308", "--max-steps", "40", "--no-progress"]) == 2
+    one_error_line(capsys, "non-finite")
+    assert (run / "config.json").read_bytes() == before[run / "config.json"][0]
+    assert latest(run) == "step-00000004"
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(2**63), "-1"])
+def test_seeds_outside_int64(seed: str, existing_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = str(existing_run.parent / "cfg.json")
+    for argv in (["train", "--config", cfg, "--out", str(tmp_path / "r"), "--no-progress"],
+                 ["sample", str(existing_run), "--n", "1"],
+                 ["noise", "--out", str(tmp_path / "n.png")],
+                 ["eval", "--samples", "x.npz"]):
+        assert main([*argv, "--seed", seed]) == 2
+        one_error_line(capsys, "--seed must be between 0 and 2**62")
+    assert list(tmp_path.iterdir()) == []  # no empty run folder
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "0"], "--size must be between 1 and"),
+    (["--size", "100000"], "--size must be between 1 and"),
+    (["--timesteps", "100000000000"], "--timesteps must be between 1 and"),
+    (["--t", ",".join(["0"] * 1000)], "give 1 to 64 --t values"),
+])
+def test_bad_noise_flags(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["noise", *argv, "--out", str(tmp_path / "n.png")]) == 2
+    assert len(one_error_line(capsys, message)) < 400
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("section, key", [("train", "lr"), ("data", "source"), ("diffusion", "schedule"),
+                                          ("train", "bogus" * 10_000_000)])
+def test_a_50_mb_config_value_is_cut_in_the_message(section: str, key: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    value = "x" * 50_000_000
+    (tmp_path / "c.json").write_text(json.dumps({section: {key: value if len(key) < 20 else 1}}))
+    assert main(["train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert len(one_error_line(capsys)) < 2100
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_train_leaves_no_empty_run_folder(existing_run: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    cfg = str(existing_run.parent / "cfg.json")
+    (tmp_path / "empty").mkdir()
+    for extra in (["--dataset", str(tmp_path / "empty")], ["--channels", "2"], ["--seed", str(2**64)],
+                  ["--batch-size", "100"]):
+        out = tmp_path / "runs" / "deep" / "r"
+        assert main(["train", "--config", cfg, *extra, "--out", str(out), "--no-progress"]) == 2
+        one_error_line(capsys)
+        assert not (tmp_path / "runs").exists(), extra
+
+
+def test_sigterm_while_sampling_writes_nothing(existing_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    gen_mod = importlib.import_module("ddpm.sampling.generate")
+    real = gen_mod.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the sampler runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen_mod, "generate", generate)
+    assert main(["sample", str(existing_run), "--n", "2", "--out", str(tmp_path / "s")]) == 143
+    err = capsys.readouterr().err.strip()
+    assert err == "interrupted: stopped by SIGTERM"
+    assert not (tmp_path / "s").exists()

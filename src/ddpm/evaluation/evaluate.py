@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ..checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..data.readers import load_fashion_mnist, load_image_folder
 from ..errors import DdpmError
 from .features import FeatureNet, default_feature_net, weights_digest

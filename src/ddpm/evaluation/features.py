@@ -23,7 +23,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from ..checkpoint import atomic_write_bytes, atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_text
 from ..data.readers import FASHION_MNIST_CLASSES, random_hflip, to_model_range
 from ..errors import DdpmError
 

@@ -10,17 +10,30 @@ from ..data.readers import from_model_range, load_fashion_mnist, load_image, to_
 from ..core.diffusion import q_sample
 from ..errors import DdpmError
 from ..core.schedules import NoiseSchedule
+from ..config import check_seed
+from ..files import check_writable_file, shorten
 from .viz import noise_strip, save_png
+
+MAX_TIMESTEPS = 1_000_000  # as training's limit; beyond, the schedule's tables alone fill memory
+MAX_SIZE = 1024  # pixels per side of each tile
+MAX_TILES = 64
 
 
 def noise_figure(image: str | Path | None = None, *, out: str | Path = "noise.png", ts: Sequence[int] = (0, 50, 100, 150, 199),
                  schedule: str = "linear", timesteps: int = 200, size: int = 28, data_dir: str | None = None,
                  seed: int = 0) -> Path:
     """q_sample of one image at each t in ``ts``, side by side, written to ``out``."""
-    sched = NoiseSchedule.create(schedule, timesteps)
+    if not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise DdpmError(f"--timesteps must be between 1 and {MAX_TIMESTEPS:,}, got {shorten(timesteps)}")
+    if not 1 <= size <= MAX_SIZE:
+        raise DdpmError(f"--size must be between 1 and {MAX_SIZE}, got {shorten(size)}")
+    check_seed(seed)
     bad = [t for t in ts if not 0 <= t < timesteps]
-    if bad or not ts:
-        raise DdpmError(f"every --t must be in [0, {timesteps - 1}] for T={timesteps}, got {list(ts)}")
+    if bad or not 1 <= len(ts) <= MAX_TILES:
+        raise DdpmError(f"give 1 to {MAX_TILES} --t values, each in [0, {timesteps - 1}] for T={timesteps}; "
+                        f"got {shorten(list(ts))}")
+    check_writable_file(out, "figure")  # before any data is read
+    sched = NoiseSchedule.create(schedule, timesteps)
     if image is None:
         x = load_fashion_mnist("train", data_dir)[0]
         if size != x.shape[-1]:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import DdpmError
+from ..files import check_writable_file
 from .viz import save_png
 
 SS = 2  # supersampling factor
@@ -346,13 +347,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     log = run / LOG_NAME
     if not log.is_file():
         raise DdpmError(f"{run} has no {LOG_NAME} (expected a run folder from `ddpm train`)")
+    dest = check_writable_file(Path(out) if out else run / "loss.png", "plot")  # before the drawing
     cfg = run / "config.json"
     T = RunConfig.load(cfg).diffusion.timesteps if cfg.is_file() else 1000
     try:
         img = loss_figure(read_log(log), T, f"{run.resolve().name}")
     except DdpmError as e:
         raise DdpmError(f"{log}: {e}") from None
-    return save_png(img, Path(out) if out else run / "loss.png")
+    return save_png(img, dest)
 
 
 def schedule_panels(timesteps: int = 1000) -> list[Panel]:
@@ -387,4 +389,5 @@ def plot_schedules(out: str | Path = "schedules.png", timesteps: int = 1000) -> 
     """Every schedule of ``core.schedules.SCHEDULES`` compared, as a PNG."""
     if not 2 <= timesteps <= 100_000:
         raise DdpmError(f"--timesteps must be between 2 and 100000, got {timesteps}")
+    check_writable_file(out, "figure")  # before the drawing
     return save_png(schedule_figure(timesteps), out)

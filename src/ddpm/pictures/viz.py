@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -59,11 +59,44 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, *, scale: int = 2, 
              hold_last_ms: int = 1500) -> Path:
     """Grids (H, W, C) uint8 -> an animated GIF that loops, holding the last frame."""
     path = Path(path)
+    atomic_write_bytes(path, _encode_gif(frames, scale, duration_ms, hold_last_ms))
+    return path
+
+
+def _encode_gif(frames: Sequence[np.ndarray], scale: int, duration_ms: int, hold_last_ms: int) -> bytes:
     pil = [to_pil(f, scale) for f in frames]
     durations = [duration_ms] * (len(pil) - 1) + [hold_last_ms]
-    data = _encode(pil[0], "GIF", save_all=True, append_images=pil[1:], duration=durations, loop=0)
-    atomic_write_bytes(path, data)
-    return path
+    return _encode(pil[0], "GIF", save_all=True, append_images=pil[1:], duration=durations, loop=0)
+
+
+SAMPLE_SET = ("grid.png", "samples.npz", "denoising.gif")  # one command's outputs, all new or all old
+
+
+def encode_npz(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def save_sample_set(folder: str | Path, images: torch.Tensor, *, labels: torch.Tensor | None = None,
+                    grid: torch.Tensor | None = None, nrow: int | None = None,
+                    frames: Sequence[np.ndarray] | None = None, grid_scale: int = 2, gif_scale: int = 2,
+                    gif_ms: int = 60) -> list[Path]:
+    """samples.npz, grid.png (of ``grid``, default the first 64 images) and, given ``frames``,
+    denoising.gif, written as one result set: the folder holds all new files or all old ones
+    (an earlier GIF is removed with the set it belonged to). If they cannot be written, the
+    samples are kept in a fallback file the one-line error names."""
+    from ..files import ResultSet
+
+    rs = ResultSet(folder, SAMPLE_SET, keep="samples.npz")
+    extra = {} if labels is None else {"labels": labels.numpy()}
+    rs.add("samples.npz", encode_npz(images=images.numpy(), **extra))
+    rs.add("grid.png", _encode(to_pil(make_grid(images[:64] if grid is None else grid, nrow), grid_scale), "PNG"))
+    if frames is not None:
+        rs.add("denoising.gif", _encode_gif(frames, gif_scale, gif_ms, 1500))
+    return rs.commit()
 
 
 def noise_strip(noised: torch.Tensor, labels: Sequence[int], *, scale: int = 4) -> Image.Image:

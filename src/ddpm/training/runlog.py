@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import atomic_write_text
+from ..files import atomic_write_text
 
 LOG_NAME = "log.jsonl"
 
