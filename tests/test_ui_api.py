@@ -326,3 +326,16 @@ def test_class_and_guidance_on_a_conditional_run(tmp_path: Path, image_dir: Path
     for bad, msg in (({"classes": "middle"}, "middle"), ({"guidance": -1.0}, "guidance")):
         r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, **bad})
         assert r.status_code == 400 and msg in r.json()["error"], r.text
+
+
+def test_a_page_that_goes_away_cancels_its_sample(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddpm.ui.jobs as jobs
+
+    real = jobs.Job._hook
+    monkeypatch.setattr(jobs.Job, "_hook", lambda self, ev: time.sleep(0.05) or real(self, ev))
+    job_id = sample(client, sampler="ddpm", steps=20, n=2)
+    with client.stream("GET", f"/api/jobs/{job_id}/events") as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))  # one frame, then leave
+    job = client.app.state.jobs.get(job_id)
+    job.thread.join(10)
+    assert not job.thread.is_alive() and json.loads(job.events[-1])["type"] == "cancelled"

@@ -6,6 +6,7 @@ CI must run them, never skip them silently.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,29 +17,31 @@ from ddpm.cli import main
 from ddpm.ui.browser import BrowserMissing, chromium, ui_server
 from helpers import tiny_config, write_config
 
-T = 300  # diffusion steps of the tiny run: the ancestral sampler's 300 steps take long enough to cancel
+T = 1000  # diffusion steps of the tiny run: the ancestral sampler's 1000 steps take long enough to cancel
 SCREENSHOT = os.environ.get("DDPM_UI_SCREENSHOT")  # where to keep the sample panel's picture
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("uiruns")
+def train_tiny(root: Path, image_dir: Path) -> None:
     cfg = tiny_config(image_dir, max_steps=2, sample_every=2)
     cfg = replace(cfg, diffusion=replace(cfg.diffusion, timesteps=T))
     assert main(["train", "--config", str(write_config(root.parent / "cfg.json", cfg)),
                  "--out", str(root / "tiny"), "--no-progress", "--no-tensorboard"]) == 0
-    return root
 
 
 @pytest.fixture(scope="module")
-def page(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def page(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Iterator[Any]:
+    """The page of `ddpm ui --runs DIR` in Chromium, DIR holding a tiny run trained meanwhile
+    (the three start side by side: the server lists run folders as they appear)."""
+    root = tmp_path_factory.mktemp("uiruns")
+    training = ThreadPoolExecutor(1).submit(train_tiny, root, image_dir)
     try:
         browser = chromium(tmp_path_factory.mktemp("profile"))
         ctx = browser.__enter__()
     except BrowserMissing as e:
         pytest.fail(f"the browser tests need a browser: {e}", pytrace=False)
     try:
-        with ui_server([str(run_dir / "tiny")], run_dir) as url:
+        with ui_server([], root) as url:
+            training.result()
             pg = ctx.new_page()
             pg.set_default_timeout(20_000)
             pg.errors = []  # console errors and uncaught exceptions, checked at the end
@@ -89,7 +92,7 @@ def test_sample_stream_scrub_cancel_forward(page: Any, tmp_path: Path) -> None:
     assert all(i["complete"] and i["w"] == 32 for i in shown_images(pg, "#panel-sample"))
 
     # a second sample, cancelled mid-way: the page says so and keeps what it had
-    set_form(pg, "#sample-form", sampler="ddpm", steps=T, n=4)
+    set_form(pg, "#sample-form", sampler="ddpm", steps=T, n=16)
     pg.click("#sample-go")
     pg.wait_for_function("state.frames.length >= 3")
     pg.click("#sample-cancel")

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import typing
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,7 @@ async def upload_image(request: Request) -> JSONResponse:
     if not data or len(data) > MAX_UPLOAD:
         raise BadRequest(f"send one image file of at most {MAX_UPLOAD // 2**20} MiB")
     uploads: dict[str, bytes] = request.app.state.uploads
-    key = f"u{len(uploads)}"
+    key = uuid.uuid4().hex[:12]
     uploads[key] = data
     while len(uploads) > 8:
         uploads.pop(next(iter(uploads)))
