@@ -339,3 +339,15 @@ def test_a_page_that_goes_away_cancels_its_sample(client: TestClient, monkeypatc
     job = client.app.state.jobs.get(job_id)
     job.thread.join(10)
     assert not job.thread.is_alive() and json.loads(job.events[-1])["type"] == "cancelled"
+
+
+def test_a_bug_is_a_one_line_500(runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddpm.ui.panels as panels
+
+    def broken(cfg):
+        raise RuntimeError("schedules exploded")
+
+    monkeypatch.setattr(panels, "schedule_curves", broken)
+    client = TestClient(create_app(RunIndex([], runs_dir)), raise_server_exceptions=False)
+    r = client.get("/api/runs/tiny/schedules")
+    assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError: schedules exploded"}
