@@ -2,7 +2,8 @@
 from ..config import SampleConfig
 from ..core.schedules import make_schedule
 from ..runtime.device import resolve_device
-from .generate import LoadedModel, Samples, generate, load_model
+from .generate import LoadedModel, Samples, SamplingCancelled, StepEvent, generate, load_model
 from .editing import RePaintConfig, edit, inpaint
 
-__all__ = ["RePaintConfig", "edit", "inpaint", "LoadedModel", "SampleConfig", "Samples", "generate", "load_model", "make_schedule", "resolve_device"]
+__all__ = ["LoadedModel", "RePaintConfig", "SampleConfig", "Samples", "SamplingCancelled", "StepEvent", "edit",
+           "generate", "inpaint", "load_model", "make_schedule", "resolve_device"]
