@@ -26,6 +26,7 @@ from ..config import VARIANCES, Variance
 from ..data.readers import to_model_range
 from ..core.diffusion import CLIPS, Denoiser, prior_bpd, q_sample, vlb_term
 from ..errors import DdpmError
+from ..runtime.progress import bar as progress_bar
 from ..sampling.generate import LoadedModel
 
 
@@ -154,10 +155,8 @@ def variational_bound(denoiser: Denoiser, x0: torch.Tensor, *, timesteps: int | 
     t_gen = torch.Generator().manual_seed(seed + 1)  # t on the CPU: the same t on any device
     tot = _Totals(T, x0.device)
     per_batch = T if k is None else k + 1
-    from tqdm import tqdm
-
-    with tqdm(total=per_batch * math.ceil(len(x0) / batch_size), disable=not progress, unit="term",
-              desc="nll", dynamic_ncols=True) as bar:
+    with progress_bar(per_batch * math.ceil(len(x0) / batch_size), desc="nll", unit="term",
+                      enabled=progress) as bar:  # on stderr with the time left, when it is a terminal
         for start in range(0, len(x0), batch_size):
             xb = x0[start:start + batch_size]
             _batch_bound(denoiser, xb, k, variance, gen, t_gen, tot, lambda: bar.update(1))
