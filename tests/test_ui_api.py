@@ -351,3 +351,30 @@ def test_a_bug_is_a_one_line_500(runs_dir: Path, monkeypatch: pytest.MonkeyPatch
     client = TestClient(create_app(RunIndex([], runs_dir)), raise_server_exceptions=False)
     r = client.get("/api/runs/tiny/schedules")
     assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError: schedules exploded"}
+
+
+def test_long_runs_stream_a_bounded_number_of_frames(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddpm.ui.jobs as jobs
+
+    monkeypatch.setattr(jobs, "MAX_FRAMES", 6)  # 20 steps: every 4th, plus the first and the last
+    evs = events(client, sample(client, sampler="ddpm", steps=20, n=1))
+    assert [e["done"] for e in evs if e["type"] == "frame"] == [1, 4, 8, 12, 16, 20]
+    assert [e["done"] for e in evs if e["type"] in ("frame", "progress")] == list(range(1, 21))
+
+
+def test_generate_hook_counts_over_batches_and_stops(runs_dir: Path) -> None:
+    """The library hook the page is built on: StepEvent per step over all batches; False stops."""
+    from ddpm.config import SampleConfig
+    from ddpm.sampling import SamplingCancelled, generate, load_model
+
+    model = load_model(runs_dir / "tiny")
+    seen = []
+    s = generate(model, SampleConfig(sampler="ddim", steps=4, n=5, batch_size=2),
+                 on_step=lambda ev: seen.append((ev.done, ev.total, ev.batch_start, tuple(ev.x_t.shape))))
+    assert [d for d, *_ in seen] == list(range(1, 13)) and {t for _, t, *_ in seen} == {12}
+    assert [b for _, _, b, _ in seen] == [0] * 4 + [2] * 4 + [4] * 4 and seen[-1][3] == (1, 1, 8, 8)
+    assert s.images.shape == (5, 1, 8, 8)
+    calls = []
+    with pytest.raises(SamplingCancelled):
+        generate(model, SampleConfig(sampler="ddpm", steps=20, n=2), on_step=lambda ev: calls.append(ev.done) or ev.done < 3)
+    assert calls == [1, 2, 3]

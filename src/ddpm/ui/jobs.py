@@ -29,6 +29,9 @@ from ..pictures.viz import make_grid, save_gif, to_pil
 from ..sampling.generate import LoadedModel, Samples, SamplingCancelled, StepEvent, StepHook, generate
 
 
+MAX_FRAMES = 250  # streamed per request (the scrub slider's stops)
+
+
 def png_bytes(grid: np.ndarray) -> bytes:
     """An (H, W, C) uint8 grid as PNG bytes, at its own size (the page enlarges it, pixelated)."""
     buf = io.BytesIO()
@@ -78,7 +81,8 @@ class Job:
     def _hook(self, ev: StepEvent) -> bool:
         if self.cancel.is_set():
             return False
-        if ev.batch_start == 0 and self.stream:
+        every = -(-ev.total // MAX_FRAMES)  # long runs send every k-th step: memory and bandwidth stay bounded
+        if ev.batch_start == 0 and self.stream and (ev.done % every == 0 or ev.done in (1, ev.total)):
             show = self.shown or (lambda x: x)
             xt, x0 = (make_grid(from_model_range(show(x)).cpu()) for x in (ev.x_t, ev.x0))
             self.frames.append(xt)
@@ -111,7 +115,7 @@ class Job:
 class JobStore:
     """The page's jobs by id; finished ones beyond ``keep`` are forgotten, oldest first."""
 
-    def __init__(self, keep: int = 16, max_running: int = 4):
+    def __init__(self, keep: int = 8, max_running: int = 4):
         self.keep, self.max_running = keep, max_running
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()

@@ -158,7 +158,11 @@ function onSampleEvent(ev, job) {
     $("#dl-gif").hidden = !ev.gif;
     $("#downloads").hidden = false;
   } else if (ev.type === "cancelled") {
-    s.textContent = `cancelled after ${state.frames.length} steps`;
+    const last = state.frames[state.frames.length - 1];
+    s.textContent = `cancelled at step ${last ? last.done : 0} of ${last ? last.total : "?"}`;
+    const sc = $("#scrub");  // what was drawn so far can still be scrubbed
+    sc.max = String(Math.max(0, state.frames.length - 1)); sc.value = sc.max; sc.disabled = state.frames.length < 2;
+    scrubLabel(state.frames.length - 1);
   } else if (ev.type === "error") {
     s.textContent = "";
   }
