@@ -760,7 +760,7 @@ def test_latest_names_only_this_runs_checkpoints(content: str, existing_run: Pat
 
 @pytest.mark.parametrize("model, message", [
     ({"out_dim": 5}, "model.out_dim must be 1"),
-    ({"out_dim": 0}, "model.out_dim must be 1"),
+    ({"out_dim": 0}, "model.out_dim must be between 1"),
     ({"init_dim": 0}, "model.init_dim must be between 1"),
     ({"attn_heads": 0}, "model.attn_heads must be between 1"),
     ({"attn_dim_head": 0}, "model.attn_dim_head must be between 1"),
@@ -856,8 +856,7 @@ def test_bad_noise_flags(argv: list[str], message: str, tmp_path: Path, capsys: 
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("section, key", [("train", "lr"), ("data", "source"), ("diffusion", "schedule"),
-                                          ("train", "bogus" * 10_000_000)])
+@pytest.mark.parametrize("section, key", [("train", "lr"), ("data", "source"), ("train", "bogus" * 10_000_000)])
 def test_a_50_mb_config_value_is_cut_in_the_message(section: str, key: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     value = "x" * 50_000_000

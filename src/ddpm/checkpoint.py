@@ -208,7 +208,7 @@ def _read_meta(ck: Path) -> tuple[dict[str, str], int, int]:
             raw = fh.read(1 << 20)  # a real meta.json is a few hundred bytes
         meta = json.loads(raw)
         return meta["sha256"], meta["format_version"], meta["step"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise DdpmError(f"checkpoint {ck} has an unreadable meta.json ({shorten(str(e))})") from None
 
 

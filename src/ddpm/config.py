@@ -74,7 +74,7 @@ class DiffusionConfig:
 class DataConfig:
     """Where the images come from and how they are shaped."""
 
-    source: str = _f("fashion-mnist", "fashion-mnist or a folder of PNG/JPEG images")
+    source: str = _f("fashion-mnist", "a source of ddpm.data.SOURCES (fashion-mnist) or a folder of PNG/JPEG images")
     image_size: int = _f(28, "images are resized to this many pixels a side")
     channels: int = _f(1, "image channels (1: grey, 3: RGB)")
     flip: bool = _f(True, "random horizontal flips")
@@ -160,22 +160,26 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
         raise DdpmError(f"{flag} must be between 0 and 2**62, got {shorten(seed)}")
 
 
-def check_model_config(m: ModelConfig) -> None:
-    """Sizes the U-Net can be built from and sampled with, in one line each (before any training)."""
+def check_model_sizes(m: ModelConfig) -> None:
+    """Sizes a U-Net can be built from, in one line each (torch would fail deep in C++ or allocate forever)."""
     mults = m.dim_mults
     if not (2 <= m.dim <= MAX_WIDTH and mults and len(mults) <= 16 and all(1 <= k <= MAX_WIDTH for k in mults)
             and m.dim * max(mults) <= MAX_WIDTH):
         raise DdpmError(f"invalid U-Net size: dim={shorten(m.dim)}, dim_mults={shorten(mults)} (dim at least 2, "
                         f"1 to 16 multipliers of at least 1, widths up to {MAX_WIDTH:,})")
-    for name, least in (("init_dim", 1), ("attn_heads", 1), ("attn_dim_head", 1), ("resnet_block_groups", 1),
-                        ("convnext_mult", 1)):
+    for name in ("init_dim", "out_dim", "attn_heads", "attn_dim_head", "resnet_block_groups", "convnext_mult"):
         v = getattr(m, name)
-        if v is not None and not least <= v <= MAX_WIDTH:
-            raise DdpmError(f"model.{name} must be between {least} and {MAX_WIDTH:,}, got {shorten(v)}")
-    want = m.channels * (2 if m.learn_sigma else 1)
-    if m.out_dim is not None and m.out_dim != want:
-        raise DdpmError(f"model.out_dim must be {want} (the image channels{', twice, for learn_sigma' if m.learn_sigma else ''}"
-                        f"), got {shorten(m.out_dim)}: a network with other outputs can never be sampled")
+        if v is not None and not 1 <= v <= MAX_WIDTH:
+            raise DdpmError(f"model.{name} must be between 1 and {MAX_WIDTH:,}, got {shorten(v)}")
+
+
+def check_model_config(m: ModelConfig) -> None:
+    """A U-Net that a diffusion run can train and then sample: its sizes, and an output of the
+    image's channels (the network predicts eps, x0 or v of the image; doubled by learn_sigma)."""
+    check_model_sizes(m)
+    if m.out_dim is not None and m.out_dim != m.channels:
+        raise DdpmError(f"model.out_dim must be {m.channels} (the image channels; learn_sigma doubles it itself), "
+                        f"got {shorten(m.out_dim)}: a network with other outputs can never be sampled")
 
 
 @dataclass(frozen=True)
@@ -202,7 +206,7 @@ class RunConfig:
     def load(cls, path: str | Path) -> RunConfig:
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: [[[[... nested too deep
             raise DdpmError(f"cannot read config {path}: {e}") from None
         return from_dict(cls, d)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import ModelConfig, check_model_sizes
 from ..errors import DdpmError
 from .layers import (
     Attention, ConvNextBlock, LinearAttention, PreNormResidual, ResnetBlock,
@@ -40,8 +40,7 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.dim < 2 or not cfg.dim_mults or min(cfg.dim_mults) < 1:
-            raise DdpmError(f"invalid U-Net size: dim={cfg.dim}, dim_mults={cfg.dim_mults}")
+        check_model_sizes(cfg)  # sizes it can be built from, in one line
         self.cfg = cfg
         init_dim = cfg.init_dim if cfg.init_dim is not None else cfg.dim // 3 * 2
         self.init_conv = nn.Conv2d(cfg.channels, init_dim, 7, padding=3)
