@@ -55,7 +55,7 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def _conditional(cfg: Any) -> Any:
     """--cond: as many classes as the data source has, their names stored with the run."""
-    from .data.readers import class_names
+    from .data.sources import class_names
 
     names = class_names(cfg.data.source, cfg.data.data_dir)
     return replace(cfg, model=replace(cfg.model, num_classes=len(names)),
@@ -131,10 +131,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     print(f"sampler {scfg.sampler}: {s.steps} steps, {s.nfe} network evaluations per image; "
           f"{len(s.images)} images in {dt:.1f}s ({len(s.images) / dt:.1f} images/s)")
-    grid, nrow = None, None
-    if s.per_class is not None:  # one row per class, at most 16 images of each
-        nrow = min(s.per_class, 16)
-        grid = s.images.reshape(-1, s.per_class, *s.images.shape[1:])[:, :nrow].flatten(0, 1)
+    grid, nrow = s.class_rows()  # one row per class, when classes were asked for
     written = save_sample_set(out, s.images, labels=s.labels, grid=grid, nrow=nrow,
                               frames=s.frames if args.gif else None, gif_scale=4 if args.index is not None else 2)
     print("wrote " + ", ".join(str(p) for p in written))
@@ -153,7 +150,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(minutes=args.minutes, out=args.out, device=args.device, data_dir=args.data)
+    run_demo(minutes=args.minutes, out=args.out, device=args.device, data_dir=args.data, cond=args.cond)
     return 0
 
 
@@ -251,33 +248,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_npz_images(path: str) -> Any:
-    import numpy as np
-    import torch
-
-    import zipfile
-
-    from .files import shorten
-
-    try:
-        z = np.load(path)  # an .npz (key 'images') or a plain .npy array; never pickles
-        if isinstance(z, np.ndarray):
-            arr = z
-        else:
-            with z:
-                arr = z["images"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise DdpmError(f"cannot read samples {path}: expected an .npz with key 'images' or an .npy array "
-                        f"({shorten(str(e))})") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) == 0 or arr.shape[1] not in (1, 3):
-        raise DdpmError(f"{path}: the images must be uint8 (N, C, H, W) with N >= 1 and C 1 or 3, "
-                        f"got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(arr)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .files import check_writable_dir
-    from .evaluation.evaluate import evaluate_images, inception_fid, resolve_images
+    from .data.sources import load_images_file
+    from .evaluation.evaluate import (default_floor, evaluate_images, inception_fid, real_images, report_name,
+                                      resolve_images)
     from .evaluation.features import default_feature_net, load_feature_net
 
     from .config import check_seed
@@ -296,28 +271,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     net = load_feature_net(args.features) if args.features else default_feature_net()
     info: dict[str, Any] = {}
     if args.samples:
-        images, out, info["source"] = _load_npz_images(args.samples), Path(args.samples).parent, args.samples
+        images, out, info["source"] = load_images_file(args.samples), Path(args.samples).parent, args.samples
     elif args.real:
-        import torch
-
-        _, pool = resolve_images("fashion-mnist-train", net, args.data)
-        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed + 1))[: args.n]
-        images, out, info["source"] = pool[pick], Path(args.out or "."), "fashion-mnist-train (real)"
+        pool, images = real_images(args.n, net, reference=args.reference, seed=args.seed, data_dir=args.data)
+        out, info["source"] = Path(args.out or "."), f"{pool} (real)"
     else:
         images, out, info = _eval_samples(args)
     if args.inception_weights is not None:
         ref = resolve_images(args.reference, net, args.data)[1]
         info["inception_fid"] = inception_fid(images, ref, args.inception_weights)
-    floor = "fashion-mnist-train" if args.reference == "fashion-mnist-test" else None
-    report = evaluate_images(images, feature_net=net, reference=args.reference, floor=floor,
+    report = evaluate_images(images, feature_net=net, reference=args.reference, floor=default_floor(args.reference),
                              data_dir=args.data, seed=args.seed)
     report = replace(report, **{k: v for k, v in info.items()
                                 if k in ("sampler", "steps", "nfe", "source", "arithmetic")})
     d = report.to_dict() | ({"inception_fid": info["inception_fid"]} if "inception_fid" in info else {})
     text = json.dumps(d, indent=2)
     print(text)
-    arith = f"-{info['arithmetic']}" if info.get("arithmetic", "fp32") != "fp32" else ""
-    name = f"eval-{info.get('sampler', 'samples')}-{info['steps']}{arith}.json" if "steps" in info else "eval.json"
+    name = report_name(info.get("sampler"), info.get("steps"), info.get("arithmetic", "fp32"))
     path = Path(args.out) / name if args.out else out / name
     _write_report(path, text + "\n")
     print(f"wrote {path}", file=sys.stderr)
@@ -352,6 +322,7 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
 def cmd_eval_control(args: argparse.Namespace) -> int:
     """ddpm eval RUN --class all --guidance 0,1,2,4: a guidance sweep with class agreement."""
     from .evaluation.control import guidance_sweep, plot_sweep
+    from .evaluation.evaluate import default_floor
     from .evaluation.features import default_feature_net, load_feature_net
     from .files import check_writable_dir
     from .sampling.generate import load_model
@@ -364,7 +335,7 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
     out = check_writable_dir(Path(args.out) if args.out else model.source.parent.parent / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
-    floor = "fashion-mnist-train" if args.reference == "fashion-mnist-test" else None
+    floor = default_floor(args.reference)
     rep = guidance_sweep(model, scfg, ws, feature_net=net, reference=args.reference, floor=floor,
                          data_dir=args.data, seed=args.seed)
     for r in rep.results:
@@ -431,6 +402,7 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import VARIANCES
+    from .data.sources import DEFAULT_REFERENCE, split_names
     from .core.schedules import SCHEDULES
     from .flags import names_help
 
@@ -480,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", help="evaluate the images of a samples.npz instead")
     ev.add_argument("--real", action="store_true", help="evaluate --n real training images (the floor)")
     _add_sample_flags(ev, n_default=1000)
-    ev.add_argument("--reference", default="fashion-mnist-test", help="fashion-mnist-test | an image folder")
+    ev.add_argument("--reference", default=DEFAULT_REFERENCE, help=f"{names_help(split_names())} | an image folder")
     ev.add_argument("--features", help="a feature net from `ddpm fit-features` (default: the shipped one)")
     ev.add_argument("--inception-weights", help="also Inception FID, with these weights (torchmetrics needed)")
     ev.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
@@ -502,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="run folder (default runs/demo-TIME)")
     d.add_argument("--device", default="auto")
     d.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
+    d.add_argument("--cond", action="store_true",
+                   help="train fast-cond instead: a grid with one row per class (classifier-free guidance)")
     d.set_defaults(fn=cmd_demo)
 
     pl = sub.add_parser("plot", help="a run's loss curves (overall and per quarter of t), lr and gradient norm")

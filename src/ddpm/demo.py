@@ -8,26 +8,33 @@ from pathlib import Path
 from .config import override, preset
 from .sampling.generate import SampleConfig, generate, load_model
 from .training.train import train
-from .pictures.viz import save_gif, save_grid
+from .pictures.viz import save_sample_set
 
 DEMO_SAMPLER = SampleConfig(sampler="dpm++2m", steps=20, n=64)
+# --cond: every class, 8 of each (one grid row per class), at the guidance of BENCHMARKS.md "Control"
+DEMO_GUIDANCE = 1.0
+DEMO_COND_SAMPLER = SampleConfig(sampler="dpm++2m", steps=20, n=80, classes="all", guidance=DEMO_GUIDANCE)
 
 
 def run_demo(*, minutes: float = 5.0, out: str | None = None, device: str = "auto",
-             data_dir: str | None = None) -> Path:
-    """The whole job on the embedded default; returns the run folder."""
-    cfg = preset("fast")
+             data_dir: str | None = None, cond: bool = False) -> Path:
+    """The whole job on the embedded default (``cond``: fast-cond, one grid row per class);
+    returns the run folder."""
+    cfg = preset("fast-cond" if cond else "fast")
     cfg = replace(cfg, train=override(cfg.train, minutes=minutes),
                   data=override(cfg.data, data_dir=data_dir))
     run_dir = Path(out) if out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.monotonic()
     res = train(cfg, run_dir, device=device)
     model = load_model(run_dir, device=device)
-    s = generate(model, DEMO_SAMPLER, frames="x_t")
-    grid = save_grid(s.images, run_dir / "samples" / "grid.png", scale=3)
-    gif = save_gif(s.frames, run_dir / "samples" / "denoising.gif", scale=3, duration_ms=120)
+    scfg = DEMO_COND_SAMPLER if cond else DEMO_SAMPLER
+    s = generate(model, scfg, frames="x_t")
+    rows, nrow = s.class_rows()
+    grid, _, gif = save_sample_set(run_dir / "samples", s.images, labels=s.labels, grid=rows, nrow=nrow,
+                                   frames=s.frames, grid_scale=3, gif_scale=3, gif_ms=120)
     print(f"demo done in {(time.monotonic() - t0) / 60:.1f} min ({res.step} training steps)")
     print(f"  sample grid:    {grid}")
     print(f"  denoising GIF:  {gif}")
-    print(f"  more samples:   ddpm sample {run_dir} --sampler dpm++2m --steps 20 --gif")
+    more = f" --class all --guidance {DEMO_GUIDANCE:g}" if cond else ""
+    print(f"  more samples:   ddpm sample {run_dir} --sampler dpm++2m --steps 20 --gif{more}")
     return run_dir

@@ -65,6 +65,14 @@ class Samples:
     labels: torch.Tensor | None = None  # (N,) the class of each image (class by class), when asked
     per_class: int | None = None  # images of each class: one grid row per class
 
+    def class_rows(self, most: int = 16) -> tuple[torch.Tensor | None, int | None]:
+        """(images, per row) of a grid with one row per class, at most ``most`` of each;
+        (None, None) when no classes were asked for."""
+        if self.per_class is None:
+            return None, None
+        keep = min(self.per_class, most)
+        return self.images.reshape(-1, self.per_class, *self.images.shape[1:])[:, :keep].flatten(0, 1), keep
+
 
 def check_sample_config(model: LoadedModel, cfg: SampleConfig) -> int:
     """Validate against the model; return the number of steps to run."""
