@@ -16,6 +16,7 @@ Three levels of precision:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -444,3 +445,127 @@ def test_bad_input() -> None:
         sample("ddpm", d, x, 5, options=SamplerOptions(variance="learned"))
     sample("ddim", d, x, 20, options=SamplerOptions(eta=1.0))  # the bounds themselves are fine
     sample("ddim", d, x, 1, options=SamplerOptions(eta=0.0))
+
+
+# ---------------------------------------------------------------- every sampler at its CLI defaults
+
+
+def cli_sample_config(*argv: str):
+    """The SampleConfig `ddpm sample RUN ARGV...` builds from its parser's defaults."""
+    from ddpm.cli import _sample_config, build_parser
+
+    return _sample_config(build_parser().parse_args(["sample", "RUN", *argv]))
+
+
+def affine_moments(name: str, s: NoiseSchedule, cfg) -> tuple[float, float]:
+    """(mean, std) of a deterministic sampler's output under the oracle, exactly: the sampler is
+    an affine map b + A z of the standardised x_T = m_T + s_T z, so a least-squares line through
+    65 points z in [-2, 2] gives b (the mean) and |A| (the std); no Monte Carlo error."""
+    aT = float(s.alpha_bar.double()[-1])
+    z = torch.linspace(-2, 2, 65, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    x_T = (math.sqrt(aT) * MU + math.sqrt(aT * SD**2 + 1 - aT) * z).float()
+    x = sample(name, Denoiser(oracle_net(s, "eps"), s), x_T, cfg.steps, spacing=cfg.spacing,
+               options=SamplerOptions(cfg.eta, cfg.variance)).double().flatten()
+    zf = z.flatten()
+    slope = ((zf * (x - x.mean())).sum() / (zf * zf).sum()).item()
+    assert (x - x.mean() - slope * zf).abs().max() < 1e-2  # affine, up to float32 rounding
+    return x.mean().item(), abs(slope)
+
+
+# The tolerances on std / SD - 1 at each sampler's defaults, from bench/sampler_oracle.py
+# (bench/results/sampler_oracle.json; exact for the deterministic samplers). Measured at the
+# defaults over the cases below (worst over the 12 of four schedules x T = 200, 500, 1000):
+# - ddim 50 quadratic: -2.1% ... -3.6% (sigmoid 1000); uniform, the old default, reaches -5.6%;
+# - dpm++2m 20 quadratic, last step first order: -0.9% ... +2.0% (linear 1000); the old default
+#   (uniform, second-order last step) is +24% there, trailing -4.4%;
+# - heun 10 uniform: +1.2% ... +8.7% (linear and sigmoid 1000); trailing -13%, quadratic +19%,
+#   first-order last step -14%.
+# Each bound is the measured worst plus 1 point (float32 rounding is < 0.1%): wide enough to hold
+# on every schedule, tight enough that each rejected alternative above fails. The mean is exact
+# for all three (measured |error| < 0.003% of SD), bound 0.1% of SD.
+STD_TOL = {"ddim": 0.046, "dpm++2m": 0.030, "heun": 0.097}
+DEFAULT_CASES = [("linear", 200), ("cosine", 500)] + [(name, 1000) for name in ("linear", "cosine", "quadratic", "sigmoid")]
+
+
+@pytest.mark.parametrize(("sched", "T"), DEFAULT_CASES)
+@pytest.mark.parametrize("name", sorted(STD_TOL))
+def test_deterministic_sampler_at_cli_defaults_recovers_gaussian(name: str, sched: str, T: int) -> None:
+    cfg = cli_sample_config("--sampler", name)
+    mean, std = affine_moments(name, NoiseSchedule.create(sched, T), cfg)
+    assert abs(mean - MU) < 1e-3 * SD, (mean, cfg)
+    assert abs(std / SD - 1) < STD_TOL[name], (std / SD - 1, cfg)
+
+
+@pytest.mark.parametrize(("sched", "T"), [("linear", 200), ("cosine", 500)])  # the seed and fast presets
+def test_ddpm_at_cli_defaults_recovers_gaussian(sched: str, T: int) -> None:
+    """ddpm's default is all T steps: exactly -1.6% (linear 200) and -0.8% (cosine 500) in std
+    (beta-tilde ignores Var[x0 | x_t]; the exact chain, section 2). 16,000 draws: standard errors
+    0.56% of SD for the std and 0.79% for the mean; bounds = the exact error + 4 of them."""
+    cfg = cli_sample_config()
+    assert cfg.sampler == "ddpm"
+    s = NoiseSchedule.create(sched, T)
+    x = sample(cfg.sampler, Denoiser(oracle_net(s, "eps"), s), x_T_exact(s, (1000, 1, 4, 4)), cfg.steps,
+               spacing=cfg.spacing, options=SamplerOptions(cfg.eta, cfg.variance),
+               generator=torch.Generator().manual_seed(0)).double()
+    assert abs(x.mean().item() - MU) < 0.032 * SD, x.mean().item()
+    assert abs(x.std().item() / SD - 1) < 0.019 + 0.023, x.std().item() / SD - 1
+
+
+def test_table_defaults_are_the_measured_ones() -> None:
+    """The CLI reads the table (SampleConfig's None), and the table holds the oracle's choice."""
+    cfg = cli_sample_config()
+    assert (cfg.spacing, cfg.eta, cfg.variance) == (None, None, None)
+    got = {n: (s.default_steps, s.default_spacing) for n, s in SAMPLERS.items()}
+    assert got == {"ddpm": (None, "quadratic"), "ddim": (50, "quadratic"), "dpm++2m": (20, "quadratic"),
+                   "heun": (10, "uniform")}
+    assert SAMPLERS["dpm++2m"].fn.keywords == {"lower_order_final": True}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "trailing", None])
+def test_one_step_starts_at_the_noisiest_level(name: str, spacing: str | None) -> None:
+    """`--steps 1` takes its step from t = T-1 (pure noise), not t = 0: under the oracle one step
+    from x_T ~ q(x_T) gives E[x0 | x_T] ~ MU, not x_T itself."""
+    s = small(40, "cosine")
+    seen: list[int] = []
+    net, _ = counted(s, seen)
+    x_T = x_T_exact(s, (64, 1, 2, 2))
+    out = sample(name, Denoiser(net, s), x_T, 1, spacing=spacing, generator=torch.Generator().manual_seed(0))
+    assert seen == [s.T - 1]
+    assert out.std() < 0.05 * x_T.std()
+
+
+@pytest.mark.parametrize(("sampler", "flag"), [("ddpm", ["--eta", "0.5"]), ("dpm++2m", ["--eta", "0"]),
+                                                ("heun", ["--eta", "1"]), ("ddim", ["--variance", "beta"]),
+                                                ("dpm++2m", ["--variance", "beta_tilde"])])
+def test_cli_refuses_an_option_the_sampler_ignores(sampler, flag, tiny_run, capsys) -> None:
+    from ddpm.cli import main
+
+    assert main(["sample", str(tiny_run), "--sampler", sampler, *flag, "--n", "1", "--steps", "2",
+                 "--out", str(tiny_run.parent / "never")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and flag[0] in err[0] and sampler in err[0], err
+    assert not (tiny_run.parent / "never" / "samples.npz").exists()
+
+
+def test_cli_accepts_the_options_its_sampler_reads(tiny_run, tmp_path) -> None:
+    from ddpm.cli import main
+
+    for sampler, flag in [("ddim", ["--eta", "0.5"]), ("ddpm", ["--variance", "beta"]), ("ddim", []), ("heun", [])]:
+        assert main(["sample", str(tiny_run), "--sampler", sampler, *flag, "--n", "1", "--steps", "2",
+                     "--out", str(tmp_path / sampler)]) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, image_dir) -> Path:
+    """A run folder holding one checkpoint of an untrained tiny network (sampling needs no training)."""
+    from helpers import tiny_config
+
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.nn import UNet
+
+    cfg = tiny_config(image_dir)
+    run = tmp_path_factory.mktemp("run")
+    weights = UNet(cfg.model).state_dict()
+    save_checkpoint(run, config=cfg, step=1, model=weights, ema=weights, state={})
+    return run

@@ -102,8 +102,8 @@ def test_schedule_derived_quantities(name: str, T: int) -> None:
     }
     for key, ref in expect.items():
         got = getattr(s, key)
-        assert got.dtype == torch.float32, key
-        np.testing.assert_allclose(got.numpy(), ref, rtol=2e-6, atol=1e-30, err_msg=key)
+        assert got.dtype == torch.float64, key  # stored in float64, cast at use (diffusion.extract)
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12, atol=1e-300, err_msg=key)
     # improved-diffusion: log beta-tilde with its t=0 value (0) replaced by the t=1 one
     np.testing.assert_allclose(s.posterior_log_variance_clipped.numpy(),
                                np.log(np.concatenate([post_var[1:2], post_var[1:]])), rtol=1e-5)
@@ -112,7 +112,7 @@ def test_schedule_derived_quantities(name: str, T: int) -> None:
     for key in ["betas", "alphas", "alpha_bar", "alpha_bar_prev", "posterior_variance",
                 "posterior_mean_coef1", "posterior_mean_coef2"]:
         v = getattr(s, key)
-        assert (v >= 0).all() and (v <= 1).all(), key
+        assert (v >= 0).all() and (v <= 1 + 1e-12).all(), key  # float64 rounding: coef1[0] = b / (1 - (1 - b))
     assert s.posterior_variance[0] == 0
     assert (s.alpha_bar[1:] < s.alpha_bar[:-1]).all()  # strictly decreasing
     # the posterior mean interpolates: c1 sqrt(ab_prev)... at t=0 it returns x0 exactly
@@ -129,6 +129,7 @@ def test_schedule_T1() -> None:
 def test_schedule_to_device() -> None:
     s = NoiseSchedule.create("cosine", 10).to("cpu")
     assert s.alpha_bar.device.type == "cpu" and s.timesteps.dtype == torch.long
+    assert s.alpha_bar.dtype == torch.float64 and s.respace([0, 5, 9]).betas.dtype == torch.float64
 
 
 # ---------------------------------------------------------------- respacing
@@ -187,19 +188,27 @@ def test_space_timesteps_shape(T: int, steps: int, spacing: str) -> None:
     assert 0 <= ts[0] and ts[-1] <= T - 1
     if steps == T:
         assert ts == list(range(T))
-    if spacing == "trailing":
-        assert ts[-1] == T - 1
+    assert ts[-1] == T - 1  # sampling starts from the noisiest step
     if spacing in ("uniform", "quadratic") and steps > 1:
-        assert ts[0] == 0 and ts[-1] == T - 1
-    if spacing in ("uniform", "quadratic"):
         assert ts[0] == 0
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "trailing"])
+def test_every_grid_starts_at_the_noisiest_step(spacing: str) -> None:
+    """Issue 10: `--steps 1` took its one step at t = 0 and returned clipped noise. Every grid,
+    for every steps in 1..T, ends (sampling starts) at t = T-1, with distinct steps in [0, T)."""
+    for T in [1, 2, 3, 7, 64, 200, 500]:
+        for steps in range(1, T + 1):
+            ts = space_timesteps(T, steps, spacing)
+            assert ts[-1] == T - 1 and ts[0] >= 0 and len(ts) == steps, (T, steps, ts)
+            assert all(a < b for a, b in zip(ts, ts[1:])), (T, steps, ts)
 
 
 def test_space_timesteps_values() -> None:
     assert space_timesteps(1000, 5, "uniform") == [0, 250, 500, 749, 999]
     assert space_timesteps(1000, 4, "trailing") == [249, 499, 749, 999]
     assert space_timesteps(10, 1, "trailing") == [9]
-    assert space_timesteps(10, 1, "uniform") == [0]
+    assert space_timesteps(10, 1, "uniform") == space_timesteps(10, 1, "quadratic") == [9]
     q = space_timesteps(1000, 11, "quadratic")
     assert q[0] == 0 and q[-1] == 999
     assert q[5] == round(0.25 * 999)  # (i / (steps - 1))^2 (T - 1) at i = 5

@@ -1,7 +1,8 @@
 """Beta schedules, the precomputed NoiseSchedule, and timestep respacing.
 
-Everything is computed in float64 and stored in float32, so that derived quantities
-(alpha_bar, the posterior) do not accumulate float32 error over T steps.
+Everything is computed and stored in float64 and cast at use (``diffusion.extract`` casts to
+the arithmetic of x): stored in float32, alpha_bar near 0 (t = T-1 of the cosine schedule)
+would magnify its rounding about 2e4 times where eps is turned into x0.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ class NoiseSchedule:
             posterior_mean_coef2=(1 - ab_prev) * a.sqrt() / (1 - ab),
         )
         ts = torch.arange(len(b)) if timesteps is None else timesteps.long()
-        return cls(**{k: v.float() for k, v in q.items()}, timesteps=ts)
+        return cls(**q, timesteps=ts)
 
     @classmethod
     def create(cls, name: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
@@ -129,42 +130,43 @@ class NoiseSchedule:
         return cls.from_betas(make_betas(name, T, beta_start, beta_end))
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
-        return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        """On ``device``; float64 stays float64 except where the device has none (MPS)."""
+        cast = torch.float32 if torch.device(device).type == "mps" else None
+        return NoiseSchedule(**{f.name: getattr(self, f.name).to(device, cast if f.name != "timesteps" else None)
+                                for f in fields(self)})
 
     def respace(self, keep: list[int] | torch.Tensor) -> NoiseSchedule:
         """Improved DDPM Sec. 4: the schedule on a subset of steps, betas recomputed so that
         alpha_bar on the subset is exactly the original's."""
         keep_t = torch.as_tensor(keep, dtype=torch.long)
-        ab = self.alpha_bar.double()[keep_t.cpu()]
+        ab = self.alpha_bar.cpu().double()[keep_t.cpu()]
         ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
         return NoiseSchedule.from_betas(1 - ab / ab_prev, timesteps=self.timesteps[keep_t.cpu()])
 
 
 def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int]:
-    """``steps`` of the T training timesteps, ascending, always including the last (t=T-1)
-    for "trailing" and the first (t=0) for "uniform" and "quadratic" (DDIM Sec. C.2;
-    "trailing" as in Lin et al., Common Diffusion Noise Schedules are Flawed, Table 2)."""
+    """``steps`` distinct of the T training timesteps, ascending, always ending at the noisiest
+    t = T-1 where sampling starts; "uniform" and "quadratic" also include t = 0 (DDIM Sec. C.2),
+    "trailing" counts back from T-1 in strides of T/steps (Lin et al., Common Diffusion Noise
+    Schedules are Flawed, Table 2)."""
     if not 1 <= steps <= T:
         raise DdpmError(f"steps must be between 1 and T={T}, got {steps}")
     if spacing not in SPACINGS:
         raise DdpmError(f"unknown spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
-    if steps == T:
-        return list(range(T))
+    if steps == 1:  # one step: from the noisiest level straight to x0
+        return [T - 1]
     if spacing == "trailing":
         ts = [round(T - 1 - i * T / steps) for i in range(steps)][::-1]
     elif spacing == "quadratic":
-        ts = [int(round((i / (steps - 1)) ** 2 * (T - 1))) if steps > 1 else 0 for i in range(steps)]
+        ts = [int(round((i / (steps - 1)) ** 2 * (T - 1))) for i in range(steps)]
     else:
-        ts = [int(round(i * (T - 1) / (steps - 1))) if steps > 1 else 0 for i in range(steps)]
-    # quadratic spacing can repeat small timesteps; make them distinct and increasing
+        ts = [int(round(i * (T - 1) / (steps - 1))) for i in range(steps)]
+    # quadratic spacing repeats small timesteps: push each up to be distinct, then pull the
+    # tail back under T-1 (the last entry is T-1 either way)
     out: list[int] = []
     for t in ts:
-        t = max(t, out[-1] + 1 if out else 0)
-        out.append(t)
-    shift = out[-1] - (T - 1)
-    if shift > 0:  # pushed past the end: pull the tail back
-        out = [min(t, T - 1 - (len(out) - 1 - i)) for i, t in enumerate(out)]
-    return out
+        out.append(max(t, out[-1] + 1 if out else 0))
+    return [min(t, T - 1 - (steps - 1 - i)) for i, t in enumerate(out)]
 
 
 def make_schedule(cfg: RunConfig | DiffusionConfig) -> NoiseSchedule:

@@ -1,21 +1,28 @@
-"""Samplers: one file each, one signature, an explicit name -> sampler table (rule 5)."""
+"""Samplers: one file each, one signature, an explicit name -> sampler table (rule 5).
+
+Each sampler's default grid (steps, spacing) and final-step order were chosen from the Gaussian
+oracle's error against steps, spacing and schedule (bench/sampler_oracle.py, BENCHMARKS.md
+"Sampler defaults, measured on the oracle")."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
 
 from ..core.diffusion import Denoiser
+from ..core.schedules import Spacing, space_timesteps
 from ..errors import DdpmError
-from ..core.schedules import space_timesteps
 from . import ddim, ddpm, dpmpp_2m, heun
 from .base import SamplerFn, SamplerOptions, StepCallback
 
 
 class SamplerSpec(NamedTuple):
-    fn: SamplerFn
+    fn: SamplerFn  # with its final-step order bound (lower_order_final)
     nfe: Callable[[torch.Tensor, list[int]], int]  # (alpha_bar, timesteps) -> network evaluations
-    default_steps: int | None  # None: all T training steps
+    default_steps: int | None  # None: all T training steps; else capped at T
+    default_spacing: Spacing  # the grid when --spacing is not given
+    options: tuple[str, ...]  # the SamplerOptions fields it reads; any other one given is refused
     summary: str
 
 
@@ -23,11 +30,19 @@ def _one_per_step(alpha_bar: torch.Tensor, timesteps: list[int]) -> int:
     return len(timesteps)
 
 
+# Defaults from the oracle (N(0.3, 0.5^2), four schedules x T = 200, 500, 1000; worst |std
+# error| at the default steps, bench/results/sampler_oracle.json): ddim quadratic 3.6% (uniform
+# 5.6%); dpm++2m quadratic with the last step first order 2.0% (uniform, second order: 24%);
+# heun uniform, second order into t = 0, 8.7% (trailing 13%, quadratic 19%); ddpm quadratic
+# (at --steps 50: 6.7% against uniform's 11%; at its default, all T, every spacing is the same).
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(ddpm.sample, _one_per_step, None, "ancestral, DDPM Algorithm 2 (respaced)"),
-    "ddim": SamplerSpec(ddim.sample, _one_per_step, 50, "DDIM Eq. 12, eta in [0, 1]"),
-    "dpm++2m": SamplerSpec(dpmpp_2m.sample, _one_per_step, 20, "DPM-Solver++(2M)"),
-    "heun": SamplerSpec(heun.sample, heun.nfe, 10, "Heun 2nd order, EDM Algorithm 1"),
+    "ddpm": SamplerSpec(ddpm.sample, _one_per_step, None, "quadratic", ("variance",),
+                        "ancestral, DDPM Algorithm 2 (respaced)"),
+    "ddim": SamplerSpec(ddim.sample, _one_per_step, 50, "quadratic", ("eta",), "DDIM Eq. 12, eta in [0, 1]"),
+    "dpm++2m": SamplerSpec(partial(dpmpp_2m.sample, lower_order_final=True), _one_per_step, 20, "quadratic", (),
+                           "DPM-Solver++(2M), last step first order"),
+    "heun": SamplerSpec(partial(heun.sample, lower_order_final=False), partial(heun.nfe, lower_order_final=False),
+                        10, "uniform", (), "Heun 2nd order, EDM Algorithm 1"),
 }
 
 
@@ -38,28 +53,38 @@ def get_sampler(name: str) -> SamplerSpec:
 
 
 def check_options(name: str, options: SamplerOptions, learn_sigma: bool) -> None:
-    """One-line errors for options a sampler cannot honour with this model."""
-    if not 0.0 <= options.eta <= 1.0:
+    """One-line errors for options a sampler cannot honour with this model, or would ignore."""
+    spec = get_sampler(name)
+    for opt in ("eta", "variance"):
+        if getattr(options, opt) is not None and opt not in spec.options:
+            readers = " and ".join(n for n, s in SAMPLERS.items() if opt in s.options)
+            raise DdpmError(f"--{opt} applies to the {readers} sampler only; {name} would ignore it")
+    if options.eta is not None and not 0.0 <= options.eta <= 1.0:
         raise DdpmError(f"eta must be between 0 and 1, got {options.eta}")
     if options.variance == "learned" and not learn_sigma:
         raise DdpmError("--variance learned needs a model trained with learned variances (learn_sigma)")
 
 
-def count_nfe(name: str, alpha_bar: torch.Tensor, steps: int, spacing: str = "uniform") -> int:
-    """Network evaluations per image of the named sampler at ``steps`` steps."""
-    return get_sampler(name).nfe(alpha_bar, space_timesteps(len(alpha_bar), steps, spacing))
+def grid(name: str, T: int, steps: int | None = None, spacing: str | None = None) -> list[int]:
+    """The named sampler's timesteps out of T: its default steps and spacing where None."""
+    spec = get_sampler(name)
+    steps = min(spec.default_steps or T, T) if steps is None else steps
+    return space_timesteps(T, steps, spec.default_spacing if spacing is None else spacing)
+
+
+def count_nfe(name: str, alpha_bar: torch.Tensor, steps: int | None = None, spacing: str | None = None) -> int:
+    """Network evaluations per image of the named sampler at ``steps`` steps (its defaults where None)."""
+    return get_sampler(name).nfe(alpha_bar, grid(name, len(alpha_bar), steps, spacing))
 
 
 def sample(name: str, denoiser: Denoiser, x_T: torch.Tensor, steps: int | None = None, *,
-           spacing: str = "uniform", options: SamplerOptions = SamplerOptions(),
+           spacing: str | None = None, options: SamplerOptions = SamplerOptions(),
            generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> torch.Tensor:
-    """Run the named sampler with ``steps`` of the model's T steps (its default when None)."""
-    spec = get_sampler(name)
-    T = denoiser.schedule.T
-    steps = min(spec.default_steps or T, T) if steps is None else steps
+    """Run the named sampler with ``steps`` of the model's T steps on ``spacing`` (its defaults when None)."""
     check_options(name, options, denoiser.learn_sigma)
-    timesteps = space_timesteps(T, steps, spacing)
-    return spec.fn(denoiser, x_T, timesteps, options=options, generator=generator, on_step=on_step)
+    timesteps = grid(name, denoiser.schedule.T, steps, spacing)
+    return get_sampler(name).fn(denoiser, x_T, timesteps, options=options, generator=generator, on_step=on_step)
 
 
-__all__ = ["SAMPLERS", "count_nfe", "SamplerOptions", "SamplerSpec", "StepCallback", "get_sampler", "sample", "check_options"]
+__all__ = ["SAMPLERS", "count_nfe", "grid", "SamplerOptions", "SamplerSpec", "StepCallback", "get_sampler",
+           "sample", "check_options"]

@@ -18,7 +18,8 @@ def sample(denoiser: Denoiser, x_T: torch.Tensor, timesteps: list[int], *, optio
         ti = t_batch(i, x)
         mean = q_posterior(sub, pred.x0, x, ti).mean
         if i > 0:
-            logvar = p_log_variance(sub, ti, x.ndim, variance=options.variance, var_frac=pred.var_frac)
+            logvar = p_log_variance(sub, ti, x.ndim, variance=options.variance or "beta_tilde",
+                                    var_frac=pred.var_frac)
             x = mean + torch.exp(0.5 * logvar) * randn_like(x, generator)
         else:
             x = mean

@@ -9,8 +9,12 @@ from .base import SamplerOptions, StepCallback, t_batch
 
 @torch.no_grad()
 def sample(denoiser: Denoiser, x_T: torch.Tensor, timesteps: list[int], *, options: SamplerOptions,
-           generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) in lambda = log(alpha / sigma); the last step (to sigma = 0) is first order."""
+           generator: torch.Generator | None = None, on_step: StepCallback | None = None,
+           lower_order_final: bool = True) -> torch.Tensor:
+    """DPM-Solver++(2M) in lambda = log(alpha / sigma), then x0 at the grid's last level (the
+    step to sigma = 0 is first order); ``lower_order_final``: the step into that last level is
+    first order too (diffusers' option: after a short step, the extrapolation weight
+    1 + 1/(2r) with r = h_prev / h grows large; bench/sampler_oracle.py measures it)."""
     ab_all = denoiser.schedule.alpha_bar.double()
     x = x_T
     x0_prev, h_prev = None, None
@@ -25,7 +29,7 @@ def sample(denoiser: Denoiser, x_T: torch.Tensor, timesteps: list[int], *, optio
             lam_t = 0.5 * torch.log(ab_t / (1 - ab_t))
             h = lam_t - lam_s
             d = pred.x0
-            if x0_prev is not None:
+            if x0_prev is not None and not (lower_order_final and i == 1):
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * pred.x0 - (1 / (2 * r)) * x0_prev
             ratio = ((1 - ab_t) / (1 - ab_s)).sqrt()
