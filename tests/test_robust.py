@@ -892,3 +892,23 @@ def test_sigterm_while_sampling_writes_nothing(existing_run: Path, tmp_path: Pat
     err = capsys.readouterr().err.strip()
     assert err == "interrupted: stopped by SIGTERM"
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("phase", ["_load_data", "load_checkpoint"])
+def test_sigterm_before_training_starts(phase: str, existing_run: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """SIGTERM while the data loads (a new run) or the checkpoint loads (--resume): exit 143, and
+    neither an empty run folder nor a changed file is left."""
+    real = getattr(train_mod, phase)
+
+    def stopped(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, phase, stopped)
+    run = make_run_copy(existing_run, tmp_path) if phase == "load_checkpoint" else tmp_path / "new" / "run"
+    before = files_of(run) if run.exists() else {}
+    src = ["--resume", "--max-steps", "6"] if run.exists() else ["--config", str(existing_run.parent / "cfg.json")]
+    assert main(["train", *src, "--out", str(run), "--no-progress"]) == 143
+    assert capsys.readouterr().err.strip().endswith("interrupted: stopped by SIGTERM")
+    assert (files_of(run) == before) if before else not (tmp_path / "new").exists()
