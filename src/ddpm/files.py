@@ -1,6 +1,7 @@
 """Files that are never seen half-written: atomic writes, output checks before long work, result sets.
 
-Every writer of the package goes through here, so a full disk, a read-only folder or a signal
+Checkpoints, pictures, sample sets and reports are written through here (the run's append-only
+log and TensorBoard have writers of their own), so a full disk, a read-only folder or a signal
 mid-way turns into one line (:class:`WriteError`, both a ``DdpmError`` and an ``OSError``) and
 leaves what was on disk before untouched.
 """
