@@ -320,9 +320,13 @@ def test_class_and_guidance_on_a_conditional_run(tmp_path: Path, image_dir: Path
     r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 4, "classes": "all",
                                          "guidance": 2.0})
     assert r.status_code == 201, r.text
-    done = events(client, r.json()["id"])[-1]
+    evs = events(client, r.json()["id"])
+    done = evs[-1]
     assert done["type"] == "done" and done["n"] == 4
     assert decode_data_url(done["grid"]).size == (22, 22)  # a row per class: 2 x 2 tiles
+    r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 6, "classes": "all"})
+    evs = events(client, r.json()["id"])  # 3 of each class: frames and result in rows of 3, one per class
+    assert evs[0]["width"] == decode_data_url(evs[-1]["grid"]).size[0] == 32 and evs[0]["height"] == 22
     for bad, msg in (({"classes": "middle"}, "middle"), ({"guidance": -1.0}, "guidance")):
         r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, **bad})
         assert r.status_code == 400 and msg in r.json()["error"], r.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import typing
 import uuid
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..config import SampleConfig, override
 from ..errors import DdpmError
 from ..samplers import SAMPLERS
 from ..sampling.generate import check_sample_config
+from ..sampling.guidance import resolve_classes
 from . import edits, panels
 from .jobs import Job, JobStore, gif_bytes, grid_png, npz_bytes, png_bytes, sampling
 from .runs import ModelCache, NotFound, Run, RunIndex, latest_checkpoint, run_config
@@ -104,7 +106,9 @@ async def start_sample(request: Request) -> JSONResponse:
     cache: ModelCache = request.app.state.cache
     model = await run_in_threadpool(cache.get, run, cfg.use_ema)
     steps = check_sample_config(model, cfg)
-    job = request.app.state.jobs.start(run.name, sampling(model, cfg), stream)
+    classes = resolve_classes(cfg.classes, model.config)
+    nrow = None if classes is None else math.ceil(cfg.n / len(classes))  # class_labels' images per class
+    job = request.app.state.jobs.start(run.name, sampling(model, cfg), stream, nrow=nrow)
     return JSONResponse({"id": job.id, "steps": steps, "checkpoint": model.source.name}, status_code=201)
 
 

@@ -61,6 +61,7 @@ class Job:
     stream: bool  # send the grids of every step (Compare turns this off to time the sampler alone)
     shown: Shown | None = None
     final: Callable[[Samples], np.ndarray] | None = None  # the result grid (default: the samples)
+    nrow: int | None = None  # images per grid row (a class-conditional request: one row per class)
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list[str] = field(default_factory=list)  # JSON lines, in order
     frames: list[np.ndarray] = field(default_factory=list)  # the x_t grids, for the GIF
@@ -84,7 +85,7 @@ class Job:
         every = -(-ev.total // MAX_FRAMES)  # long runs send every k-th step: memory and bandwidth stay bounded
         if ev.batch_start == 0 and self.stream and (ev.done % every == 0 or ev.done in (1, ev.total)):
             show = self.shown or (lambda x: x)
-            xt, x0 = (make_grid(from_model_range(show(x)).cpu()) for x in (ev.x_t, ev.x0))
+            xt, x0 = (make_grid(from_model_range(show(x)).cpu(), self.nrow) for x in (ev.x_t, ev.x0))
             self.frames.append(xt)
             self.emit("frame", done=ev.done, total=ev.total, x_t=data_url(xt), x0=data_url(x0),
                       width=int(xt.shape[1]), height=int(xt.shape[0]),
@@ -96,7 +97,7 @@ class Job:
     def _run(self) -> None:
         try:
             s = self.work(self._hook)
-            grid = self.final(s) if self.final else make_grid(s.images[:64], getattr(s, "per_class", None))
+            grid = self.final(s) if self.final else make_grid(*_rows(s))
             self.samples, self.grid = s, grid
             self.emit("done", nfe=s.nfe, steps=s.steps, n=len(s.images), arithmetic=s.arithmetic,
                       seconds=round(time.perf_counter() - self.started, 4), grid=data_url(grid),
@@ -124,11 +125,11 @@ class JobStore:
         return sum(1 for j in self._jobs.values() if not j.finished)
 
     def start(self, run: str, work: Work, stream: bool, shown: Shown | None = None,
-              final: Callable[[Samples], np.ndarray] | None = None) -> Job:
+              final: Callable[[Samples], np.ndarray] | None = None, nrow: int | None = None) -> Job:
         with self._lock:
             if self.running() >= self.max_running:
                 raise DdpmError(f"{self.max_running} samples are running already; wait or cancel one")
-            job = Job(uuid.uuid4().hex[:12], run, work, stream, shown, final)
+            job = Job(uuid.uuid4().hex[:12], run, work, stream, shown, final, nrow)
             self._jobs[job.id] = job
             done = [k for k, j in self._jobs.items() if j.finished]
             for k in done[: max(0, len(self._jobs) - self.keep)]:
@@ -138,6 +139,12 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
+
+
+def _rows(s: Samples) -> tuple[torch.Tensor, int | None]:
+    """The samples for the result grid: one row per class when classes were asked for."""
+    images, nrow = s.class_rows()
+    return (s.images[:64], None) if images is None else (images, nrow)
 
 
 def grid_png(job: Job) -> bytes:
