@@ -20,7 +20,7 @@ from ddpm.cli import main
 from ddpm.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig, preset
 from ddpm.core.diffusion import Denoiser
 from ddpm.core.schedules import NoiseSchedule
-from ddpm.data.readers import FASHION_MNIST_CLASSES, class_names, load_labeled_dataset
+from ddpm.data import FASHION_MNIST_CLASSES, class_names, load_labeled_dataset
 from ddpm.errors import DdpmError
 from ddpm.evaluation.control import class_agreement
 from ddpm.nn import UNet

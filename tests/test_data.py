@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import ddpm.data.readers as data
+import ddpm.data.sources as sources
 from ddpm.errors import DdpmError
 
 CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
@@ -309,12 +310,12 @@ def test_image_folder_errors(tmp_path):
 
 def test_load_dataset(tmp_path, image_dir, nowhere):
     fake_fashion(tmp_path / "fm")
-    x = data.load_dataset("fashion-mnist", size=32, channels=3, data_dir=tmp_path / "fm")
+    x = sources.load_dataset("fashion-mnist", size=32, channels=3, data_dir=tmp_path / "fm")
     assert x.shape == (5, 3, 32, 32) and x.dtype == torch.uint8
     assert torch.equal(x[:, 0], x[:, 2])
-    same = data.load_dataset("fashion-mnist", size=28, channels=1, data_dir=tmp_path / "fm", split="test")
+    same = sources.load_dataset("fashion-mnist", size=28, channels=1, data_dir=tmp_path / "fm", split="test")
     assert same.shape == (3, 1, 28, 28)
-    assert data.load_dataset(str(image_dir), size=8, channels=1).shape == (6, 1, 8, 8)
+    assert sources.load_dataset(str(image_dir), size=8, channels=1).shape == (6, 1, 8, 8)
 
 
 # ---------------------------------------------------------------- tensors and batches

@@ -103,3 +103,38 @@ def test_plot_schedules_draws_every_schedule(monkeypatch: pytest.MonkeyPatch) ->
     flat = ScheduleSpec(lambda T, b0, b1: torch.full((T,), 0.05, dtype=torch.float64), False, "constant beta")
     monkeypatch.setitem(SCHEDULES, "flat", flat)  # a schedule added to the table is drawn, with no other edit
     assert labels() == [*SCHEDULES] and "flat" in labels()
+
+
+def test_data_sources_are_one_table_for_training_and_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source added to data.sources.SOURCES is at once training data, a class list, an
+    evaluation reference (its splits) and a name in the command's help."""
+    from ddpm.data import SOURCES, DataSource, class_names, load_dataset, load_labeled_dataset
+    from ddpm.data.sources import reference_images
+    from ddpm.evaluation.evaluate import default_floor, report_name
+
+    def images(split: str, data_dir: object, download: bool) -> torch.Tensor:
+        return torch.full((4 if split == "train" else 2, 1, 10, 10), 7 if split == "train" else 9, dtype=torch.uint8)
+
+    def labels(split: str, data_dir: object, download: bool) -> torch.Tensor:
+        return torch.arange(4 if split == "train" else 2) % 2
+
+    monkeypatch.setitem(SOURCES, "toy", DataSource(images, labels, ("a", "b"), "a made-up source"))
+    x = load_dataset("toy", size=5, channels=3)
+    assert x.shape == (4, 3, 5, 5) and x.dtype == torch.uint8 and int(x.float().mean().round()) == 7
+    lab = load_labeled_dataset("toy", size=10, channels=1, split="test")
+    assert lab.labels.tolist() == [0, 1] and lab.class_names == ("a", "b") == class_names("toy")
+    assert reference_images("toy-test", size=10, channels=1).shape == (2, 1, 10, 10)
+    assert default_floor("toy-test") == "toy-train" and default_floor("some/folder") is None
+    ref_help = action(subcommand("eval"), "--reference").help
+    assert "toy-test" in ref_help and "fashion-mnist-test" in ref_help
+    with pytest.raises(DdpmError, match="unknown reference 'toy-valid': use .*toy-test"):
+        reference_images("toy-valid", size=10, channels=1)
+    from types import SimpleNamespace
+
+    from ddpm.evaluation.evaluate import real_images
+
+    net = SimpleNamespace(config=SimpleNamespace(size=10, channels=1))  # the feature net's input size
+    pool, real = real_images(3, net, reference="toy-test", seed=0)  # --real: the reference's training split
+    assert pool == "toy-train" and real.shape == (3, 1, 10, 10) and bool((real == 7).all())
+    assert report_name() == "eval.json" and report_name("ddim", 50, "bf16") == "eval-ddim-50-bf16.json"
+    assert report_name("ddim", 50) == "eval-ddim-50.json"

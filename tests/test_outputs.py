@@ -223,7 +223,7 @@ def test_checks_create_nothing(tmp_path: Path) -> None:
 
 
 def test_eval_reads_a_plain_npy(with_samples: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from ddpm.cli import _load_npz_images
+    from ddpm.data.sources import load_images_file as _load_npz_images
 
     with np.load(with_samples / "samples" / "samples.npz") as z:
         images = z["images"]

@@ -271,14 +271,11 @@ def folder_class_names(path: str | Path) -> tuple[str, ...]:
                          if len(f.relative_to(root).parts) > 1}))
 
 
-def class_names(source: str, data_dir: str | Path | None = None) -> tuple[str, ...]:
-    """The class names of a data source, by label index: Fashion-MNIST's ten, or a folder's
-    first-level subfolders (root/<class>/...)."""
-    if source.lower() == "fashion-mnist":
-        return FASHION_MNIST_CLASSES
-    names = folder_class_names(source)
+def folder_classes(path: str | Path) -> tuple[str, ...]:
+    """An image folder's class names (:func:`folder_class_names`); an error when it has none."""
+    names = folder_class_names(path)
     if not names:
-        raise DdpmError(f"{source} has no class subfolders: a conditional run needs {source}/<class>/<image>")
+        raise DdpmError(f"{path} has no class subfolders: a conditional run needs {path}/<class>/<image>")
     return names
 
 
@@ -295,41 +292,13 @@ def load_image_folder_labeled(path: str | Path, size: int, channels: int) -> Lab
     _check_shape_args(size, channels)
     root = Path(path)
     files = _image_files(root)
-    names = class_names(str(root))
+    names = folder_classes(root)
     stray = next((f for f in files if len(f.relative_to(root).parts) == 1), None)
     if stray is not None:
         raise DdpmError(f"{stray} is not inside a class subfolder: a conditional run needs {root}/<class>/<image>")
     labels = torch.tensor([names.index(f.relative_to(root).parts[0]) for f in files], dtype=torch.long)
     images, kept = _decode_files(files, root, size, channels)
     return Labeled(images, labels[kept], names)
-
-
-def load_dataset(source: str, *, size: int, channels: int, data_dir: str | Path | None = None,
-                 split: Literal["train", "test"] = "train", download: bool = True) -> torch.Tensor:
-    """'fashion-mnist' (resized/repeated to fit) or an image folder, as uint8 (N, C, size, size)."""
-    _check_shape_args(size, channels)
-    if source.lower() != "fashion-mnist":
-        return load_image_folder(source, size, channels)
-    x = load_fashion_mnist(split, data_dir, download=download)
-    if size != 28:
-        # Chunks keep the float copy small; antialias matters when shrinking.
-        x = torch.cat([F.interpolate(c.float(), size=(size, size), mode="bilinear",
-                                     antialias=True, align_corners=False).round().clamp(0, 255)
-                       .to(torch.uint8) for c in x.split(4096)])
-    return x.repeat(1, 3, 1, 1) if channels == 3 else x
-
-
-def load_labeled_dataset(source: str, *, size: int, channels: int, data_dir: str | Path | None = None,
-                         split: Literal["train", "test"] = "train", download: bool = True) -> Labeled:
-    """:func:`load_dataset` with the labels: Fashion-MNIST's label files, or a folder's subfolders."""
-    if source.lower() != "fashion-mnist":
-        return load_image_folder_labeled(source, size, channels)
-    images = load_dataset(source, size=size, channels=channels, data_dir=data_dir, split=split,
-                          download=download)
-    labels = load_fashion_mnist_labels(split, data_dir, download=download)
-    if len(labels) != len(images):
-        raise DdpmError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
-    return Labeled(images, labels, FASHION_MNIST_CLASSES)
 
 
 # ---------------------------------------------------------------- tensors and batches

@@ -22,14 +22,13 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from ..files import atomic_write_bytes
-from ..data.readers import load_fashion_mnist, load_image_folder
+from ..data.sources import DEFAULT_REFERENCE, reference_images, split_names
 from ..errors import DdpmError
 from .features import FeatureNet, default_feature_net, weights_digest
 from .metrics import classifier_stats, frechet_distance, gaussian_stats, kid, precision_recall
 
 log = logging.getLogger(__name__)
 
-FMNIST_SPLITS = {"fashion-mnist-test": "test", "fashion-mnist-train": "train"}
 CACHE_VERSION = 1
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          "weights-inception-2015-12-05-6726825d.pth")
@@ -138,14 +137,36 @@ def reference_stats(net: FeatureNet, images: torch.Tensor, *, cache: bool = True
 
 def resolve_images(spec: str | torch.Tensor, net: FeatureNet, data_dir: str | Path | None = None
                    ) -> tuple[str, torch.Tensor]:
-    """A named Fashion-MNIST split, an image folder, or a uint8 tensor -> (name, images)."""
+    """A named split of a data source (``fashion-mnist-test``), an image folder, or a uint8
+    tensor -> (name, images) at the feature net's size."""
     if isinstance(spec, torch.Tensor):
         return "tensor", spec
-    if spec in FMNIST_SPLITS:
-        return spec, load_fashion_mnist(FMNIST_SPLITS[spec], data_dir)
-    if Path(spec).is_dir():
-        return spec, load_image_folder(spec, net.config.size, net.config.channels)
-    raise DdpmError(f"unknown reference {spec!r}: use {', '.join(FMNIST_SPLITS)} or an image folder")
+    return spec, reference_images(spec, size=net.config.size, channels=net.config.channels, data_dir=data_dir)
+
+
+def default_floor(reference: str | torch.Tensor) -> str | None:
+    """The real-data floor for a named test split: the same source's training split; else none."""
+    named = split_names()
+    if isinstance(reference, str) and reference in named and named[reference][1] == "test":
+        return f"{named[reference][0]}-train"
+    return None
+
+
+def real_images(n: int, net: FeatureNet, *, reference: str = DEFAULT_REFERENCE, seed: int = 0,
+                data_dir: str | Path | None = None) -> tuple[str, torch.Tensor]:
+    """(pool, n real images) drawn (seeded by seed + 1, without replacement) from the training split
+    of the reference's source (the default reference's for a folder): what ``ddpm eval --real``
+    scores, the floor any model is measured against."""
+    pool = default_floor(reference) or default_floor(DEFAULT_REFERENCE)
+    images = resolve_images(pool, net, data_dir)[1]
+    return pool, images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))[:n]]
+
+
+def report_name(sampler: str | None = None, steps: int | None = None, arithmetic: str = "fp32") -> str:
+    """The report's file name: ``eval-SAMPLER-STEPS[-ARITH].json`` for sampled images, else ``eval.json``."""
+    if steps is None:
+        return "eval.json"
+    return f"eval-{sampler or 'samples'}-{steps}{'' if arithmetic == 'fp32' else '-' + arithmetic}.json"
 
 
 # ---------------------------------------------------------------- the report

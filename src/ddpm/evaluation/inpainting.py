@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import SampleConfig
-from ..data.readers import load_dataset
+from ..data.sources import load_dataset
 from ..errors import DdpmError
 from ..sampling.editing import MaskShape, RePaintConfig, inpaint, region_mask
 from ..sampling.generate import LoadedModel

@@ -26,7 +26,8 @@ from ..checkpoint import (Checkpoint, checkpoint_path, last_good_checkpoint, loa
                          save_checkpoint)
 from ..files import atomic_write_text, shorten
 from ..config import RunConfig, check_model_config, check_seed
-from ..data.readers import Batches, class_names, load_dataset, load_labeled_dataset, to_model_range
+from ..data.readers import Batches, to_model_range
+from ..data.sources import class_names, load_dataset, load_labeled_dataset
 from ..core.diffusion import sample_noise, training_losses
 from ..runtime.distributed import Dist, from_env, shutdown
 from ..errors import DdpmError
