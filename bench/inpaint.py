@@ -34,12 +34,13 @@ def main() -> None:
     p.add_argument("--resample", default="1,5,10")
     p.add_argument("--mask", default="right", help=f"comma list of {', '.join(MASK_SHAPES)}")
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="image i of the completions: seed + i")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="inpaint")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model = load_model(a.run)
-    cfg = SampleConfig(sampler=a.sampler, steps=a.steps, n=a.n, batch_size=a.batch_size, clip="clip")
+    cfg = SampleConfig(sampler=a.sampler, steps=a.steps, n=a.n, batch_size=a.batch_size, clip="clip", seed=a.seed)
     net = default_feature_net()
     images = fmnist_test_images(model, a.n)
     rows = []
@@ -53,7 +54,7 @@ def main() -> None:
                          "fd_hole_black": rep.fd_hole_black, "nfe_per_image": rep.nfe, "seconds": rep.seconds,
                          "seconds_per_image": rep.seconds / a.n, "load_average_at_start": load})
             save(a.name, {"run": a.run, "step": model.step, "n": a.n, "sampler": a.sampler, "steps": a.steps,
-                          "clip": cfg.clip, "threads": a.threads, "cpu": cpu_info(),
+                          "clip": cfg.clip, "seed": a.seed, "threads": a.threads, "cpu": cpu_info(),
                           "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows})
 
 
