@@ -230,6 +230,27 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert main(["ui", "--runs", str(tmp_path), "--port", "70000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "--port" in err
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        assert main(["ui", "--runs", str(tmp_path), "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot listen on 127.0.0.1:") and "\n" not in err
+
+
+def test_too_many_samples_at_once_is_a_400(runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddpm.ui.jobs as jobs
+
+    gate = threading.Event()
+    real = jobs.Job._hook
+    monkeypatch.setattr(jobs.Job, "_hook", lambda self, ev: gate.wait(10) and real(self, ev))
+    client = TestClient(create_app(RunIndex([], runs_dir), jobs=jobs.JobStore(max_running=1)))
+    first = sample(client, sampler="ddim", steps=2, n=1)
+    r = client.post("/api/sample", json={"run": "tiny", "sampler": "ddim", "steps": 2})
+    assert r.status_code == 400 and "already running 1 at once" in r.json()["error"]
+    gate.set()
+    assert events(client, first)[-1]["type"] == "done"
+    sample(client, sampler="ddim", steps=2, n=1)  # the slot is free again
 
 
 def test_the_page_fetches_nothing_from_elsewhere() -> None:

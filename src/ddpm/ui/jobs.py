@@ -128,7 +128,7 @@ class JobStore:
               final: Callable[[Samples], np.ndarray] | None = None, nrow: int | None = None) -> Job:
         with self._lock:
             if self.running() >= self.max_running:
-                raise DdpmError(f"{self.max_running} samples are running already; wait or cancel one")
+                raise DdpmError(f"already running {self.max_running} at once (the most); wait for one or cancel it")
             job = Job(uuid.uuid4().hex[:12], run, work, stream, shown, final, nrow)
             self._jobs[job.id] = job
             done = [k for k, j in self._jobs.items() if j.finished]
