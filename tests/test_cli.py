@@ -272,7 +272,8 @@ def test_command_sets_the_wait_policy_before_torch(env: dict[str, str], want: st
 
 def test_load_model_leaves_cuda_settings_alone(tmp_path: Path, image_dir: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """A library caller's process keeps its TF32 / cuDNN settings (checked as if CUDA were there)."""
+    """A library caller's process keeps its TF32 / cuDNN settings after load_model and train
+    (checked as if CUDA were there)."""
     import torch
 
     from ddpm.sampling import load_model
@@ -290,6 +291,11 @@ def test_load_model_leaves_cuda_settings_alone(tmp_path: Path, image_dir: Path,
         set_flags(False, False, False)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         load_model(tmp_path / "run", device=torch.device("cpu"))
+        assert flags() == (False, False, False)
+        from ddpm.training.train import train  # train.tf32 holds during the call, not after it
+
+        train(tiny_config(image_dir, max_steps=1), tmp_path / "run2", device="cpu", progress=False,
+              tensorboard=False, log=lambda _: None)
         assert flags() == (False, False, False)
     finally:
         set_flags(*before)

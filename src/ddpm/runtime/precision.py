@@ -87,3 +87,16 @@ def fast_cuda_math(enabled: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
+
+
+CudaMath = tuple[bool, bool, bool]  # (matmul TF32, cuDNN TF32, cuDNN benchmark)
+
+
+def cuda_math_state() -> CudaMath:
+    """The process's CUDA arithmetic switches as they are now (to put them back after a call)."""
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+
+
+def restore_cuda_math(state: CudaMath) -> None:
+    """Put back what :func:`cuda_math_state` saw: a library call leaves its caller's settings alone."""
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = state
