@@ -301,7 +301,7 @@ def test_folder_labels_from_first_level_subfolders(tmp_path: Path) -> None:
 
 def test_label_dropout_rate_measured_on_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The labels the loss sees: the image's own class, or the null class at rate --cond-drop."""
-    root = labelled_folder(tmp_path / "data", n=8, size=8)
+    root = labelled_folder(tmp_path / "data", n=16, size=8)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     real = train_mod.training_losses
 
@@ -310,7 +310,7 @@ def test_label_dropout_rate_measured_on_batches(tmp_path: Path, monkeypatch: pyt
         return real(net, s, cfg, x0, t, noise, **kw)
 
     monkeypatch.setattr(train_mod, "training_losses", spy)
-    cfg = tiny_config(root, max_steps=40, batch_size=24, checkpoint_every=0, cond_drop=0.25)
+    cfg = tiny_config(root, max_steps=25, batch_size=32, checkpoint_every=0, cond_drop=0.25)
     cfg = replace(cfg, model=replace(cfg.model, num_classes=2))
     train_mod.train(cfg, tmp_path / "run", progress=False, log=lambda _: None, tensorboard=False)
     bright = torch.cat([b for b, _ in seen]) > 0  # class 1 (Sneaker) is the bright one

@@ -509,13 +509,16 @@ def _skip_record(tr: Trainer, out: Skipped) -> dict[str, Any]:
 
 
 def periodic_samples(tr: Trainer, path: Path, n: int) -> torch.Tensor:
-    """A grid from the EMA weights with a 20-step DPM-Solver++ (fast, close to ancestral)."""
+    """A grid from the EMA weights with a 20-step DPM-Solver++ (fast, close to ancestral); a
+    conditional model draws every class (unguided), one row each."""
     net = tr.ema.model if tr.ema is not None else tr.model
     was_training = net.training
     net.eval()
     lm = LoadedModel(net, tr.schedule, tr.cfg, tr.step, tr.run_dir)
-    s = generate(lm, SampleConfig(sampler="dpm++2m", steps=min(20, tr.cfg.diffusion.timesteps), n=n))
-    save_grid(s.images, path)
+    classes = "all" if tr.cfg.model.num_classes else None
+    s = generate(lm, SampleConfig(sampler="dpm++2m", steps=min(20, tr.cfg.diffusion.timesteps), n=n, classes=classes))
+    rows, nrow = s.class_rows()
+    save_grid(s.images if rows is None else rows, path, nrow=nrow)
     net.train(was_training)
     return s.images
 
