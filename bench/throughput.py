@@ -9,7 +9,7 @@ Measures, in one process with the contenders called in turns (A, B, A, B, ...):
   train   images/s of one optimisation step at batch 128 on Fashion-MNIST: ours is
           ``ddpm.train.Trainer.train_step`` (batch draw, training_losses, backward, grad norm,
           Adam, EMA), the seed's is its train loop body (batch draw, p_losses, backward, Adam);
-          ``ours_bf16`` is the same step with ``--precision bf16`` (autocast: fp32 weights,
+          ``ours_bf16`` (with ``--bf16``, by default only where bf16 is native) is the same step with ``--precision bf16`` (autocast: fp32 weights,
           bf16 convolutions and matrix products; not the network's exact function);
           two large fp32 GEMMs ride along in the same rounds as the machine's measured peak
           (torch.mm, and the same GEMM as a 1x1 convolution: on this AMD CPU MKL's sgemm
@@ -57,6 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddpm import preset
 from ddpm.data import load_fashion_mnist
 from ddpm.nn import UNet
+from ddpm.runtime.precision import native_bf16
 from ddpm.runtime.env import process_settings
 from ddpm.samplers import SamplerOptions, get_sampler
 from ddpm.sampling import LoadedModel, make_schedule
@@ -175,16 +176,16 @@ def reference_sampler(ref, model: torch.nn.Module, iters: int, device: torch.dev
 # ---------------------------------------------------------------- sections
 
 
-def bench_train(ref, rounds: int, device: torch.device) -> dict:
+def bench_train(ref, rounds: int, device: torch.device, bf16: bool) -> dict:
     data = load_fashion_mnist()
     ref_data = data.float().div(255).mul(2).sub(1)  # what the seed's load_fmnist returns
     with tempfile.TemporaryDirectory() as tmp:
         tr = our_trainer(data, Path(tmp), device)
-        tr_bf16 = our_trainer(data, Path(tmp), device, "bf16")
         mm, conv, gemm_flops, gemm_n = matmul(device)
         steps = {"ours": synced(tr.train_step, device), "reference": synced(reference_step(ref, ref_data, device), device),
-                 "ours_bf16": synced(tr_bf16.train_step, device),
                  "matmul": synced(mm, device), "conv_gemm": synced(conv, device)}
+        if bf16:
+            steps["ours_bf16"] = synced(our_trainer(data, Path(tmp), device, "bf16").train_step, device)
         times = interleave(steps, rounds=rounds, warmup=2 if device.type == "cuda" else 1)
         flops = {"ours": count_flops(steps["ours"]), "reference": count_flops(steps["reference"])}
     t_ours, t_ref = median(times["ours"]), median(times["reference"])
@@ -194,11 +195,12 @@ def bench_train(ref, rounds: int, device: torch.device) -> dict:
         "ours_img_per_s": BATCH / t_ours, "reference_img_per_s": BATCH / t_ref,
         "ours_sec_per_step": t_ours, "reference_sec_per_step": t_ref,
         "ratio": r, "target": TARGETS["train"], "aim": TARGETS["train_aim"], "met": r >= TARGETS["train"],
-        "ours_bf16_img_per_s": BATCH / median(times["ours_bf16"]),
-        "ratio_bf16": ratio(times, "ours_bf16", "reference"),
-        "ratio_bf16_over_ours_fp32": ratio(times, "ours_bf16", "ours"),
         "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
     }
+    if bf16:
+        train.update({"ours_bf16_img_per_s": BATCH / median(times["ours_bf16"]),
+                      "ratio_bf16": ratio(times, "ours_bf16", "reference"),
+                      "ratio_bf16_over_ours_fp32": ratio(times, "ours_bf16", "ours")})
     # per round: the step's GFLOP/s over the better of the two GEMMs timed in the same round
     peak = [gemm_flops / min(a, b) / 1e9 for a, b in zip(times["matmul"], times["conv_gemm"])]
     frac = {k: statistics.median(flops[k] / t / 1e9 / p for t, p in zip(times[k], peak)) for k in flops}
@@ -220,7 +222,7 @@ def count_flops(step) -> int:
     return fc.get_total_flops()
 
 
-def bench_sample(ref, rounds: int, iters: int, device: torch.device) -> dict:
+def bench_sample(ref, rounds: int, iters: int, device: torch.device, bf16: bool) -> dict:
     torch.manual_seed(0)
     ref_model = ref.make_model().eval().to(device)
     net = UNet(preset("seed").model).to(device)
@@ -228,9 +230,10 @@ def bench_sample(ref, rounds: int, iters: int, device: torch.device) -> dict:
     runs = {
         "ours": synced(our_sampler(net, iters, False, device), device),  # contiguous weights
         "ours_channels_last": synced(our_sampler(net_cl, iters, True, device), device),
-        "ours_channels_last_bf16": synced(our_sampler(net_cl, iters, True, device, "bf16"), device),
         "reference": synced(reference_sampler(ref, ref_model, iters, device), device),
     }
+    if bf16:
+        runs["ours_channels_last_bf16"] = synced(our_sampler(net_cl, iters, True, device, "bf16"), device)
     times = interleave(runs, rounds=rounds, warmup=1)
     T = ref.timesteps
     out = {"n": SAMPLE_N, "steps": T, "timed_iterations": iters, "rounds": rounds}
@@ -238,11 +241,12 @@ def bench_sample(ref, rounds: int, iters: int, device: torch.device) -> dict:
         out[f"{k}_img_per_s"] = SAMPLE_N / (median(times[k]) / iters * T)
     out["ratio"] = ratio(times, "ours", "reference")
     out["ratio_channels_last"] = ratio(times, "ours_channels_last", "reference")
-    out["ratio_channels_last_bf16"] = ratio(times, "ours_channels_last_bf16", "reference")
     out["target"] = TARGETS["sample"]
     out["met"] = out["ratio"] >= TARGETS["sample"]
     out["met_channels_last"] = out["ratio_channels_last"] >= TARGETS["sample"]
-    out["met_channels_last_bf16"] = out["ratio_channels_last_bf16"] >= TARGETS["sample"]
+    if bf16:
+        out["ratio_channels_last_bf16"] = ratio(times, "ours_channels_last_bf16", "reference")
+        out["met_channels_last_bf16"] = out["ratio_channels_last_bf16"] >= TARGETS["sample"]
     out["seconds"] = {k: [round(x, 4) for x in v] for k, v in times.items()}
     return out
 
@@ -326,6 +330,9 @@ def main() -> None:
     ap.add_argument("--sample-iters", type=int, default=4, help="timed iterations of the 200")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "memory"])
+    ap.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
+                    help="time the bf16 contenders: auto = only where bf16 is native (emulated bf16 is "
+                         "several times slower than fp32: bench/bf16_cost.py)")
     ap.add_argument("--profile", action="store_true", help="write the top ops of our step")
     ap.add_argument("--out", default="throughput", help="name of the JSON in bench/results/")
     ap.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
@@ -339,10 +346,12 @@ def main() -> None:
     ref = load_reference()
     result = {"machine": machine(device), "command": " ".join(["python", "bench/throughput.py", *sys.argv[1:]])}
     t0 = time.perf_counter()
+    bf16 = a.bf16 == "yes" or (a.bf16 == "auto" and native_bf16(device))
+    result["bf16_timed"] = bf16
     if "train" not in a.skip:
-        result.update(bench_train(ref, a.train_rounds, device))
+        result.update(bench_train(ref, a.train_rounds, device, bf16))
     if "sample" not in a.skip:
-        result["sample"] = bench_sample(ref, a.sample_rounds, a.sample_iters, device)
+        result["sample"] = bench_sample(ref, a.sample_rounds, a.sample_iters, device, bf16)
     if "memory" not in a.skip:
         result["memory"] = bench_memory(a.memory_steps, a.threads, device)
     result["machine"]["loadavg_end"] = os.getloadavg()
