@@ -127,6 +127,8 @@ class Denoiser:
         """A copy that draws classes ``cond`` (B,) with guidance w, guided only where the noise
         level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in ``interval`` = [lo, hi]
         (Kynkaanniemi et al. 2024; EDM's sigma units)."""
+        if cond is not None and self.num_classes == 0:
+            raise ValueError("class labels need a class-conditional network (num_classes > 0)")
         d = copy.copy(self)
         d.cond, d.guidance, d.guide_mask = cond, float(guidance), None
         if interval is not None:
