@@ -120,6 +120,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     scfg = _sample_config(args)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    scfg = _student_sampling(model, scfg, args)
     out = Path(args.out) if args.out else model.source.parent.parent / "samples"
     if args.index is not None and not 0 <= args.index < min(scfg.n, scfg.batch_size):
         raise DdpmError(f"--index must be between 0 and {min(scfg.n, scfg.batch_size) - 1}, got {args.index}")
@@ -136,6 +137,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
                               frames=s.frames if args.gif else None, gif_scale=4 if args.index is not None else 2)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _student_sampling(model: Any, scfg: Any, args: argparse.Namespace) -> Any:
+    """A distilled student samples as it was trained: DDIM, eta 0, on the trailing grid, at its
+    own number of steps unless --steps says otherwise (ancestral sampling would undo the distillation)."""
+    from .training.distill import student_of
+
+    d = student_of(model.source)
+    if d is None or args.sampler not in ("ddpm", "ddim"):
+        return scfg
+    print("a student of progressive distillation: DDIM (eta 0) on the trailing grid", file=sys.stderr)
+    return replace(scfg, sampler="ddim", spacing="trailing", eta=0.0,
+                   steps=scfg.steps if scfg.steps is not None else d.student_steps)
 
 
 def cmd_noise(args: argparse.Namespace) -> int:
@@ -174,6 +188,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.onnx:
         raise DdpmError("choose a format: --onnx (the only one so far)")
     print(export_onnx(args.run, args.out, use_ema=not args.no_ema, opset=args.opset).summary())
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .training.distill import DistillConfig, distill
+
+    d = DistillConfig(args.teacher, method=args.method, teacher_steps=args.teacher_steps,
+                      student_steps=args.student_steps, steps_per_round=args.steps_per_round,
+                      batch_size=args.batch_size, lr=args.lr)
+    res = distill(d, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    print(f"done: step {res.step}; checkpoint {res.checkpoint}")
+    print(f"sample with: ddpm sample {args.out} --steps {d.student_steps}")
     return 0
 
 
@@ -496,6 +522,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
     ex.set_defaults(fn=cmd_export)
+
+    di = sub.add_parser("distill", help="progressive distillation (Salimans & Ho 2022): a student run that "
+                        "samples in 1-4 DDIM steps what its teacher drew in many")
+    di.add_argument("teacher", help="the teacher's run or checkpoint folder")
+    di.add_argument("--out", required=True, help="the student's run folder")
+    di.add_argument("--method", default="progressive", help="progressive (the only one so far)")
+    di.add_argument("--teacher-steps", type=int, default=16, help="DDIM steps of the first round's teacher")
+    di.add_argument("--student-steps", type=int, default=4, help="steps of the final student (halved each round)")
+    di.add_argument("--steps-per-round", type=int, default=500, help="optimiser steps per halving")
+    di.add_argument("--batch-size", type=int, help="default: the teacher's")
+    di.add_argument("--lr", type=float, default=1e-4)
+    di.add_argument("--resume", action="store_true", help="continue the student from its last checkpoint")
+    di.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    di.add_argument("--no-progress", action="store_true")
+    di.set_defaults(fn=cmd_distill)
 
     ui = sub.add_parser("ui", help="a local web page: watch sampling step by step, compare samplers, "
                         "the forward process, training curves (needs ddpm[ui])")

@@ -1,0 +1,225 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student that takes one
+deterministic DDIM step where its teacher took two, the number of steps halved round by round.
+
+The student is a run folder like any other: checkpoints, ``log.jsonl``, ``--resume``. Its
+``config.json`` is the teacher's network, schedule and objective with the distillation's
+training settings; ``distill.json`` beside it records the teacher and the rounds, and each
+checkpoint's training state carries the current round's teacher, so a resumed run continues
+the same round. A student is sampled with DDIM (eta 0) on the trailing grid at its own number
+of steps: ``ddpm sample STUDENT --sampler ddim --spacing trailing --steps N``.
+
+A conditional teacher is distilled with its labels dropped to the null class as in training,
+so the student keeps both outputs and classifier-free guidance is applied at sampling (not
+distilled in).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint, load_checkpoint, load_into
+from ..config import RunConfig
+from ..core.diffusion import Denoiser, interpret, q_sample
+from ..core.schedules import NoiseSchedule, space_timesteps
+from ..errors import DdpmError
+from ..files import atomic_write_text
+from ..nn import UNet
+from .train import StepOut, Skipped, Trainer
+
+DISTILL_NAME = "distill.json"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """What to distil and for how long."""
+
+    teacher: str  # the teacher's run or checkpoint folder
+    method: Literal["progressive"] = "progressive"
+    teacher_steps: int = 16  # DDIM steps of the first round's teacher
+    student_steps: int = 4  # the last round's student: teacher_steps / 2^rounds
+    steps_per_round: int = 500
+    batch_size: int | None = None  # None: the teacher's
+    lr: float = 1e-4  # Salimans & Ho use 1e-4 (CIFAR-10) to 5e-5 with Adam
+
+    @property
+    def rounds(self) -> int:
+        return int(round(math.log2(self.teacher_steps / self.student_steps)))
+
+
+def check_distill_config(d: DistillConfig, T: int) -> None:
+    """One line for settings that cannot be distilled."""
+    if d.method != "progressive":
+        raise DdpmError(f"unknown distillation method {d.method!r}; choose: progressive")
+    if not (1 <= d.student_steps < d.teacher_steps <= T) or d.teacher_steps != d.student_steps * 2 ** d.rounds:
+        raise DdpmError(f"--teacher-steps ({d.teacher_steps}) must be --student-steps ({d.student_steps}) times a "
+                        f"power of two, at most T={T}")
+    if d.steps_per_round < 1 or d.lr <= 0 or (d.batch_size is not None and d.batch_size < 1):
+        raise DdpmError("--steps-per-round, --lr and --batch-size must be positive")
+
+
+def round_grids(T: int, student_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's trailing grid of N steps and its teacher's of 2N, which holds it at odd
+    places: student step j (at t = teacher[2j+1]) is teacher steps 2j+1 -> 2j -> 2j-1."""
+    s = torch.tensor(space_timesteps(T, student_steps, "trailing"))
+    t = torch.tensor(space_timesteps(T, 2 * student_steps, "trailing"))
+    if not torch.equal(t[1::2], s):
+        raise DdpmError(f"T={T} does not nest {student_steps} DDIM steps in {2 * student_steps}")
+    return s, t
+
+
+def ddim_to(pred_x0: torch.Tensor, pred_eps: torch.Tensor, ab_prev: torch.Tensor) -> torch.Tensor:
+    """DDIM Eq. 12 with eta 0: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps."""
+    dt = pred_x0.dtype
+    return ab_prev.sqrt().to(dt) * pred_x0 + (1 - ab_prev).sqrt().to(dt) * pred_eps
+
+
+def x0_target(ab_t: torch.Tensor, ab_prev: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+    """Salimans & Ho Algorithm 2: the x0 whose one DDIM step from x_t lands on x_prev,
+    (x_prev - (sigma_p / sigma_t) x_t) / (alpha_p - (sigma_p / sigma_t) alpha_t)."""
+    ratio = ((1 - ab_prev) / (1 - ab_t)).sqrt()  # float64 coefficients: alpha_t is tiny at t = T-1
+    den = ab_prev.sqrt() - ratio * ab_t.sqrt()
+    return (1 / den).to(x_t.dtype) * x_prev - (ratio / den).to(x_t.dtype) * x_t
+
+
+def _bcast(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, 1, 1, 1)
+
+
+class Distiller(Trainer):
+    """A Trainer whose step is Algorithm 2's, with the round's teacher beside the student."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device,
+                 d: DistillConfig, teacher_weights: dict[str, torch.Tensor], labels: torch.Tensor | None = None):
+        super().__init__(cfg, run_dir, data, device, labels=labels)
+        self.d = d
+        load_into(self.model, teacher_weights, Path(d.teacher))
+        self.teacher = UNet(cfg.model).to(device).eval().requires_grad_(False)
+        if cfg.train.channels_last:
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        self.teacher.load_state_dict(self.model.state_dict())
+        self.round = 0
+
+    def student_steps(self, round_: int) -> int:
+        return self.d.teacher_steps // 2 ** (round_ + 1)
+
+    def _next_round(self) -> None:
+        """The student so far becomes the teacher; the optimiser starts afresh (Algorithm 2)."""
+        self.round += 1
+        self.teacher.load_state_dict(self.model.state_dict())
+        self.opt.state.clear()
+
+    def train_step(self) -> StepOut | Skipped:
+        """Salimans & Ho Algorithm 2, one batch: two teacher DDIM steps, one student step."""
+        while self.step // self.d.steps_per_round > self.round and self.round + 1 < self.d.rounds:
+            self._next_round()
+        x0, y = self.batches.next_labeled()
+        x0 = x0.to(self.device)
+        if self.cfg.train.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        s, k = self.schedule, self.cfg.model.num_classes
+        y = None if not k else self._drop(y.to(self.device))
+        student, teacher = round_grids(s.T, self.student_steps(self.round))
+        j = torch.randint(0, len(student), (x0.shape[0],), generator=self.gen, device=self.device)
+        t, t_mid = teacher.to(self.device)[2 * j + 1], teacher.to(self.device)[2 * j]
+        t_prev = torch.where(j > 0, teacher.to(self.device)[(2 * j - 1).clamp(min=0)], -1)
+        ab = s.alpha_bar  # float64: coefficients are cast at use
+        ab_t, ab_mid = _bcast(ab[t]), _bcast(ab[t_mid])
+        ab_prev = _bcast(torch.where(t_prev >= 0, ab[t_prev.clamp(min=0)], torch.ones_like(ab[t])))
+        x_t = q_sample(s, x0, t, torch.randn(x0.shape, generator=self.gen, device=self.device))
+        with torch.no_grad():
+            x_prev = self._teacher_two_steps(x_t, t, t_mid, ab_mid, ab_prev, y)
+            target = x0_target(ab_t, ab_prev, x_t, x_prev)
+        out = self.net_fn(x_t, t) if y is None else self.net_fn(x_t, t, y)
+        pred = interpret(s, out.float(), x_t, t, objective=self.cfg.diffusion.objective,
+                         learn_sigma=self.cfg.model.learn_sigma)
+        weight = (ab_t / (1 - ab_t)).clamp(min=1).flatten().float()  # truncated SNR weighting, max(SNR, 1)
+        per_sample = weight * (pred.x0 - target).square().flatten(1).mean(1)
+        return self.optimize(per_sample.mean(), per_sample.detach(), t)
+
+    def _drop(self, y: torch.Tensor) -> torch.Tensor:
+        from .train import drop_labels
+        return drop_labels(y, self.cfg.train.cond_drop, self.cfg.model.num_classes, self.gen)
+
+    def _teacher_two_steps(self, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor, ab_mid: torch.Tensor,
+                           ab_prev: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        den = Denoiser(self.teacher, self.schedule, objective=self.cfg.diffusion.objective,
+                       learn_sigma=self.cfg.model.learn_sigma, num_classes=self.cfg.model.num_classes)
+        den = den.conditioned(y) if y is not None else den
+        p = den(x_t, t)
+        x_mid = ddim_to(p.x0, p.eps, ab_mid)
+        p = den(x_mid, t_mid)
+        return ddim_to(p.x0, p.eps, ab_prev)
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "round": self.round, "teacher": self.teacher.state_dict()}
+
+    def restore(self, ck: Checkpoint) -> None:
+        super().restore(ck)
+        try:
+            self.round = int(ck.state["round"])
+            self.teacher.load_state_dict(ck.state["teacher"])
+        except (KeyError, RuntimeError, TypeError) as e:
+            raise DdpmError(f"checkpoint {ck.path} is not a distillation's ({e})") from None
+
+
+def student_config(teacher: RunConfig, d: DistillConfig) -> RunConfig:
+    """The teacher's config with the distillation's training settings: a checkpoint at the end
+    of each round, no EMA (the student of a round is its next teacher), constant lr."""
+    tc = replace(teacher.train, lr=d.lr, lr_schedule="constant", warmup_steps=0, epochs=None, minutes=None,
+                 max_steps=d.rounds * d.steps_per_round, ema_decay=0.0, sample_every=0,
+                 checkpoint_every=d.steps_per_round, batch_size=d.batch_size or teacher.train.batch_size)
+    return replace(teacher, train=tc, preset="distilled")
+
+
+def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: str = "auto", progress: bool = True,
+            data: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+            log: Callable[[str], None] = print) -> Any:
+    """Distil ``d.teacher`` into a student run at ``out`` (Salimans & Ho 2022); returns the
+    training result of the student's run."""
+    from ..sampling.generate import resolve_device
+    from .runlog import LOG_NAME, TensorBoard, reset_log
+    from .train import _check_data, _load_data, _loop, prepare_run_dir, validate
+
+    run_dir = Path(out)
+    if resume:
+        d = load_distill_config(run_dir)
+    tck = load_checkpoint(d.teacher)
+    check_distill_config(d, tck.config.diffusion.timesteps)
+    cfg = student_config(tck.config, d)
+    validate(cfg)
+    dev = resolve_device(device)
+    prepare_run_dir(run_dir, cfg, resume)
+    ck = load_checkpoint(run_dir, with_state=True) if resume else None
+    if data is None:
+        data, labels = _load_data(cfg)
+    _check_data(cfg, data)
+    tr = Distiller(cfg, run_dir, data, dev, d, tck.sampling_weights(True), labels)
+    if ck is not None:
+        tr.restore(ck)
+        log(f"resumed {run_dir} at step {tr.step} (round {tr.round + 1} of {d.rounds})")
+    else:
+        atomic_write_text(run_dir / "config.json", cfg.to_json())
+        atomic_write_text(run_dir / DISTILL_NAME, json.dumps(asdict(d), indent=2))
+    log(f"distilling {d.teacher} ({d.teacher_steps} DDIM steps) into {d.student_steps} in {d.rounds} rounds "
+        f"of {d.steps_per_round} steps, run folder {run_dir}")
+    reset_log(run_dir / LOG_NAME, tr.step)
+    return _loop(tr, progress, TensorBoard(run_dir / "tb", tr.step + 1, False))
+
+
+def load_distill_config(run_dir: Path) -> DistillConfig:
+    try:
+        return DistillConfig(**json.loads((Path(run_dir) / DISTILL_NAME).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise DdpmError(f"{run_dir} is not a distillation run ({DISTILL_NAME}: {e})") from None
+
+
+def student_of(checkpoint: Path) -> DistillConfig | None:
+    """The distillation that made the run of ``checkpoint`` (RUN/checkpoints/step-N), or None."""
+    f = Path(checkpoint).parent.parent / DISTILL_NAME
+    return load_distill_config(f.parent) if f.is_file() else None

@@ -1,0 +1,100 @@
+"""Progressive distillation on tiny made-up data: the 2-step student lands nearer its 4-step
+teacher's deterministic DDIM output than the teacher does in 2 steps; the student is a run
+folder that resumes bit-identically and samples through `ddpm sample`."""
+from __future__ import annotations
+
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.cli import main
+from ddpm.sampling.generate import load_model
+from ddpm.samplers import SamplerOptions, get_sampler
+from ddpm.core.schedules import space_timesteps
+from ddpm.training.distill import DistillConfig, Distiller, distill, round_grids, x0_target
+from ddpm.training.train import Interrupted, train
+from helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Path:
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    cfg = tiny_config(image_dir, max_steps=300, checkpoint_every=300, lr=2e-3)
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, objective="v", timesteps=40, schedule="cosine"))
+    train(cfg, run, device="cpu", progress=False, tensorboard=False, log=lambda s: None)
+    return run
+
+
+def ddim(run: Path, steps: int, x_T: torch.Tensor) -> torch.Tensor:
+    lm = load_model(run)
+    ts = space_timesteps(lm.schedule.T, steps, "trailing")
+    with torch.no_grad():
+        return get_sampler("ddim").fn(lm.denoiser("none"), x_T.clone(), ts, options=SamplerOptions(eta=0.0))
+
+
+def test_grids_nest_and_the_target_closes_the_step() -> None:
+    s, t = round_grids(40, 2)
+    assert s.tolist() == [19, 39] and t.tolist() == [9, 19, 29, 39]
+    # x0_target inverts one DDIM step: stepping from x_t with the target lands on x_prev
+    ab_t, ab_p = torch.tensor(0.3), torch.tensor(0.8)
+    x_t, x_prev = torch.randn(5), torch.randn(5)
+    x0 = x0_target(ab_t, ab_p, x_t, x_prev)
+    eps = (x_t - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
+    torch.testing.assert_close(ab_p.sqrt() * x0 + (1 - ab_p).sqrt() * eps, x_prev)
+
+
+def test_two_step_student_beats_two_step_teacher(teacher: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    student = tmp_path / "student"
+    d = DistillConfig(str(teacher), teacher_steps=4, student_steps=2, steps_per_round=300, lr=1e-3)
+    distill(d, student, device="cpu", progress=False, log=lambda s: None)
+    x_T = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = ddim(teacher, 4, x_T)
+    err_teacher = float((ddim(teacher, 2, x_T) - ref).square().mean())
+    err_student = float((ddim(student, 2, x_T) - ref).square().mean())
+    assert err_student < 0.5 * err_teacher, (err_student, err_teacher)
+    out = tmp_path / "s"
+    assert main(["sample", str(student), "--n", "4", "--out", str(out)]) == 0  # DDIM at its own 2 steps
+    assert "sampler ddim: 2 steps" in capsys.readouterr().out
+    assert np.load(out / "samples.npz")["images"].shape == (4, 1, 8, 8)
+
+
+def test_resume_is_bit_identical(teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = DistillConfig(str(teacher), teacher_steps=8, student_steps=2, steps_per_round=4, lr=1e-3)
+    distill(d, tmp_path / "a", device="cpu", progress=False, log=lambda s: None)
+    real = Distiller.train_step
+
+    def interrupted_at_6(self: Distiller):  # a Ctrl-C during round 2
+        out = real(self)
+        if self.step == 6:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Distiller, "train_step", interrupted_at_6)
+    with pytest.raises(Interrupted):
+        distill(d, tmp_path / "b", device="cpu", progress=False, log=lambda s: None)
+    monkeypatch.setattr(Distiller, "train_step", real)
+    distill(d, tmp_path / "b", resume=True, device="cpu", progress=False, log=lambda s: None)
+    a, b = load_model(tmp_path / "a").net.state_dict(), load_model(tmp_path / "b").net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_and_bad_input(teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["distill", str(teacher), "--out", str(tmp_path / "s"), "--teacher-steps", "4",
+                 "--student-steps", "1", "--steps-per-round", "2", "--no-progress", "--device", "cpu"]) == 0
+    assert (tmp_path / "s" / "distill.json").is_file() and (tmp_path / "s" / "log.jsonl").is_file()
+    capsys.readouterr()
+    for argv, msg in [
+        (["distill", str(tmp_path / "none"), "--out", str(tmp_path / "x")], "no run or checkpoint"),
+        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--teacher-steps", "6"], "power of two"),
+        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "consistency"], "unknown distillation"),
+        (["distill", str(teacher), "--out", str(tmp_path / "s")], "already holds a run"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "x").exists()
