@@ -104,7 +104,7 @@ class TrainConfig:
     seed: int = _f(0, "seed of the initial weights, the batches and the noise")
     channels_last: bool = _f(True, "channels-last memory layout (1.2x faster convolutions on CPU)")
     compile: bool = _f(False, "torch.compile the network")
-    precision: Precision = _f("fp32", "fp32 (exact) | bf16 (autocast, 1.4-1.6x where native) | fp16 (CUDA) | auto")
+    precision: Precision = _f("fp32", "fp32 (exact) | bf16 (autocast; pays only where native) | fp16 (CUDA) | auto")
     tf32: bool = _f(True, "CUDA: TF32 matrix products and convolutions in fp32")
     cond_drop: float = _f(0.1, "conditional runs: P(label -> null class), Ho & Salimans 2022's p_uncond")
 
@@ -131,7 +131,7 @@ class SampleConfig:
     batch_size: int = _f(256, "images per batch")
     seed: int = _f(0, "seed of the noise")
     use_ema: bool = _f(True, "the EMA weights (else the raw weights)")
-    precision: Precision = _f("fp32", "fp32 | bf16 (autocast, 1.4-1.6x where native) | fp16 (CUDA) | auto")
+    precision: Precision = _f("fp32", "fp32 | bf16 (autocast; pays only where native) | fp16 (CUDA) | auto")
     classes: str | None = _f(None, "conditional models: a class name or index, a comma list, or 'all' "
                                    "(one grid row per class; several classes share --n evenly, rounded up)")
     guidance: float = _f(0.0, "classifier-free guidance w >= 0: eps = eps_c + w (eps_c - eps_u); 0 is the "

@@ -2,8 +2,8 @@
 
 ``fp32`` runs the network's function exactly (the default). ``bf16`` runs convolutions and
 matrix products in bfloat16 under ``torch.autocast`` with fp32 weights and fp32 loss and sampler
-math. It runs natively on GPUs since Ampere and on CPUs with AVX512-BF16 or AMX (on such a
-CPU the seed's network trains and samples 1.4-1.6x faster, BENCHMARKS.md section 6);
+math. It runs natively on GPUs since Ampere and on CPUs with AVX512-BF16 or AMX, where it is
+meant to be faster (no measurement of the gain is on record: BENCHMARKS.md section 6);
 elsewhere it is emulated and slower. ``fp16`` (CUDA only) adds a gradient
 scaler. ``auto`` is bf16 where the hardware runs it natively, else fp32.
 
