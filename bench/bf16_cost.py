@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from harness import interleave, median, ratio
+from harness import RESULTS, interleave, median, ratio
 from throughput import machine, our_sampler
 
 from ddpm import preset
@@ -33,7 +33,6 @@ from ddpm.nn import UNet
 from ddpm.runtime.precision import native_bf16
 from ddpm.training.train import Trainer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def trainer(name: str, precision: str, data: torch.Tensor, run_dir: Path, batch: int | None) -> Trainer:

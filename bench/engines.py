@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import interleave, load_reference, median, ratio
+from harness import RESULTS, interleave, load_reference, median, ratio
 from throughput import machine, matmul, our_sampler, reference_sampler
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,7 +44,6 @@ from ddpm.export import to_onnx
 from ddpm.nn import UNet
 from ddpm.sampling import make_schedule
 
-RESULTS = Path(__file__).resolve().parent / "results"
 N = 64
 
 

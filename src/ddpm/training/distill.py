@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from torch import nn
 
 from ..checkpoint import Checkpoint, load_checkpoint, load_into
 from ..config import RunConfig
 from ..core.diffusion import Denoiser, interpret, q_sample
-from ..core.schedules import NoiseSchedule, space_timesteps
+from ..core.schedules import space_timesteps
 from ..errors import DdpmError
 from ..files import atomic_write_text
 from ..nn import UNet
