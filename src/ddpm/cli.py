@@ -338,6 +338,7 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
 
     scfg = _sample_config(args)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    scfg = _student_sampling(model, scfg, args)
     out = check_writable_dir(Path(args.out) if args.out else model.source.parent.parent / "samples")
     s = generate(model, scfg, progress=not args.no_progress)
     info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
