@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..config import SampleConfig
-from ..core.diffusion import Prediction, q_sample
+from ..core.diffusion import Denoiser, Prediction, q_sample
 from ..core.schedules import NoiseSchedule
 from ..data.readers import from_model_range, load_image, to_model_range
 from ..errors import DdpmError
@@ -95,7 +95,7 @@ class KnownRegion:
     """A denoiser whose network sees the known pixels of x_t replaced by q_sample(x0_known, t)
     (RePaint Algorithm 1, line 5); counts its network evaluations."""
 
-    def __init__(self, inner, x0: torch.Tensor, keep: torch.Tensor, noise: ImageGenerators):
+    def __init__(self, inner: Denoiser, x0: torch.Tensor, keep: torch.Tensor, noise: ImageGenerators):
         self.inner, self.x0, self.keep, self.noise = inner, x0, keep, noise
         self.schedule, self.learn_sigma = inner.schedule, inner.learn_sigma
         self.calls = 0
@@ -116,7 +116,7 @@ class _Run:
     """What one batch's descent needs: the sampler, its grid, options and hooks."""
 
     spec: SamplerSpec
-    denoiser: object
+    denoiser: Denoiser | KnownRegion
     timesteps: list[int]
     options: SamplerOptions
     generator: ImageGenerators
