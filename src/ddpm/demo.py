@@ -12,7 +12,7 @@ from .pictures.viz import save_sample_set
 
 DEMO_SAMPLER = SampleConfig(sampler="dpm++2m", steps=20, n=64)
 # --cond: every class, 8 of each (one grid row per class). w = 1 favours recognisable classes over
-# FD (Ho & Salimans: FID is best near w = 0.3, Inception score keeps rising with w); not tuned here
+# FD (Ho & Salimans: FID is best at small w, 0.1-0.3; Inception score rises with w); not tuned here
 DEMO_GUIDANCE = 1.0
 DEMO_COND_SAMPLER = SampleConfig(sampler="dpm++2m", steps=20, n=80, classes="all", guidance=DEMO_GUIDANCE)
 
