@@ -289,13 +289,16 @@ def test_load_model_leaves_cuda_settings_alone(tmp_path: Path, image_dir: Path,
     before = flags()
     try:
         set_flags(False, False, False)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        load_model(tmp_path / "run", device=torch.device("cpu"))
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            load_model(tmp_path / "run", device=torch.device("cpu"))
         assert flags() == (False, False, False)
-        from ddpm.training.train import train  # train.tf32 holds during the call, not after it
+        # train.tf32 holds during the call, not after it (switched as on CUDA, on any build)
+        import ddpm.training.train as T
 
-        train(tiny_config(image_dir, max_steps=1), tmp_path / "run2", device="cpu", progress=False,
-              tensorboard=False, log=lambda _: None)
+        monkeypatch.setattr(T, "fast_cuda_math", lambda on: set_flags(on, on, True))
+        T.train(tiny_config(image_dir, max_steps=1), tmp_path / "run2", device="cpu", progress=False,
+                tensorboard=False, log=lambda _: None)
         assert flags() == (False, False, False)
     finally:
         set_flags(*before)
