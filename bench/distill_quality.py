@@ -1,0 +1,80 @@
+"""Progressive distillation of a trained run, scored: FD-FMNIST of the student at its steps
+against the teacher with DDIM at the same and twice the steps, and DPM-Solver++ at 20.
+
+    PYTHONPATH=src python bench/distill_quality.py runs/ref-fast --teacher-steps 8 --student-steps 2 \\
+        --steps-per-round 150 --lr 5e-4 --n 1000
+
+Runs the `ddpm` command (distill, then eval of each contender, n images each, the same seed)
+and writes bench/results/distill_quality.json with each FD, the wall time of each command and
+the distillation's cost in images seen next to the teacher's. The teacher's run is only read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def ddpm(*argv: str) -> float:
+    """Run `ddpm ARGV` and return its wall time."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ddpm.cli", *argv], check=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+def fd_of(folder: Path) -> dict:
+    (report,) = list(folder.glob("eval-*.json"))
+    d = json.loads(report.read_text())
+    return {k: d.get(k) for k in ("fd", "fd_reference", "sampler", "steps", "nfe", "n_samples")}
+
+
+def images_seen(run: Path) -> int:
+    cfg = json.loads((run / "config.json").read_text())
+    last = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()][-1]
+    return int(last["step"]) * int(cfg["train"]["batch_size"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("teacher")
+    ap.add_argument("--teacher-steps", type=int, default=8)
+    ap.add_argument("--student-steps", type=int, default=2)
+    ap.add_argument("--steps-per-round", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--n", type=int, default=1000)
+    a = ap.parse_args()
+    res: dict = {"command": " ".join(["python", "bench/distill_quality.py", *sys.argv[1:]]),
+                 "loadavg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    k = str(a.student_steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        student = Path(tmp) / "student"
+        res["distill_seconds"] = ddpm("distill", a.teacher, "--out", str(student), "--teacher-steps",
+                                      str(a.teacher_steps), "--student-steps", k, "--steps-per-round",
+                                      str(a.steps_per_round), "--lr", str(a.lr), "--device", "cpu", "--no-progress")
+        res["distill_images_seen"] = images_seen(student)
+        res["teacher_images_seen"] = images_seen(Path(a.teacher))
+        contenders = {f"student_ddim_{k}": (str(student), "ddim", k, "trailing"),
+                      f"teacher_ddim_{k}": (a.teacher, "ddim", k, "trailing"),
+                      f"teacher_ddim_{a.teacher_steps}": (a.teacher, "ddim", str(a.teacher_steps), "trailing"),
+                      "teacher_dpm++2m_20": (a.teacher, "dpm++2m", "20", "uniform")}
+        for name, (run, sampler, steps, spacing) in contenders.items():
+            out = Path(tmp) / name
+            secs = ddpm("eval", run, "--sampler", sampler, "--steps", steps, "--spacing", spacing,
+                        "--n", str(a.n), "--out", str(out), "--device", "cpu")
+            res[name] = {**fd_of(out), "eval_seconds": secs}
+    res["loadavg_end"] = os.getloadavg()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "distill_quality.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
