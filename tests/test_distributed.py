@@ -100,7 +100,7 @@ def test_batch_must_split_over_processes(tmp_path: Path, image_dir: Path) -> Non
 
 def test_time_budget_stops_every_process_at_the_same_step(tmp_path: Path, image_dir: Path) -> None:
     # each process reads its own clock; the stop and the cosine horizon must still be agreed
-    cfg = tiny_config(image_dir, max_steps=None, minutes=0.04, lr_schedule="cosine", checkpoint_every=0,
+    cfg = tiny_config(image_dir, max_steps=None, minutes=0.08, lr_schedule="cosine", checkpoint_every=0,
                       log_every=10)
     _torchrun([str(WORKER), str(write_config(tmp_path / "c.json", cfg)), str(tmp_path / "run"), str(tmp_path)],
               tmp_path)
