@@ -220,6 +220,18 @@ def test_image_depends_only_on_seed_and_index(name: str, cosine200: NoiseSchedul
     assert not torch.equal(ref[0], ref[1])
 
 
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_guided_steps_count_two_evaluations(name: str, cosine200: NoiseSchedule) -> None:
+    """The null pass is a network evaluation too: guided everywhere doubles the reported NFE,
+    w = 0 does not, and an interval counts only the guided steps."""
+    model = oracle_model(cosine200)
+    base = SampleConfig(sampler=name, steps=6, n=3, clip="none", classes="beta", guidance=0.0)
+    plain = generate(model, base).nfe
+    assert generate(model, replace(base, guidance=2.0)).nfe == 2 * plain
+    part = generate(model, replace(base, guidance=2.0, guidance_interval=(0.0, 1.0))).nfe
+    assert plain < part < 2 * plain
+
 def test_image_generators_draw_per_row() -> None:
     g = ImageGenerators.for_images(10, 2, 3)
     x = g.randn((3, 1, 2, 2))

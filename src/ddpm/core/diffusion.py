@@ -121,6 +121,7 @@ class Denoiser:
         self.cond: torch.Tensor | None = None
         self.guidance = 0.0
         self.guide_mask: torch.Tensor | None = None  # (T,) bool: guide at these t (None: all)
+        self.null_passes = 0  # calls that also ran the null class: each costs one more evaluation per image
 
     def conditioned(self, cond: torch.Tensor | None, guidance: float = 0.0,
                     interval: tuple[float, float] | None = None) -> Denoiser:
@@ -130,7 +131,7 @@ class Denoiser:
         if cond is not None and self.num_classes == 0:
             raise ValueError("class labels need a class-conditional network (num_classes > 0)")
         d = copy.copy(self)
-        d.cond, d.guidance, d.guide_mask = cond, float(guidance), None
+        d.cond, d.guidance, d.guide_mask, d.null_passes = cond, float(guidance), None, 0
         if interval is not None:
             ab = self.schedule.alpha_bar
             sigma = ((1 - ab) / ab).sqrt()
@@ -151,6 +152,7 @@ class Denoiser:
     def _guided(self, x_t: torch.Tensor, t: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """Ho & Salimans Eq. 6 on the raw output, both passes in one batch of 2B."""
         null = torch.full_like(self.cond, self.num_classes)
+        self.null_passes += 1
         both = self.net(torch.cat([x_t, x_t]), torch.cat([step, step]), torch.cat([self.cond, null]))
         out_c, out_u = both.float().chunk(2)
         c = out_c.shape[1] // 2 if self.learn_sigma else out_c.shape[1]  # guide the mean only

@@ -105,7 +105,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
     timesteps = grid(cfg.sampler, model.schedule.T, steps, cfg.spacing)  # spacing None: the sampler's own
     mc = model.config
     shape = (mc.model.channels, mc.data.image_size, mc.data.image_size)
-    out, recorded = [], []
+    out, recorded, null_passes = [], [], 0
     every = max(1, steps // max_frames)
     denoiser = model.denoiser(cfg.clip, cfg.precision)
     bar = StepBar(-(-n // cfg.batch_size) * steps, f"{cfg.sampler}, {steps} steps", progress) if progress else None
@@ -124,7 +124,9 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
         x = spec.fn(den, x_T, timesteps, options=SamplerOptions(cfg.eta, cfg.variance),
                     generator=gen, on_step=hooked)
         out.append(from_model_range(x).cpu())
-    return Samples(torch.cat(out), spec.nfe(model.schedule.alpha_bar, timesteps), steps, recorded,
+        null_passes = getattr(den, "null_passes", 0)  # the same in every batch: the grid decides
+    nfe = spec.nfe(model.schedule.alpha_bar, timesteps) + null_passes  # a guided step is two evaluations
+    return Samples(torch.cat(out), nfe, steps, recorded,
                    describe(autocast_dtype(cfg.precision, dev)), labels,
                    None if classes is None else n // len(classes))
 
