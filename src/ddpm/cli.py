@@ -121,7 +121,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     scfg = _sample_config(args)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
     scfg = _student_sampling(model, scfg, args)
-    out = Path(args.out) if args.out else model.source.parent.parent / "samples"
+    out = Path(args.out) if args.out else model.run_folder() / "samples"
     if args.index is not None and not 0 <= args.index < min(scfg.n, scfg.batch_size):
         raise DdpmError(f"--index must be between 0 and {min(scfg.n, scfg.batch_size) - 1}, got {args.index}")
     check_sample_config(model, scfg)  # bad input: one line, before anything is written
@@ -229,7 +229,7 @@ def _edit_request(args: argparse.Namespace, folder: str) -> tuple[Any, Any, Any,
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
     check_sample_config(model, scfg)
     image = load_edit_image(model, args.image)
-    out = Path(args.out) if args.out else model.source.parent.parent / folder
+    out = Path(args.out) if args.out else model.run_folder() / folder
     return model, scfg, image, out
 
 
@@ -339,7 +339,7 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     scfg = _sample_config(args)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
     scfg = _student_sampling(model, scfg, args)
-    out = check_writable_dir(Path(args.out) if args.out else model.source.parent.parent / "samples")
+    out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     s = generate(model, scfg, progress=not args.no_progress)
     info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
             "arithmetic": s.arithmetic}
@@ -360,7 +360,7 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
     ws = parse_guidances(args.guidance) if args.guidance is not None else (0.0,)
     scfg = _sample_config(args, sweep=True)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
-    out = check_writable_dir(Path(args.out) if args.out else model.source.parent.parent / "samples")
+    out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
     floor = default_floor(args.reference)
     rep = guidance_sweep(model, scfg, ws, feature_net=net, reference=args.reference, floor=floor,
@@ -392,7 +392,7 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
     check_repaint(rp)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
     check_sample_config(model, scfg)
-    out = check_writable_dir(Path(args.out) if args.out else model.source.parent.parent / "samples")
+    out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
     images = fmnist_test_images(model, scfg.n, args.data)
     rep = inpainting_report(model, scfg, rp, args.inpaint, images=images, feature_net=net,
@@ -415,7 +415,7 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise DdpmError(f"--n must be at least 1, got {args.n}")
     model = load_model(args.run, device=args.device, use_ema=not args.no_ema)
-    out = Path(args.out) / "nll.json" if args.out else model.source.parent.parent / "nll.json"
+    out = Path(args.out) / "nll.json" if args.out else model.run_folder() / "nll.json"
     check_writable_file(out, "report")  # before minutes of work
     images = load_fashion_mnist("test", args.data)[: args.n]
     report = nll_bits_per_dim(model, images, timesteps=args.nll_steps, batch_size=args.batch_size,

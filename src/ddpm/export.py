@@ -148,7 +148,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, use_ema: bool
 
     _require_onnx()
     model = load_model(run, device="cpu", use_ema=use_ema)
-    path = Path(out) if out is not None else model.source.parent.parent / "model.onnx"
+    path = Path(out) if out is not None else model.run_folder() / "model.onnx"
     check_writable_file(path, "ONNX file")  # before the slow export, not after it
     net = model.net.float().to(memory_format=torch.contiguous_format).eval()
     data = with_metadata(to_onnx(net, model.config, opset=opset), model.config, model.step)

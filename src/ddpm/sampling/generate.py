@@ -22,6 +22,7 @@ from ..samplers import SamplerOptions, StepCallback, check_options, get_sampler,
 from ..core.schedules import NoiseSchedule, make_schedule
 from ..pictures.viz import make_grid
 from .guidance import check_guidance, class_labels, resolve_classes
+from .pretrained import output_root, resolve_run
 
 
 @dataclass
@@ -42,10 +43,15 @@ class LoadedModel:
                         learn_sigma=self.config.model.learn_sigma, clip=clip,
                         num_classes=self.config.model.num_classes)
 
+    def run_folder(self) -> Path:
+        """Where commands write beside this model: its run folder (``runs/NAME`` for a shipped one)."""
+        return output_root(self.source)
+
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedModel:
-    """A run folder or checkpoint -> the network (EMA weights by default) in eval mode."""
-    ck = load_checkpoint(path)
+    """A run folder or checkpoint (or a shipped model's name, e.g. "fashion-mnist") -> the
+    network (EMA weights by default) in eval mode."""
+    ck = load_checkpoint(resolve_run(path))
     dev = resolve_device(device) if isinstance(device, str) else device
     net = UNet(ck.config.model)
     load_into(net, ck.sampling_weights(use_ema), ck.path)

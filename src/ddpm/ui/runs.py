@@ -15,6 +15,7 @@ from ..checkpoint import resolve_checkpoint
 from ..config import RunConfig
 from ..errors import DdpmError
 from ..sampling.generate import LoadedModel, load_model
+from ..sampling.pretrained import resolve_run, shipped_runs
 
 
 class NotFound(LookupError):
@@ -38,7 +39,7 @@ class RunIndex:
     def __init__(self, runs: list[str | Path], runs_dir: str | Path | None):
         self.given: list[Path] = []
         for r in runs:
-            p = Path(r)
+            p = resolve_run(r)  # a path, or the name of a shipped model
             if not is_run_folder(p):
                 raise DdpmError(f"{p} is not a run folder (expected one written by `ddpm train`)")
             self.given.append(p.resolve())
@@ -51,6 +52,8 @@ class RunIndex:
                 # a symlink pointing out of --runs is not listed (nor reachable)
                 if is_run_folder(p) and p.resolve().parent == self.runs_dir and p.resolve() not in found:
                     found.append(p.resolve())
+        if not found:  # nothing of the user's yet: the models that ship with the package
+            found = [p.resolve() for p in shipped_runs()]
         named: list[Run] = []
         for p in found:
             name, k = p.name, 2
