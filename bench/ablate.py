@@ -55,6 +55,13 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "thin-top": {"model": {"dim": 16, "init_dim": 16, "dim_mults": (1, 4, 4)}},  # half the channels at 28x28
     "bf16": {"train": {"precision": "bf16"}},
     "fp32": {"train": {"precision": "fp32"}},
+    # issue 13's levers
+    "lognormal": {"diffusion": {"t_sampling": "lognormal"}},  # EDM's noise levels, min-SNR weight kept
+    # EDM's noise levels and loss weight: v-prediction is EDM's preconditioning with sigma_data = 1,
+    # and with it EDM's weight on the x0 error is a uniform weight on the v error
+    "edm": {"diffusion": {"t_sampling": "lognormal", "loss_weighting": "uniform"}},
+    "blocks-1": {"model": {"blocks_per_level": 1}},
+    "T-100": {"diffusion": {"timesteps": 100}},
 }
 
 

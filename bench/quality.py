@@ -58,8 +58,10 @@ CONTENDERS = {
     "seed-recipe": "our code, --preset seed (the seed's recipe), EMA weights",
     "fast": "our code, --preset fast (the CPU preset), EMA weights",
     "seed-reference": "the seed's own code (seed_reference.py train), raw weights (it keeps no EMA)",
+    "fast-cond": "our code, --preset fast-cond (the CPU preset, class-conditional), EMA weights, sampled "
+                 "unguided (null class); bench/control.py sweeps its guidance",
 }
-PRESET_OF = {"seed-recipe": "seed", "fast": "fast"}
+PRESET_OF = {"seed-recipe": "seed", "fast": "fast", "fast-cond": "fast-cond"}
 TRAIN_MARK = "bench-train.json"
 FMNIST_TRAIN = 60_000
 

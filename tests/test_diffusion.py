@@ -17,6 +17,7 @@ from torch import nn
 
 from ddpm.config import DiffusionConfig
 from ddpm.core.diffusion import (
+    sample_timesteps,
     Denoiser, discretized_gaussian_log_likelihood, dynamic_threshold, eps_from_x0, extract,
     interpret, loss_weight, normal_kl, p_log_variance, prior_bpd, q_posterior, q_sample,
     sample_noise, snr, target_for, training_losses, v_from, vlb_term, x0_from_eps, x0_from_v,
@@ -464,3 +465,35 @@ def test_prior_bpd_closed_form(name: str) -> None:
     ref = kl.reshape(6, -1).mean(1) / LN2
     np.testing.assert_allclose(prior_bpd(s, x0).double().numpy(), ref, rtol=1e-4, atol=1e-9)
     assert (prior_bpd(s, x0) >= 0).all()
+
+
+# ---------------------------------------------------------------- drawing t
+
+
+def test_uniform_timesteps_are_ddpm_draws() -> None:
+    """The default draws exactly torch.randint's t (so runs and their resumes are unchanged)."""
+    cfg = DiffusionConfig(timesteps=50)
+    s = NoiseSchedule.create("linear", 50)
+    got = sample_timesteps(cfg, s, 1000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, torch.randint(0, 50, (1000,), generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize(("name", "mean", "std"), [("cosine", -1.2, 1.2), ("linear", 0.5, 0.8)])
+def test_lognormal_timesteps_closed_form(name: str, mean: float, std: float) -> None:
+    """P(t = k) is the normal mass of ln sigma between the midpoints (in ln sigma) to k's
+    neighbours, the tails going to t = 0 and t = T-1: a chi-square test of 200,000 draws."""
+    T = 100
+    cfg = DiffusionConfig(timesteps=T, schedule=name, t_sampling="lognormal", lognormal_mean=mean,
+                          lognormal_std=std)
+    s = NoiseSchedule.create(name, T)
+    t = sample_timesteps(cfg, s, 200_000, generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= T - 1
+    ls = (0.5 * torch.log((1 - s.alpha_bar) / s.alpha_bar)).numpy()
+    edges = np.concatenate([[-np.inf], (ls[1:] + ls[:-1]) / 2, [np.inf]])
+    p = np.diff(stats.norm.cdf(edges, loc=mean, scale=std))
+    counts = np.bincount(t.numpy(), minlength=T)
+    keep = p * len(t) >= 5  # chi-square needs expected counts of 5 or more; pool the rest
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(p[keep], p[~keep].sum()) * len(t)
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    assert stats.chi2.sf(chi2, len(obs) - 1) > 1e-4, chi2

@@ -36,11 +36,12 @@ def make_images(n: int = 64) -> torch.Tensor:
 
 
 def tiny_config(objective: str, *, weighting: str = "uniform", offset: float = 0.0,
-                learn_sigma: bool = False) -> RunConfig:
+                learn_sigma: bool = False, t_sampling: str = "uniform", blocks: int = 2) -> RunConfig:
     return RunConfig(
-        model=ModelConfig(dim=8, dim_mults=(1, 2), attn_heads=1, attn_dim_head=8, learn_sigma=learn_sigma),
+        model=ModelConfig(dim=8, dim_mults=(1, 2), attn_heads=1, attn_dim_head=8, learn_sigma=learn_sigma,
+                          blocks_per_level=blocks),
         diffusion=DiffusionConfig(timesteps=T, schedule="cosine", loss="l2", objective=objective,
-                                  loss_weighting=weighting, offset_noise=offset),
+                                  loss_weighting=weighting, offset_noise=offset, t_sampling=t_sampling),
         data=DataConfig(image_size=8),
         train=TrainConfig(batch_size=16, lr=3e-3, epochs=None, max_steps=STEPS, log_every=1, sample_every=0,
                           checkpoint_every=0, ema_decay=0.9, seed=0),
@@ -102,6 +103,17 @@ def test_train_each_objective_then_sample(tmp_path: Path, objective: str, weight
     assert after < 0.9 * before, (before, after)  # ~0.7 (eps, v) and ~0.1 (x0) with these seeds
     if weighting == "uniform":  # the weighting does not change what the samplers see
         check_all_samplers(tmp_path / "run", learn_sigma=False)
+
+
+def test_train_lognormal_t_one_block_then_sample(tmp_path: Path) -> None:
+    """EDM's noise levels and one block per level: the loss falls and every sampler runs."""
+    cfg = tiny_config("v", t_sampling="lognormal", blocks=1)
+    logs = train_tiny(cfg, tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+    before = fixed_batch_loss(initial_net(cfg), cfg)
+    after = fixed_batch_loss(load_model(tmp_path / "run", use_ema=False).net, cfg)
+    assert after < 0.9 * before, (before, after)
+    check_all_samplers(tmp_path / "run", learn_sigma=False)
 
 
 def test_learned_variance_hybrid_loss(tmp_path: Path) -> None:

@@ -221,3 +221,26 @@ def test_grad_checkpoint_same_output_and_grads(convnext: bool, monkeypatch) -> N
     with torch.no_grad():
         ckpt.eval()(x, t)
     assert calls[0] == 0
+
+
+# ---------------------------------------------------------------- blocks per level
+
+
+def test_blocks_per_level() -> None:
+    """The default keeps the seed's parameter names; k blocks per level add (k - 2) x the same
+    blocks, and k = 1 drops the second block of every level (down and up) but the middle and final."""
+    two, one, three = (UNet(replace(TINY, blocks_per_level=k)) for k in (2, 1, 3))
+    assert list(two.state_dict()) == list(UNet(TINY).state_dict())
+    per_level_two = count_parameters(two)
+    assert count_parameters(one) < per_level_two < count_parameters(three)
+    # the second block of each level holds exactly what k=1 lacks and k=3 adds once more
+    second = sum(count_parameters(level[1]) for level in [*two.downs, *two.ups])
+    assert per_level_two - count_parameters(one) == second == count_parameters(three) - per_level_two
+    for net in (one, three):
+        x = torch.randn(2, 1, 16, 16)
+        out = net(x, torch.tensor([3, 7]))
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        out.sum().backward()
+        assert all(p.grad is not None for p in net.parameters())
+    with pytest.raises(DdpmError, match="blocks_per_level"):
+        UNet(replace(TINY, blocks_per_level=0))

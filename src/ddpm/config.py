@@ -23,6 +23,7 @@ ScheduleName = Literal[tuple(SCHEDULES)]  # type: ignore[valid-type]  # the keys
 LossType = Literal["l1", "l2", "huber"]
 Objective = Literal["eps", "x0", "v"]
 LossWeighting = Literal["uniform", "min_snr"]
+TimestepSampling = Literal["uniform", "lognormal"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # see ddpm.precision
 
@@ -51,6 +52,7 @@ class ModelConfig:
     linear_attn: bool = _f(True, "linear attention at every resolution, as the seed")
     learn_sigma: bool = _f(False, "learn the reverse variances (improved DDPM hybrid loss)")
     grad_checkpoint: bool = _f(False, "recompute block activations in backward to save memory")
+    blocks_per_level: int = _f(2, "blocks per resolution on the way down (the way up has as many), 2 as the seed")
     num_classes: int = _f(0, "> 0: class-conditional (index num_classes: the null class of classifier-free guidance)")
 
 
@@ -66,6 +68,10 @@ class DiffusionConfig:
     objective: Objective = _f("eps", "what the network predicts: the noise, x0 or v")
     loss_weighting: LossWeighting = _f("uniform", "weight per t of the loss (min_snr: Hang et al. 2023)")
     min_snr_gamma: float = _f(5.0, "gamma of min-SNR weighting")
+    t_sampling: TimestepSampling = _f("uniform", "how training draws t: uniform (DDPM) or lognormal: the t whose "
+                                                 "sigma_t is nearest a log-normal sigma (EDM, Karras et al. 2022)")
+    lognormal_mean: float = _f(-1.2, "lognormal t-sampling: mean of ln sigma (EDM's P_mean)")
+    lognormal_std: float = _f(1.2, "lognormal t-sampling: std of ln sigma (EDM's P_std)")
     offset_noise: float = _f(0.0, "scale of per-channel offset noise added to eps")
     vlb_weight: float = _f(1e-3, "lambda of the hybrid loss, used with learn-sigma")
 
@@ -167,7 +173,8 @@ def check_model_sizes(m: ModelConfig) -> None:
             and m.dim * max(mults) <= MAX_WIDTH):
         raise DdpmError(f"invalid U-Net size: dim={shorten(m.dim)}, dim_mults={shorten(mults)} (dim at least 2, "
                         f"1 to 16 multipliers of at least 1, widths up to {MAX_WIDTH:,})")
-    for name in ("init_dim", "out_dim", "attn_heads", "attn_dim_head", "resnet_block_groups", "convnext_mult"):
+    for name in ("init_dim", "out_dim", "attn_heads", "attn_dim_head", "resnet_block_groups", "convnext_mult",
+                 "blocks_per_level"):
         v = getattr(m, name)
         if v is not None and not 1 <= v <= MAX_WIDTH:
             raise DdpmError(f"model.{name} must be between 1 and {MAX_WIDTH:,}, got {shorten(v)}")

@@ -241,6 +241,24 @@ def sample_noise(x0: torch.Tensor, offset: float, generator: torch.Generator | N
     return noise
 
 
+def sample_timesteps(cfg: DiffusionConfig, s: NoiseSchedule, n: int, *, device: torch.device | str = "cpu",
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) training steps t. ``uniform``: DDPM's t ~ U{0..T-1}. ``lognormal``: EDM's noise-level
+    distribution (Karras et al. 2022, Sec. 5): ln sigma ~ N(P_mean, P_std^2), mapped to the t
+    whose sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is nearest in ln sigma (sigma_t rises
+    with t), so that training spends its steps at the noise levels that matter most."""
+    if cfg.t_sampling == "uniform":
+        return torch.randint(0, cfg.timesteps, (n,), device=device, generator=generator)
+    z = torch.randn(n, device=device, generator=generator, dtype=torch.float64)
+    log_sigma = cfg.lognormal_mean + cfg.lognormal_std * z
+    ab = s.alpha_bar.to(device)
+    log_sig_t = 0.5 * (torch.log1p(-ab) - torch.log(ab))  # ascending in t
+    hi = torch.searchsorted(log_sig_t, log_sigma).clamp(1, len(ab) - 1)
+    lo = hi - 1
+    nearer_lo = (log_sigma - log_sig_t[lo]) < (log_sig_t[hi] - log_sigma)
+    return torch.where(nearer_lo, lo, hi).long()
+
+
 def training_losses(net: Network, s: NoiseSchedule, cfg: DiffusionConfig, x0: torch.Tensor,
                     t: torch.Tensor, noise: torch.Tensor, *, learn_sigma: bool = False,
                     cond: torch.Tensor | None = None) -> LossTerms:

@@ -4,6 +4,8 @@ Topology (as the seed's): an init 7x7 conv; per resolution two blocks, linear at
 a down-sampling (none after the last); two blocks around full attention in the middle; per
 resolution but the first, on the way up, two blocks over the concatenated skip, attention
 and an up-sampling; a final block and 1x1 conv. The first resolution's skip is unused there.
+``blocks_per_level`` (default 2, the seed's) sets the blocks per resolution, down and up; the
+parameter names of the default are the seed's.
 """
 from __future__ import annotations
 
@@ -70,14 +72,16 @@ class UNet(nn.Module):
                 return nn.Identity()
             return PreNormResidual(d, LinearAttention(d, cfg.attn_heads, cfg.attn_dim_head))
 
-        n = len(in_out)
+        n, k = len(in_out), cfg.blocks_per_level
+        # each level: k blocks (the first changes the width), attention, resampling
         self.downs = nn.ModuleList(
-            nn.ModuleList([block(d_in, d_out), block(d_out, d_out), attn(d_out),
+            nn.ModuleList([block(d_in, d_out), *(block(d_out, d_out) for _ in range(k - 1)), attn(d_out),
                            downsample(d_out) if i < n - 1 else nn.Identity()])
             for i, (d_in, d_out) in enumerate(in_out)
         )
         self.ups = nn.ModuleList(
-            nn.ModuleList([block(d_out * 2, d_in), block(d_in, d_in), attn(d_in), upsample(d_in)])
+            nn.ModuleList([block(d_out * 2, d_in), *(block(d_in, d_in) for _ in range(k - 1)), attn(d_in),
+                           upsample(d_in)])
             for d_in, d_out in reversed(in_out[1:])
         )
         mid = dims[-1]
@@ -103,19 +107,19 @@ class UNet(nn.Module):
                 cond = torch.full((x.shape[0],), self.cfg.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.class_emb(cond)
         skips = []
-        for block1, block2, attn, down in self.downs:
-            x = self._run(block1, x, emb)
-            x = self._run(block2, x, emb)
+        for *blocks, attn, down in self.downs:
+            for b in blocks:
+                x = self._run(b, x, emb)
             x = attn(x)
             skips.append(x)
             x = down(x)
         x = self._run(self.mid_block1, x, emb)
         x = self.mid_attn(x)
         x = self._run(self.mid_block2, x, emb)
-        for block1, block2, attn, up in self.ups:
+        for *blocks, attn, up in self.ups:
             x = torch.cat([x, skips.pop()], dim=1)
-            x = self._run(block1, x, emb)
-            x = self._run(block2, x, emb)
+            for b in blocks:
+                x = self._run(b, x, emb)
             x = up(attn(x))
         return self.final_conv(x)
 

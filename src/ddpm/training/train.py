@@ -28,7 +28,7 @@ from ..files import atomic_write_text, shorten
 from ..config import RunConfig, check_model_config, check_seed
 from ..data.readers import Batches, to_model_range
 from ..data.sources import class_names, load_dataset, load_labeled_dataset
-from ..core.diffusion import sample_noise, training_losses
+from ..core.diffusion import sample_noise, sample_timesteps, training_losses
 from ..runtime.distributed import Dist, from_env, shutdown
 from ..errors import DdpmError
 from ..nn import UNet, check_image_size, count_parameters
@@ -172,6 +172,9 @@ def _validate_diffusion(cfg: RunConfig) -> None:
         if not (math.isfinite(v) and v >= 0) or (name == "min_snr_gamma" and v == 0):
             raise DdpmError(f"{_flag(name)} must be a finite number {'> 0' if name == 'min_snr_gamma' else '>= 0'}"
                             f", got {v}")
+    if not (math.isfinite(dc.lognormal_mean) and math.isfinite(dc.lognormal_std) and dc.lognormal_std > 0):
+        raise DdpmError(f"--lognormal-mean must be finite and --lognormal-std finite and > 0, got "
+                        f"{dc.lognormal_mean} and {dc.lognormal_std}")
     make_schedule(cfg)  # unknown schedule / bad betas
 
 
@@ -293,7 +296,7 @@ class Trainer:
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         dc = self.cfg.diffusion
-        t = torch.randint(0, dc.timesteps, (x0.shape[0],), device=self.device, generator=self.gen)
+        t = sample_timesteps(dc, self.schedule, x0.shape[0], device=self.device, generator=self.gen)
         noise = sample_noise(x0, dc.offset_noise, self.gen)
         k = self.cfg.model.num_classes
         y = drop_labels(y.to(self.device), self.cfg.train.cond_drop, k, self.gen) if k else None
