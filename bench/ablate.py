@@ -31,6 +31,7 @@ import torch
 from harness import OUT, RESULTS, choose, cpu_info, read_json
 
 from ddpm.config import RunConfig, override, preset
+from ddpm.evaluation.control import guidance_sweep
 from ddpm.evaluation.evaluate import evaluate_images
 from ddpm.sampling import SampleConfig, generate, load_model
 from ddpm.training.train import train
@@ -62,6 +63,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "edm": {"diffusion": {"t_sampling": "lognormal", "loss_weighting": "uniform"}},
     "blocks-1": {"model": {"blocks_per_level": 1}},
     "T-100": {"diffusion": {"timesteps": 100}},
+    "batch-16": {"train": {"batch_size": 16}},
+    # conditional (issue 11): scored unguided and at w = 1, with class agreement
+    "cond": {"model": {"num_classes": 10}},
+    "cond-emb-1": {"model": {"num_classes": 10, "class_emb_std": 1.0}},
 }
 
 
@@ -86,12 +91,21 @@ def run_variant(name: str, cfg: RunConfig, run: Path, sc: SampleConfig, out: Pat
     res = train(cfg, run, device="cpu", progress=False, tensorboard=False, log=lambda s: None)
     model = load_model(run, device="cpu")
     t0 = time.perf_counter()
-    s = generate(model, sc)
+    extra: dict = {}
+    if cfg.model.num_classes:  # a conditional variant: every class, unguided (w = 0) and w = 1
+        sweep = guidance_sweep(model, dataclasses.replace(sc, classes="all"), [0.0, 1.0])
+        rep = sweep.results[0].report
+        extra = {"agreement_w0": sweep.results[0].agreement, "agreement_w1": sweep.results[1].agreement,
+                 "fd_fmnist_w1": sweep.results[1].report.fd}
+        s = generate(model, dataclasses.replace(sc, classes="all", n=min(sc.n, 100)))
+    else:
+        s = generate(model, sc)
+        rep = evaluate_images(s.images)
     sample_s = time.perf_counter() - t0
-    save_grid(s.images[:64], out / f"ablate-{name}.png")
-    rep = evaluate_images(s.images)
+    cond = bool(cfg.model.num_classes)  # one row per class
+    save_grid(s.images[:100 if cond else 64], out / f"ablate-{name}.png", nrow=10 if cond else None)
     row = {"key": key, "steps": res.step, "images_seen": res.step * cfg.train.batch_size,
-           "fd_fmnist": rep.fd, "fd_floor": rep.fd_reference, "kid_mean": rep.kid_mean,
+           "fd_fmnist": rep.fd, "fd_floor": rep.fd_reference, "kid_mean": rep.kid_mean, **extra,
            "precision": rep.precision, "recall": rep.recall, "sample_seconds": round(sample_s, 1),
            "loadavg_before": [round(x, 2) for x in load_before],
            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}

@@ -403,6 +403,7 @@ BAD_TRAIN_FLAGS = [
     (["--lognormal-mean", "nan"], "--lognormal-mean must be finite"),
     (["--t-sampling", "beta"], "unknown t-sampling 'beta'"),
     (["--blocks-per-level", "0"], "model.blocks_per_level must be between 1"),
+    (["--class-emb-std", "-1"], "--class-emb-std must be a finite number >= 0"),
     (["--vlb-weight", "nan"], "--vlb-weight must be a finite number >= 0"),
     (["--channels", "2"], "channels must be 1 (grey) or 3 (RGB)"),
     (["--dim", "0"], "invalid U-Net size"),

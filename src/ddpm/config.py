@@ -54,6 +54,7 @@ class ModelConfig:
     grad_checkpoint: bool = _f(False, "recompute block activations in backward to save memory")
     blocks_per_level: int = _f(2, "blocks per resolution on the way down (the way up has as many), 2 as the seed")
     num_classes: int = _f(0, "> 0: class-conditional (index num_classes: the null class of classifier-free guidance)")
+    class_emb_std: float = _f(0.02, "conditional: std of the class embedding's initial weights (DiT: 0.02; ADM: 1)")
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,8 @@ def check_model_sizes(m: ModelConfig) -> None:
         v = getattr(m, name)
         if v is not None and not 1 <= v <= MAX_WIDTH:
             raise DdpmError(f"model.{name} must be between 1 and {MAX_WIDTH:,}, got {shorten(v)}")
+    if not (isinstance(m.class_emb_std, (int, float)) and 0 <= m.class_emb_std < float("inf")):
+        raise DdpmError(f"--class-emb-std must be a finite number >= 0, got {shorten(m.class_emb_std)}")
 
 
 def check_model_config(m: ModelConfig) -> None:

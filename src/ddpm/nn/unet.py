@@ -56,10 +56,11 @@ class UNet(nn.Module):
         if cfg.num_classes < 0 or (cfg.num_classes and not time_dim):
             raise DdpmError(f"num_classes={cfg.num_classes} needs num_classes >= 0 and a time embedding")
         # classes 0..K-1 and the null class K (classifier-free guidance, Ho & Salimans 2022);
-        # small init (as DiT's label table) so the model starts close to the unconditional one
+        # class_emb_std 0.02 (DiT's label table) starts close to the unconditional model, 1 (ADM's
+        # nn.Embedding default) starts with the label as loud as the time embedding
         self.class_emb = nn.Embedding(cfg.num_classes + 1, time_dim) if cfg.num_classes else None
         if self.class_emb is not None:
-            nn.init.normal_(self.class_emb.weight, std=0.02)
+            nn.init.normal_(self.class_emb.weight, std=cfg.class_emb_std)
 
         def block(d_in: int, d_out: int, emb: int | None = time_dim) -> nn.Module:
             if cfg.use_convnext:
