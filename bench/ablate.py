@@ -67,6 +67,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
     # conditional (issue 11): scored unguided and at w = 1, with class agreement
     "cond": {"model": {"num_classes": 10}},
     "cond-emb-1": {"model": {"num_classes": 10, "class_emb_std": 1.0}},
+    # combinations
+    "blocks-1-lr-4e-3": {"model": {"blocks_per_level": 1}, "train": {"lr": 4e-3}},
+    "blocks-1-b16": {"model": {"blocks_per_level": 1}, "train": {"batch_size": 16}},
 }
 
 
@@ -122,21 +125,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
     ap.add_argument("--out", type=Path, default=OUT, help="run folders and grids (default bench/out)")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of ablate.json (default bench/results)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of NAME.json (default bench/results)")
+    ap.add_argument("--name", default="ablate", help="NAME.json and OUT/NAME-runs/ (default ablate); run "
+                                                      "variants side by side as separate invocations with one name")
     a = ap.parse_args()
     names = choose(a.only, VARIANTS, "variant")
     torch.set_num_threads(a.threads)
     sc = SampleConfig(sampler="dpm++2m", steps=20, n=a.n, batch_size=250, seed=0, clip="clip")
-    runs = a.out / "ablate-runs"
+    runs = a.out / f"{a.name}-runs"
     runs.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
-    path = a.results / "ablate.json"
+    path = a.results / f"{a.name}.json"
     rows: dict = {}
     # the base preset's own config names its rows, so a changed preset never overwrites old results
     base_id = f"{a.base}-{hashlib.sha1(preset(a.base).to_json().encode()).hexdigest()[:8]}"
     for name in names:
         cfg = variant_config(a.base, VARIANTS[name], a.minutes)
-        row = run_variant(name, cfg, runs / f"{base_id}-{a.minutes:g}min-{name}", sc, a.out)
+        row = run_variant(name, cfg, runs / f"{base_id}-{a.minutes:g}min-{name}", sc, a.out / a.name)
         rows = (read_json(path) or {}).get("variants", {})  # re-read: another invocation may run beside this one
         rows[f"{base_id}/{a.minutes:g}min/{name}"] = {"changes": VARIANTS[name],
                                                      **{k: v for k, v in row.items() if k != "key"}}

@@ -55,7 +55,7 @@ def main() -> None:
     cfg = preset(a.preset)
     cfg = dataclasses.replace(cfg, train=override(cfg.train, precision="fp32", epochs=None, max_steps=10**6))
     n = cfg.train.batch_size * 8
-    data = torch.rand(n, 1, cfg.data.image_size, cfg.data.image_size) * 2 - 1
+    data = torch.randint(0, 256, (n, 1, cfg.data.image_size, cfg.data.image_size), dtype=torch.uint8)
     tr = Trainer(cfg, Path(tempfile.mkdtemp()), data, torch.device("cpu"))
     for _ in range(a.warmup):
         tr.train_step()

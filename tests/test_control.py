@@ -283,7 +283,8 @@ def test_unconditional_unet_unchanged_and_conditional_embedding() -> None:
         cond.class_emb.weight.normal_()
         assert torch.equal(cond(x, t), cond(x, t, torch.tensor([4, 4])))  # None is the null class
         assert not torch.allclose(cond(x, t, torch.tensor([0, 0])), cond(x, t, torch.tensor([1, 1])))
-    assert preset("fast-cond") == replace(preset("fast"), model=replace(preset("fast").model, num_classes=10),
+    assert preset("fast-cond") == replace(preset("fast"), model=replace(preset("fast").model, num_classes=10,
+                                                                        class_emb_std=1.0),
                                           preset="fast-cond")
 
 
