@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +269,33 @@ def test_command_sets_the_wait_policy_before_torch(env: dict[str, str], want: st
             "from ddpm.runtime.env import process_settings\ns = process_settings()\n"
             "print(s['omp_wait_policy'], s['omp_wait_policy_set_by'].split()[0])")
     assert _python(code, **env).splitlines()[-1] == want
+
+
+_REUSE = ("import resource, torch\n"
+          "def faults():\n"
+          "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+          "    x = torch.empty(16 << 20).fill_(1.0)  # 64 MiB, over glibc's largest default mmap threshold\n"
+          "    del x\n"
+          "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+          "faults(); faults()\n"
+          "print(faults())")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize("env, kept", [({}, True), ({"DDPM_MALLOC": "off"}, False),
+                                       ({"MALLOC_ARENA_MAX": "4"}, False)])
+def test_command_keeps_freed_memory(env: dict[str, str], kept: bool, tmp_path: Path) -> None:
+    """The command's process reuses a freed 64 MiB block (a few page faults) instead of mapping
+    it afresh (16,384 faults of 4 KiB); the opt-out and a user's own MALLOC_* leave glibc alone."""
+    code = ("from ddpm.cli import main\n"
+            f"assert main(['schedules', '--timesteps', '10', '--out', {str(tmp_path / 's.png')!r}]) == 0\n" + _REUSE)
+    n = int(_python(code, **env).splitlines()[-1])
+    assert (n < 2000) if kept else (n > 10000), n
+
+
+def test_library_import_leaves_the_allocator_alone() -> None:
+    n = int(_python("import ddpm\nfrom ddpm import load_model, SampleConfig\n" + _REUSE).splitlines()[-1])
+    assert n > 10000, n
 
 
 def test_load_model_leaves_cuda_settings_alone(tmp_path: Path, image_dir: Path,
