@@ -70,6 +70,11 @@ VARIANTS: dict[str, dict[str, dict]] = {
     # combinations
     "blocks-1-lr-4e-3": {"model": {"blocks_per_level": 1}, "train": {"lr": 4e-3}},
     "blocks-1-b16": {"model": {"blocks_per_level": 1}, "train": {"batch_size": 16}},
+    # on the new fast (one block per level, Adam 4e-3)
+    "beta2-0.99": {"train": {"adam_beta2": 0.99}},
+    "lr-8e-3": {"train": {"lr": 8e-3}},
+    "mults-124-b1": {"model": {"dim_mults": (1, 2, 4)}},
+    "no-ema": {"train": {"ema_decay": 0.0}},
 }
 
 

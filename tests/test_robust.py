@@ -230,6 +230,16 @@ def test_max_grad_norm_clips(image_dir: Path, tmp_path: Path) -> None:
     assert float(after) <= 1e-3 * (1 + 1e-4)
 
 
+def test_adam_beta2_reaches_the_optimiser(image_dir: Path, tmp_path: Path) -> None:
+    """Adam's second-moment decay: v_1 = (1 - beta2) g^2 after one step, so the state tells."""
+    data = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    tr = Trainer(tiny(image_dir, adam_beta2=0.9), tmp_path, data, torch.device("cpu"))
+    assert tr.opt.param_groups[0]["betas"] == (0.9, 0.9)
+    tr.train_step()
+    p = next(q for q in tr.model.parameters() if q.grad is not None and q.grad.abs().sum() > 0)
+    torch.testing.assert_close(tr.opt.state[p]["exp_avg_sq"], 0.1 * p.grad.float() ** 2, rtol=1e-4, atol=1e-12)
+
+
 def test_unwritable_run_folder_before_training(tmp_path: Path, image_dir: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "file").write_text("a file, not a folder")
@@ -389,6 +399,8 @@ BAD_TRAIN_FLAGS = [
     (["--lr", "-1"], "learning rate must be positive"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--ema-decay", "1.5"], "EMA decay must be in [0, 1)"),
+    (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1)"),
+    (["--adam-beta2", "nan"], "--adam-beta2 must be a finite number"),
     (["--max-grad-norm", "-1"], "--max-grad-norm must be positive"),
     (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
     (["--log-every", "0"], "--log-every must be at least 1"),

@@ -95,6 +95,7 @@ class TrainConfig:
 
     batch_size: int = _f(128, "images per optimiser step")
     lr: float = _f(1e-3, "Adam's learning rate")
+    adam_beta2: float = _f(0.999, "Adam's second-moment decay (0.99 adapts faster in short runs)")
     lr_schedule: LrSchedule = _f("constant", "learning rate after warm-up")
     warmup_steps: int = _f(0, "steps of linear learning-rate warm-up")
     epochs: float | None = _f(6, "budget in passes over the data")
