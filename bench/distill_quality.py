@@ -6,7 +6,9 @@ against the teacher with DDIM at the same and twice the steps, and DPM-Solver++ 
 
 Runs the `ddpm` command (distill, then eval of each contender, n images each, the same seed)
 and writes bench/results/distill_quality.json with each FD, the wall time of each command and
-the distillation's cost in images seen next to the teacher's. The teacher's run is only read.
+the distillation's cost in images seen next to the teacher's (``--name NAME``: NAME.json). The
+teacher's run is only read. A conditional teacher is evaluated as `ddpm eval` does without
+``--class``: its null class, the unconditional model inside it.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--steps-per-round", type=int, default=150)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--name", default="distill_quality", help="name of the JSON in bench/results/")
     a = ap.parse_args()
     res: dict = {"command": " ".join(["python", "bench/distill_quality.py", *sys.argv[1:]]),
                  "loadavg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -72,7 +75,7 @@ def main() -> None:
             res[name] = {**fd_of(out), "eval_seconds": secs}
     res["loadavg_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distill_quality.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
 
 

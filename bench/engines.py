@@ -16,7 +16,8 @@ exported with :func:`ddpm.export.to_onnx`. Contenders, called in turns in one pr
 Each sampler contender runs ``--iters`` of the 200 iterations at 64 images. Reported: images/s
 scaled to 200 steps, ratios (median of per-round ratios), the fraction of the GEMM rate
 (forward FLOPs x iterations / time, over the same round's GEMM rate), and int8's relative RMS error
-against fp32 on held-out network inputs (``--error-run RUN``: also on a trained network). Writes bench/results/engines.json.
+against fp32 on held-out network inputs (``--error-run RUN``: also on a trained network). ``--malloc command`` first makes glibc keep freed blocks, as the `ddpm` command does (for every
+contender, the seed's loop included). Writes bench/results/engines.json (``--out NAME``: NAME.json).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm import preset
+from ddpm.runtime.env import keep_freed_memory, process_settings
 from ddpm.core.diffusion import q_sample
 from ddpm.data import load_fashion_mnist
 from ddpm.data.readers import to_model_range
@@ -137,7 +139,12 @@ def main() -> None:
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default torch's)")
     ap.add_argument("--error-run", help="also int8's error on this trained run's network")
+    ap.add_argument("--malloc", choices=["glibc", "command"], default="glibc",
+                    help="command: glibc keeps freed blocks, as the ddpm command sets it (every contender)")
+    ap.add_argument("--out", default="engines", help="name of the JSON in bench/results/")
     a = ap.parse_args()
+    if a.malloc == "command" and not keep_freed_memory():
+        sys.exit("glibc's mallopt is not available here")
     cpu = torch.device("cpu")
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -162,7 +169,7 @@ def main() -> None:
     flops = forward_flops(net_cl) * a.iters
     res: dict = {"machine": machine(cpu), "command": " ".join(["python", "bench/engines.py", *sys.argv[1:]]),
                  "n": N, "steps": 200, "timed_iterations": a.iters, "rounds": a.rounds,
-                 "forward_gflop": flops / a.iters / 1e9,
+                 "forward_gflop": flops / a.iters / 1e9, **process_settings(),
                  "gemm_gflop_per_s": gemm_flops / median(times["conv_gemm"]) / 1e9}
     for k in runs:
         if k == "conv_gemm":
@@ -181,7 +188,7 @@ def main() -> None:
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["wall_seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "engines.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / f"{a.out}.json").write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "seconds"}, indent=2))
 
 

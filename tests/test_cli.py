@@ -330,3 +330,25 @@ def test_load_model_leaves_cuda_settings_alone(tmp_path: Path, image_dir: Path,
         assert flags() == (False, False, False)
     finally:
         set_flags(*before)
+
+
+@pytest.mark.parametrize("flag, labelled", [([], True), (["--uncond"], False)])
+def test_demo_end_to_end(flag: list[str], labelled: bool, tmp_path: Path) -> None:
+    """`ddpm demo` on tiny made-up Fashion-MNIST files: by default the conditional preset, one grid
+    row per class (8 images of each of the 10 classes); --uncond: 64 unlabelled images."""
+    from test_data import fake_fashion
+
+    from ddpm.cli import main
+
+    fake_fashion(tmp_path / "fm", n_train=40, n_test=4)
+    out = tmp_path / "demo"
+    assert main(["demo", "--minutes", "0.01", "--out", str(out), "--device", "cpu", "--data", str(tmp_path / "fm"),
+                 *flag]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["num_classes"] == (10 if labelled else 0)
+    with np.load(out / "samples" / "samples.npz") as z:
+        if labelled:
+            assert np.bincount(z["labels"], minlength=10).tolist() == [8] * 10
+        else:
+            assert "labels" not in z and len(z["images"]) == 64
+    assert (out / "samples" / "grid.png").is_file() and (out / "samples" / "denoising.gif").is_file()

@@ -496,13 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resample", type=int, default=10, help="RePaint's r (default 10; 1: no resampling)")
     ev.set_defaults(fn=cmd_eval)
 
-    d = sub.add_parser("demo", help="train the fast preset for a few minutes, then sample a grid and a GIF")
+    d = sub.add_parser("demo", help="train the conditional fast preset for a few minutes, then sample a grid "
+                                    "(one row per class) and a GIF")
     d.add_argument("--minutes", type=float, default=5.0)
     d.add_argument("--out", help="run folder (default runs/demo-TIME)")
     d.add_argument("--device", default="auto")
     d.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
-    d.add_argument("--cond", action="store_true",
-                   help="train fast-cond instead: a grid with one row per class (classifier-free guidance)")
+    kind = d.add_mutually_exclusive_group()
+    kind.add_argument("--cond", dest="cond", action="store_true", default=True,
+                      help="train fast-cond: a grid with one row per class, guided (the default)")
+    kind.add_argument("--uncond", dest="cond", action="store_false",
+                      help="train the unconditional fast preset instead: a grid of random garments")
     d.set_defaults(fn=cmd_demo)
 
     pl = sub.add_parser("plot", help="a run's loss curves (overall and per quarter of t), lr and gradient norm")
