@@ -12,8 +12,8 @@
   hands every block over about 32 MB back to the kernel when it is freed and maps it afresh,
   zero-filled page by page, the next time, so a network pass whose activations pass that size
   (a guided pass of 2B rows, a large sampling batch) spends a growing share of its time in page
-  faults. On the 2-core AVX2 machine this raised the per-row cost of a 400-row forward by 40%
-  and made guidance cost 2.3x instead of 2x (BENCHMARKS.md, section 9). ``DDPM_MALLOC=off``,
+  faults. On the 2-core AVX2 machine a 400-row forward took 3.47 instead of 2.29 ms per row,
+  and guidance cost 2.20x instead of 1.83x (BENCHMARKS.md, section 9). ``DDPM_MALLOC=off``,
   or any ``MALLOC_*`` variable of the user's own, or a preloaded allocator, leaves it alone.
 - TF32 matrix products and cuDNN's autotuner on CUDA, for the command's sampling and
   evaluation (:func:`command_cuda_math`); training follows ``train.tf32``.
