@@ -39,9 +39,11 @@ def fd_of(folder: Path) -> dict:
 
 
 def images_seen(run: Path) -> int:
+    """Optimiser steps x batch, the steps from the newest checkpoint's name (step-NNNNNNNN); the
+    log's last line can be up to log_every steps short."""
     cfg = json.loads((run / "config.json").read_text())
-    last = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()][-1]
-    return int(last["step"]) * int(cfg["train"]["batch_size"])
+    steps = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    return steps * int(cfg["train"]["batch_size"])
 
 
 def main() -> None:
