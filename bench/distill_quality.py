@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import cpu_info
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -57,7 +59,7 @@ def main() -> None:
     ap.add_argument("--name", default="distill_quality", help="name of the JSON in bench/results/")
     a = ap.parse_args()
     res: dict = {"command": " ".join(["python", "bench/distill_quality.py", *sys.argv[1:]]),
-                 "loadavg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+                 "loadavg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_info()}
     k = str(a.student_steps)
     with tempfile.TemporaryDirectory() as tmp:
         student = Path(tmp) / "student"

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
-import time
+import sys
 from dataclasses import replace
 
 import torch
 
 from control import guidance_cost
+from guided_rows import ms_per_row
 from harness import cpu_info, save
 from ddpm.config import SampleConfig
 from ddpm.runtime.env import keep_freed_memory, process_settings
@@ -36,8 +36,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    if a.malloc == "command":
-        assert keep_freed_memory(), "glibc's mallopt was not available"
+    if a.malloc == "command" and not keep_freed_memory():
+        sys.exit("glibc's mallopt is not available here")
     torch.set_num_threads(a.threads)
     m = load_model(a.run)
     load = os.getloadavg()[0]
@@ -45,18 +45,7 @@ def main() -> None:
     cfg = SampleConfig(sampler="dpm++2m", steps=20, n=a.n, batch_size=250, classes="all")
     cost = guidance_cost(m, replace(cfg, n=a.n), a.guidance, a.rounds)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-    rows = {}
-    with torch.inference_mode():
-        for b in (100, 200, 400):
-            x = torch.randn(b, m.config.model.channels, 28, 28).contiguous(memory_format=torch.channels_last)
-            t, y = torch.full((b,), m.schedule.T // 2), torch.randint(0, m.config.model.num_classes, (b,))
-            m.net(x, t, y)
-            ts = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                m.net(x, t, y)
-                ts.append(time.perf_counter() - t0)
-            rows[b] = 1e3 * statistics.median(ts) / b
+    rows = ms_per_row(m, (100, 200, 400))
     print(a.malloc, cost, rows, faults, flush=True)
     save(f"guidance_cost_{a.malloc}", {
         "command": f"python bench/guidance_cost.py --malloc {a.malloc}", "run": a.run, "model_step": m.step,

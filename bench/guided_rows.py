@@ -19,6 +19,27 @@ from harness import cpu_info, save
 from ddpm.sampling.generate import load_model
 
 
+def ms_per_row(m, rows, repeats: int = 5) -> dict[int, float]:
+    """Median ms per row of one forward of ``m.net`` at each batch size in ``rows`` (one
+    warm-up each; inference mode, channels-last fp32, random x_t, t and class labels)."""
+    c, size, T = m.config.model.channels, m.config.data.image_size, m.schedule.T
+    k = m.config.model.num_classes
+    out = {}
+    with torch.inference_mode():
+        for b in rows:
+            x = torch.randn(b, c, size, size).contiguous(memory_format=torch.channels_last)
+            t = torch.randint(0, T, (b,))
+            y = torch.randint(0, k + 1, (b,)) if k else None
+            m.net(x, t, y)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                m.net(x, t, y)
+                times.append(time.perf_counter() - t0)
+            out[b] = 1e3 * statistics.median(times) / b
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="fashion-mnist")
@@ -27,22 +48,9 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     m = load_model(a.run)
-    c, size, T = m.config.model.channels, m.config.data.image_size, m.schedule.T
-    k = m.config.model.num_classes
-    out = {}
-    with torch.inference_mode():
-        for b in (int(v) for v in a.rows.split(",")):
-            x = torch.randn(b, c, size, size).contiguous(memory_format=torch.channels_last)
-            t = torch.randint(0, T, (b,))
-            y = torch.randint(0, k + 1, (b,)) if k else None
-            m.net(x, t, y)
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                m.net(x, t, y)
-                times.append(time.perf_counter() - t0)
-            out[b] = 1e3 * statistics.median(times) / b
-            print(f"{b} rows: {out[b]:.3f} ms per row", flush=True)
+    out = ms_per_row(m, (int(v) for v in a.rows.split(",")))
+    for b, ms in out.items():
+        print(f"{b} rows: {ms:.3f} ms per row", flush=True)
     save("guided_rows", {"run": a.run, "step": m.step, "threads": a.threads, "cpu": cpu_info(),
                          "load_average": os.getloadavg()[0], "ms_per_row": out})
 
