@@ -1,8 +1,10 @@
-"""Progressive distillation of a trained run, scored: FD-FMNIST of the student at its steps
-against the teacher with DDIM at the same and twice the steps, and DPM-Solver++ at 20.
+"""Distillation of a trained run, scored: FD-FMNIST of the student at its steps against the
+teacher with DDIM at the same and the first round's steps, and DPM-Solver++ at 20.
 
     PYTHONPATH=src python bench/distill_quality.py runs/ref-fast --teacher-steps 8 --student-steps 2 \\
         --steps-per-round 150 --lr 5e-4 --n 1000
+    PYTHONPATH=src python bench/distill_quality.py runs/ref-fast --method consistency --teacher-steps 16 \\
+        --steps-per-round 250 --lr 1e-4 --n 1000     # the student at 1, 2 and 4 consistency steps
 
 Runs the `ddpm` command (distill, then eval of each contender, n images each, the same seed)
 and writes bench/results/distill_quality.json with each FD, the wall time of each command and
@@ -55,6 +57,8 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=2)
     ap.add_argument("--steps-per-round", type=int, default=150)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--method", default="progressive", choices=["progressive", "consistency"])
+    ap.add_argument("--target-decay", type=float, default=0.95, help="consistency: the target network's decay")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--name", default="distill_quality", help="name of the JSON in bench/results/")
     a = ap.parse_args()
@@ -65,13 +69,18 @@ def main() -> None:
         student = Path(tmp) / "student"
         res["distill_seconds"] = ddpm("distill", a.teacher, "--out", str(student), "--teacher-steps",
                                       str(a.teacher_steps), "--student-steps", k, "--steps-per-round",
-                                      str(a.steps_per_round), "--lr", str(a.lr), "--device", "cpu", "--no-progress")
+                                      str(a.steps_per_round), "--lr", str(a.lr), "--method", a.method,
+                                      "--target-decay", str(a.target_decay), "--device", "cpu", "--no-progress")
         res["distill_images_seen"] = images_seen(student)
         res["teacher_images_seen"] = images_seen(Path(a.teacher))
-        contenders = {f"student_ddim_{k}": (str(student), "ddim", k, "trailing"),
-                      f"teacher_ddim_{k}": (a.teacher, "ddim", k, "trailing"),
-                      f"teacher_ddim_{a.teacher_steps}": (a.teacher, "ddim", str(a.teacher_steps), "trailing"),
-                      "teacher_dpm++2m_20": (a.teacher, "dpm++2m", "20", "uniform")}
+        if a.method == "consistency":
+            contenders = {f"student_consistency_{j}": (str(student), "consistency", str(j), "trailing")
+                          for j in (1, 2, 4)}
+        else:
+            contenders = {f"student_ddim_{k}": (str(student), "ddim", k, "trailing"),
+                          f"teacher_ddim_{k}": (a.teacher, "ddim", k, "trailing")}
+        contenders |= {f"teacher_ddim_{a.teacher_steps}": (a.teacher, "ddim", str(a.teacher_steps), "trailing"),
+                       "teacher_dpm++2m_20": (a.teacher, "dpm++2m", "20", "uniform")}
         for name, (run, sampler, steps, spacing) in contenders.items():
             out = Path(tmp) / name
             secs = ddpm("eval", run, "--sampler", sampler, "--steps", steps, "--spacing", spacing,

@@ -1,8 +1,10 @@
-"""Progressive distillation on tiny made-up data: the 2-step student lands nearer its 4-step
-teacher's deterministic DDIM output than the teacher does in 2 steps; the student is a run
-folder that resumes bit-identically and samples through `ddpm sample`."""
+"""Distillation on tiny made-up data. Progressive: the 2-step student lands nearer its 4-step
+teacher's deterministic DDIM output than the teacher does in 2 steps. Consistency: the student's
+one evaluation lands nearer the end of the teacher's ODE than the teacher's own one step. Each
+student is a run folder that resumes bit-identically and samples through `ddpm sample`."""
 from __future__ import annotations
 
+import json
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +17,7 @@ from ddpm.cli import main
 from ddpm.sampling.generate import load_model
 from ddpm.samplers import SamplerOptions, get_sampler
 from ddpm.core.schedules import space_timesteps
-from ddpm.training.distill import DistillConfig, Distiller, distill, round_grids, x0_target
+from ddpm.training.distill import ConsistencyDistiller, DistillConfig, Distiller, distill, round_grids, x0_target
 from ddpm.training.train import Interrupted, train
 from helpers import tiny_config
 
@@ -63,10 +65,52 @@ def test_two_step_student_beats_two_step_teacher(teacher: Path, tmp_path: Path,
     assert np.load(out / "samples.npz")["images"].shape == (4, 1, 8, 8)
 
 
-def test_resume_is_bit_identical(teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    d = DistillConfig(str(teacher), teacher_steps=8, student_steps=2, steps_per_round=4, lr=1e-3)
+def test_consistency_student_one_step_nears_the_ode_end(teacher: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """The teacher's one DDIM step from x_T is its posterior mean; the student's one evaluation,
+    after 300 steps, is measured at 0.58x the teacher's squared error to the end of the teacher's
+    8-step ODE (1,000 steps: 0.17x)."""
+    student = tmp_path / "student"
+    d = DistillConfig(str(teacher), method="consistency", teacher_steps=8, student_steps=1, steps_per_round=300,
+                      lr=1e-3)
+    distill(d, student, device="cpu", progress=False, log=lambda s: None)
+    x_T = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = ddim(teacher, 8, x_T)
+    err_teacher = float((ddim(teacher, 1, x_T) - ref).square().mean())
+    lm = load_model(student)
+    assert lm.config.train.ema_decay == 0.95 and not lm.config.train.ema_warmup  # the target network is the EMA
+    with torch.no_grad():
+        one = get_sampler("consistency").fn(lm.denoiser("none"), x_T.clone(), [lm.schedule.T - 1],
+                                            options=SamplerOptions())
+    err_student = float((one - ref).square().mean())
+    assert err_student < 0.75 * err_teacher, (err_student, err_teacher)
+    out = tmp_path / "s"
+    assert main(["sample", str(student), "--n", "4", "--out", str(out)]) == 0  # consistency at its own 1 step
+    assert "sampler consistency: 1 steps" in capsys.readouterr().out
+    assert np.load(out / "samples.npz")["images"].shape == (4, 1, 8, 8)
+    assert main(["sample", str(student), "--n", "2", "--steps", "3", "--out", str(out / "3")]) == 0
+    assert "sampler consistency: 3 steps" in capsys.readouterr().out
+
+
+def test_consistency_target_is_the_teachers_step_at_the_lowest_level(teacher: Path, tmp_path: Path) -> None:
+    """With a one-level grid every step is the boundary case: the target is the teacher's DDIM
+    step to the clean end, its own x0, so the student (initialised as the teacher) has nothing
+    to learn: the loss is 0 at the start."""
+    d = DistillConfig(str(teacher), method="consistency", teacher_steps=1, student_steps=1, steps_per_round=1)
+    distill(d, tmp_path / "s", device="cpu", progress=False, log=lambda s: None)
+    first = json.loads((tmp_path / "s" / "log.jsonl").read_text().splitlines()[0])
+    assert first["loss"] < 1e-6, first
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_resume_is_bit_identical(teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 method: str) -> None:
+    d = DistillConfig(str(teacher), teacher_steps=8, student_steps=2, steps_per_round=4, lr=1e-3, method=method)
+    if method == "consistency":  # one round of 8 steps, the target network (EMA) saved and restored
+        d = replace(d, steps_per_round=8)
     distill(d, tmp_path / "a", device="cpu", progress=False, log=lambda s: None)
-    real = Distiller.train_step
+    kind = ConsistencyDistiller if method == "consistency" else Distiller
+    real = kind.train_step
 
     def interrupted_at_6(self: Distiller):  # a Ctrl-C during round 2
         out = real(self)
@@ -74,13 +118,15 @@ def test_resume_is_bit_identical(teacher: Path, tmp_path: Path, monkeypatch: pyt
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(Distiller, "train_step", interrupted_at_6)
+    monkeypatch.setattr(kind, "train_step", interrupted_at_6)
     with pytest.raises(Interrupted):
         distill(d, tmp_path / "b", device="cpu", progress=False, log=lambda s: None)
-    monkeypatch.setattr(Distiller, "train_step", real)
+    monkeypatch.setattr(kind, "train_step", real)
     distill(d, tmp_path / "b", resume=True, device="cpu", progress=False, log=lambda s: None)
-    a, b = load_model(tmp_path / "a").net.state_dict(), load_model(tmp_path / "b").net.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for ema in (False, True):
+        a = load_model(tmp_path / "a", use_ema=ema).net.state_dict()
+        b = load_model(tmp_path / "b", use_ema=ema).net.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_and_bad_input(teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -91,7 +137,11 @@ def test_cli_and_bad_input(teacher: Path, tmp_path: Path, capsys: pytest.Capture
     for argv, msg in [
         (["distill", str(tmp_path / "none"), "--out", str(tmp_path / "x")], "no run or checkpoint"),
         (["distill", str(teacher), "--out", str(tmp_path / "x"), "--teacher-steps", "6"], "power of two"),
-        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "consistency"], "unknown distillation"),
+        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "cm"], "unknown distillation"),
+        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "consistency", "--target-decay", "1"],
+         "--target-decay"),
+        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "consistency", "--teacher-steps", "2",
+          "--student-steps", "4"], "at least --student-steps"),
         (["distill", str(teacher), "--out", str(tmp_path / "s")], "already holds a run"),
     ]:
         assert main(argv) == 2, argv

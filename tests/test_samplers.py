@@ -41,10 +41,24 @@ OBJECTIVES = ["eps", "x0", "v"]
 # ---------------------------------------------------------------- the oracle
 
 
-def oracle_net(s: NoiseSchedule, objective: str, counter: list[int] | None = None):
+def oracle_net(s: NoiseSchedule, objective: str, counter: list[int] | None = None, *, flow: bool = False):
     """The Bayes-optimal network output for data N(MU, SD^2), for each objective:
-    eps* = sqrt(1-a)(x - sqrt(a) MU)/(a SD^2 + 1 - a), x0* = E[x0|x_t], v* = sqrt(a) eps* - sqrt(1-a) x0*."""
+    eps* = sqrt(1-a)(x - sqrt(a) MU)/(a SD^2 + 1 - a), x0* = E[x0|x_t], v* = sqrt(a) eps* - sqrt(1-a) x0*.
+    ``flow``: the exact consistency function instead, the end of the probability-flow ODE from
+    x_t, x0 = MU + SD z with z = (x - sqrt(a) MU) / sqrt(a SD^2 + 1 - a) (z is constant along the
+    flow), and the eps and v that go with that x0 at x_t."""
     ab = s.alpha_bar.double()
+    if flow:
+        def flow_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if counter is not None:
+                counter[0] += 1
+            a = ab[t].reshape(-1, 1, 1, 1)
+            xd = x.double()
+            x0 = MU + SD * (xd - a.sqrt() * MU) / (a * SD**2 + 1 - a).sqrt()
+            eps = (xd - a.sqrt() * x0) / (1 - a).sqrt()
+            return {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[objective].float()
+
+        return flow_net
 
     def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if counter is not None:
@@ -123,8 +137,9 @@ def exact_flow(s: NoiseSchedule, x_T: torch.Tensor, t_last: int) -> torch.Tensor
 
 def run(name: str, s: NoiseSchedule, steps: int, objective: str = "eps", *, spacing: str = "uniform",
         options: SamplerOptions = SamplerOptions(), seed: int = 1, x_T: torch.Tensor | None = None,
-        shape=SHAPE) -> torch.Tensor:
-    d = Denoiser(oracle_net(s, objective), s, objective=objective)
+        shape=SHAPE, flow: bool | None = None) -> torch.Tensor:
+    flow = name in FLOW_SAMPLERS if flow is None else flow
+    d = Denoiser(oracle_net(s, objective, flow=flow), s, objective=objective)
     x_T = x_T_exact(s, shape) if x_T is None else x_T
     return sample(name, d, x_T, steps, spacing=spacing, options=options,
                   generator=torch.Generator().manual_seed(seed))
@@ -151,7 +166,13 @@ def linear1000() -> NoiseSchedule:
 #   uneven near t=0, so the multistep extrapolation overshoots (20 steps: 0.534).
 # - heun, 20 steps (0.505): second order; 10 steps give 0.515.
 # Each tolerance is the discretisation error above plus 4 standard errors of the std (0.0056).
-ORACLE_CASES = {"ddpm": (200, 0.016), "ddim": (200, 0.008), "dpm++2m": (50, 0.013), "heun": (20, 0.011)}
+# - consistency: its oracle is the exact consistency function (oracle_net's flow), under which
+#   one step from the exact q(x_T) is already exact; 3 steps re-noise exact samples, also exact.
+#   Under the posterior-mean oracle it is not a sampler of the data (std 0.346 at 200 steps):
+#   it needs a consistency model, and test_consistency_needs_a_consistency_model says so.
+ORACLE_CASES = {"ddpm": (200, 0.016), "ddim": (200, 0.008), "dpm++2m": (50, 0.013), "heun": (20, 0.011),
+                "consistency": (3, 4 * SE_STD)}
+FLOW_SAMPLERS = {"consistency"}  # sampled under the exact consistency function, not E[x0 | x_t]
 
 
 def test_every_sampler_has_an_oracle_case() -> None:
@@ -168,6 +189,20 @@ def test_oracle_recovers_gaussian(name: str, objective: str, cosine200: NoiseSch
     # mean: 4 standard errors (0.008) plus 0.002 of discretisation
     assert abs(mean - MU) < 4 * SE_MEAN + 0.002, (name, objective, mean)
     assert abs(std - SD) < std_tol, (name, objective, std)
+
+
+def test_consistency_one_step_is_the_flow_map(cosine200: NoiseSchedule) -> None:
+    """One step under the exact consistency function lands where the probability-flow ODE does,
+    MU + SD z, for each image; under the posterior-mean oracle the sampler is not a sampler of
+    the data: one step gives E[x0 | x_T] ~ MU, and even 200 steps keep only 0.69 of SD."""
+    x_T = x_T_exact(cosine200, (256, 1, 4, 4))
+    aT = float(cosine200.alpha_bar.double()[-1])
+    z = (x_T.double() - math.sqrt(aT) * MU) / math.sqrt(aT * SD**2 + 1 - aT)
+    # the x0 objective: eps's x0 = (x - sqrt(1 - a) eps) / sqrt(a) loses ~1e-3 in float32 where a_T ~ 0
+    torch.testing.assert_close(run("consistency", cosine200, 1, "x0", x_T=x_T).double(), MU + SD * z,
+                               atol=1e-5, rtol=1e-5)
+    assert run("consistency", cosine200, 1, x_T=x_T, flow=False).std() < 0.05 * SD
+    assert abs(run("consistency", cosine200, 200, flow=False).std().item() / SD - 0.69) < 0.02
 
 
 # ---------------------------------------------------------------- 2. DDPM / DDIM as exact chains
@@ -532,7 +567,7 @@ def test_table_defaults_are_the_measured_ones() -> None:
     assert (cfg.spacing, cfg.eta, cfg.variance) == (None, None, None)
     got = {n: (s.default_steps, s.default_spacing) for n, s in SAMPLERS.items()}
     assert got == {"ddpm": (None, "quadratic"), "ddim": (50, "quadratic"), "dpm++2m": (20, "quadratic"),
-                   "heun": (10, "uniform")}
+                   "heun": (10, "uniform"), "consistency": (4, "trailing")}
     assert SAMPLERS["dpm++2m"].fn.keywords == {"lower_order_final": True}
 
 

@@ -59,7 +59,7 @@ def test_lists_runs_and_meta(client: TestClient) -> None:
     assert runs["tiny"]["checkpoint"] == "step-00000002" and runs["tiny"]["T"] == 20
     assert runs["empty-run"]["checkpoint"] is None
     meta = client.get("/api/meta").json()
-    assert [s["name"] for s in meta["samplers"]] == ["ddpm", "ddim", "dpm++2m", "heun"]
+    assert [s["name"] for s in meta["samplers"]] == ["ddpm", "ddim", "dpm++2m", "heun", "consistency"]
     assert "fp32" in meta["precisions"] and "sampler" in meta["fields"]
     page = client.get("/")
     assert page.status_code == 200 and "ddpm" in page.text

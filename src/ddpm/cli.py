@@ -140,16 +140,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _student_sampling(model: Any, scfg: Any, args: argparse.Namespace) -> Any:
-    """A distilled student samples as it was trained: DDIM, eta 0, on the trailing grid, at its
-    own number of steps unless --steps says otherwise (ancestral sampling would undo the distillation)."""
+    """A distilled student samples as it was trained, at its own number of steps unless --steps
+    says otherwise (ancestral sampling would undo the distillation): a progressive student with
+    DDIM, eta 0, on the trailing grid; a consistency student with multistep consistency sampling
+    on the trailing grid. Another --sampler than ddpm (the default) or ddim is left as asked."""
     from .training.distill import student_of
 
     d = student_of(model.source)
     if d is None or args.sampler not in ("ddpm", "ddim"):
         return scfg
+    steps = scfg.steps if scfg.steps is not None else d.student_steps
+    if d.method == "consistency":
+        print("a student of consistency distillation: multistep consistency sampling on the trailing grid",
+              file=sys.stderr)
+        return replace(scfg, sampler="consistency", spacing="trailing", eta=None, steps=steps)
     print("a student of progressive distillation: DDIM (eta 0) on the trailing grid", file=sys.stderr)
-    return replace(scfg, sampler="ddim", spacing="trailing", eta=0.0,
-                   steps=scfg.steps if scfg.steps is not None else d.student_steps)
+    return replace(scfg, sampler="ddim", spacing="trailing", eta=0.0, steps=steps)
 
 
 def cmd_noise(args: argparse.Namespace) -> int:
@@ -196,7 +202,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     d = DistillConfig(args.teacher, method=args.method, teacher_steps=args.teacher_steps,
                       student_steps=args.student_steps, steps_per_round=args.steps_per_round,
-                      batch_size=args.batch_size, lr=args.lr)
+                      batch_size=args.batch_size, lr=args.lr, target_decay=args.target_decay)
     res = distill(d, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
     print(f"done: step {res.step}; checkpoint {res.checkpoint}")
     print(f"sample with: ddpm sample {args.out} --steps {d.student_steps}")
@@ -528,14 +534,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
     ex.set_defaults(fn=cmd_export)
 
-    di = sub.add_parser("distill", help="progressive distillation (Salimans & Ho 2022): a student run that "
-                        "samples in 1-4 DDIM steps what its teacher drew in many")
+    di = sub.add_parser("distill", help="a student run that samples in 1-4 steps what its teacher drew in many: "
+                        "progressive (Salimans & Ho 2022) or consistency (Song et al. 2023) distillation")
     di.add_argument("teacher", help="the teacher's run or checkpoint folder")
     di.add_argument("--out", required=True, help="the student's run folder")
-    di.add_argument("--method", default="progressive", help="progressive (the only one so far)")
-    di.add_argument("--teacher-steps", type=int, default=16, help="DDIM steps of the first round's teacher")
-    di.add_argument("--student-steps", type=int, default=4, help="steps of the final student (halved each round)")
-    di.add_argument("--steps-per-round", type=int, default=500, help="optimiser steps per halving")
+    di.add_argument("--method", default="progressive",
+                    help="progressive (default): DDIM steps halved round by round; consistency: the end of the "
+                    "teacher's ODE in one evaluation, sampled with --sampler consistency")
+    di.add_argument("--teacher-steps", type=int, default=16,
+                    help="progressive: DDIM steps of the first round's teacher; consistency: levels of the "
+                    "teacher's DDIM ODE (default 16)")
+    di.add_argument("--student-steps", type=int, default=4,
+                    help="progressive: steps of the final student (halved each round); consistency: the steps "
+                    "it samples with by default (default 4)")
+    di.add_argument("--steps-per-round", type=int, default=500,
+                    help="optimiser steps per halving (progressive) or in all (consistency)")
+    di.add_argument("--target-decay", type=float, default=0.95,
+                    help="consistency: moving-average decay of the target network (default 0.95)")
     di.add_argument("--batch-size", type=int, help="default: the teacher's")
     di.add_argument("--lr", type=float, default=1e-4)
     di.add_argument("--resume", action="store_true", help="continue the student from its last checkpoint")

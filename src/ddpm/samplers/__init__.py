@@ -13,7 +13,7 @@ import torch
 from ..core.diffusion import Denoiser
 from ..core.schedules import Spacing, space_timesteps
 from ..errors import DdpmError
-from . import ddim, ddpm, dpmpp_2m, heun
+from . import consistency, ddim, ddpm, dpmpp_2m, heun
 from .base import SamplerFn, SamplerOptions, StepCallback
 
 
@@ -43,6 +43,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
                            "DPM-Solver++(2M), last step first order"),
     "heun": SamplerSpec(partial(heun.sample, lower_order_final=False), partial(heun.nfe, lower_order_final=False),
                         10, "uniform", (), "Heun 2nd order, EDM Algorithm 1"),
+    # for consistency students (ddpm distill --method consistency): trailing, as they were
+    # trained; 4 steps by default (a student samples at its own steps: ddpm sample STUDENT)
+    "consistency": SamplerSpec(consistency.sample, _one_per_step, 4, "trailing", (),
+                               "multistep consistency sampling (x0, then fresh noise), for consistency students"),
 }
 
 

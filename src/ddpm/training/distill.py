@@ -1,12 +1,25 @@
-"""Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student that takes one
-deterministic DDIM step where its teacher took two, the number of steps halved round by round.
+"""Distillation into a few-step student, two methods:
+
+- progressive (Salimans & Ho 2022, Algorithm 2): a student that takes one deterministic DDIM
+  step where its teacher took two, the number of steps halved round by round;
+- consistency (Song et al. 2023, Algorithm 2, consistency distillation): a student whose x0 is
+  the consistency function f(x_t, t), the end of the teacher's probability-flow ODE from x_t.
+  The ODE is the teacher's DDIM (eta 0) on a trailing grid of N = ``teacher_steps`` levels: the
+  student's f at a level is trained towards the target network's f one teacher step lower, and
+  at the lowest level towards the teacher's own step to the clean end, f's boundary condition
+  (f = identity there). The target network is the student's moving average with decay
+  ``target_decay`` (their mu; 0.95 on CIFAR-10), kept as the run's EMA, so it is what a
+  checkpoint samples and resumes; the distance is the pseudo-Huber loss of Song & Dhariwal 2023
+  (c = 0.00054 sqrt(d)). Sampled with ``--sampler consistency`` (multistep consistency
+  sampling) at any number of steps, by default the run's ``student_steps``.
 
 The student is a run folder like any other: checkpoints, ``log.jsonl``, ``--resume``. Its
 ``config.json`` is the teacher's network, schedule and objective with the distillation's
 training settings; ``distill.json`` beside it records the teacher and the rounds, and each
 checkpoint's training state carries the current round's teacher, so a resumed run continues
-the same round. A student is sampled with DDIM (eta 0) on the trailing grid at its own number
-of steps: ``ddpm sample STUDENT --sampler ddim --spacing trailing --steps N``.
+the same round. A progressive student is sampled with DDIM (eta 0) on the trailing grid at its
+own number of steps: ``ddpm sample STUDENT --sampler ddim --spacing trailing --steps N``;
+``ddpm sample STUDENT`` picks each student's sampler and steps itself.
 
 A conditional teacher is distilled with its labels dropped to the null class as in training,
 so the student keeps both outputs and classifier-free guidance is applied at sampling (not
@@ -39,23 +52,36 @@ class DistillConfig:
     """What to distil and for how long."""
 
     teacher: str  # the teacher's run or checkpoint folder
-    method: Literal["progressive"] = "progressive"
-    teacher_steps: int = 16  # DDIM steps of the first round's teacher
-    student_steps: int = 4  # the last round's student: teacher_steps / 2^rounds
-    steps_per_round: int = 500
+    method: Literal["progressive", "consistency"] = "progressive"
+    teacher_steps: int = 16  # progressive: DDIM steps of the first round's teacher; consistency: N, the ODE's grid
+    student_steps: int = 4  # progressive: the last round's student, teacher_steps / 2^rounds; consistency: the
+    # steps it samples with by default
+    steps_per_round: int = 500  # consistency: one round
     batch_size: int | None = None  # None: the teacher's
     lr: float = 1e-4  # Salimans & Ho use 1e-4 (CIFAR-10) to 5e-5 with Adam
+    target_decay: float = 0.95  # consistency: the target network's moving average (Song et al.'s mu)
 
     @property
     def rounds(self) -> int:
+        if self.method == "consistency":
+            return 1
         return int(round(math.log2(self.teacher_steps / self.student_steps)))
+
+
+METHODS = ("progressive", "consistency")
 
 
 def check_distill_config(d: DistillConfig, T: int) -> None:
     """One line for settings that cannot be distilled."""
-    if d.method != "progressive":
-        raise DdpmError(f"unknown distillation method {d.method!r}; choose: progressive")
-    if not (1 <= d.student_steps < d.teacher_steps <= T) or d.teacher_steps != d.student_steps * 2 ** d.rounds:
+    if d.method not in METHODS:
+        raise DdpmError(f"unknown distillation method {d.method!r}; choose: {', '.join(METHODS)}")
+    if d.method == "consistency":
+        if not (1 <= d.student_steps <= d.teacher_steps <= T):
+            raise DdpmError(f"--teacher-steps (the ODE's grid, {d.teacher_steps}) must be at least --student-steps "
+                            f"({d.student_steps}) and at most T={T}, and both at least 1")
+        if not 0 <= d.target_decay < 1:
+            raise DdpmError(f"--target-decay must be in [0, 1), got {d.target_decay}")
+    elif not (1 <= d.student_steps < d.teacher_steps <= T) or d.teacher_steps != d.student_steps * 2 ** d.rounds:
         raise DdpmError(f"--teacher-steps ({d.teacher_steps}) must be --student-steps ({d.student_steps}) times a "
                         f"power of two, at most T={T}")
     if d.steps_per_round < 1 or d.lr <= 0 or (d.batch_size is not None and d.batch_size < 1):
@@ -117,12 +143,8 @@ class Distiller(Trainer):
         """Salimans & Ho Algorithm 2, one batch: two teacher DDIM steps, one student step."""
         while self.step // self.d.steps_per_round > self.round and self.round + 1 < self.d.rounds:
             self._next_round()
-        x0, y = self.batches.next_labeled()
-        x0 = x0.to(self.device)
-        if self.cfg.train.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        s, k = self.schedule, self.cfg.model.num_classes
-        y = None if not k else self._drop(y.to(self.device))
+        x0, y = self._batch()
+        s = self.schedule
         student, teacher = round_grids(s.T, self.student_steps(self.round))
         j = torch.randint(0, len(student), (x0.shape[0],), generator=self.gen, device=self.device)
         t, t_mid = teacher.to(self.device)[2 * j + 1], teacher.to(self.device)[2 * j]
@@ -141,15 +163,27 @@ class Distiller(Trainer):
         per_sample = weight * (pred.x0 - target).square().flatten(1).mean(1)
         return self.optimize(per_sample.mean(), per_sample.detach(), t)
 
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of images (channels-last as the student) and its labels, dropped to the null
+        class as in training (None for an unconditional teacher)."""
+        x0, y = self.batches.next_labeled()
+        x0 = x0.to(self.device)
+        if self.cfg.train.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        return x0, (None if not self.cfg.model.num_classes else self._drop(y.to(self.device)))
+
+    def _denoiser(self, net: torch.nn.Module, y: torch.Tensor | None) -> Denoiser:
+        den = Denoiser(net, self.schedule, objective=self.cfg.diffusion.objective,
+                       learn_sigma=self.cfg.model.learn_sigma, num_classes=self.cfg.model.num_classes)
+        return den.conditioned(y) if y is not None else den
+
     def _drop(self, y: torch.Tensor) -> torch.Tensor:
         from .train import drop_labels
         return drop_labels(y, self.cfg.train.cond_drop, self.cfg.model.num_classes, self.gen)
 
     def _teacher_two_steps(self, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor, ab_mid: torch.Tensor,
                            ab_prev: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        den = Denoiser(self.teacher, self.schedule, objective=self.cfg.diffusion.objective,
-                       learn_sigma=self.cfg.model.learn_sigma, num_classes=self.cfg.model.num_classes)
-        den = den.conditioned(y) if y is not None else den
+        den = self._denoiser(self.teacher, y)
         p = den(x_t, t)
         x_mid = ddim_to(p.x0, p.eps, ab_mid)
         p = den(x_mid, t_mid)
@@ -167,11 +201,50 @@ class Distiller(Trainer):
             raise DdpmError(f"checkpoint {ck.path} is not a distillation's ({e})") from None
 
 
+class ConsistencyDistiller(Distiller):
+    """A Trainer whose step is consistency distillation's (Song et al. 2023, Algorithm 2), the
+    teacher fixed, the target network the run's EMA (decay ``target_decay``, no warm-up)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device,
+                 d: DistillConfig, teacher_weights: dict[str, torch.Tensor], labels: torch.Tensor | None = None):
+        super().__init__(cfg, run_dir, data, device, d, teacher_weights, labels)
+        if self.ema is not None:  # made from the initial weights: the target starts at the teacher too
+            self.ema.model.load_state_dict(self.model.state_dict())
+        self.grid = torch.tensor(space_timesteps(self.schedule.T, d.teacher_steps, "trailing"), device=device)
+
+    def train_step(self) -> StepOut | Skipped:
+        """One batch: a level t_n of the grid, x at t_n, one teacher DDIM step to t_{n-1} (the
+        clean end below t_0), and the student's f(x, t_n) pulled towards the target's f there."""
+        x0, y = self._batch()
+        s = self.schedule
+        n = torch.randint(0, len(self.grid), (x0.shape[0],), generator=self.gen, device=self.device)
+        t = self.grid[n]
+        t_prev = self.grid[(n - 1).clamp(min=0)]
+        lowest = _bcast(n == 0)  # the step goes to the clean end, where f is the identity
+        ab_prev = torch.where(lowest, 1.0, _bcast(s.alpha_bar[t_prev]))
+        x_t = q_sample(s, x0, t, torch.randn(x0.shape, generator=self.gen, device=self.device))
+        with torch.no_grad():
+            p = self._denoiser(self.teacher, y)(x_t, t)
+            x_prev = ddim_to(p.x0, p.eps, ab_prev)
+            target_net = self.ema.model if self.ema is not None else self.model  # decay 0: the student itself
+            f_prev = self._denoiser(target_net, y)(x_prev, t_prev).x0
+            target = torch.where(lowest, x_prev, f_prev)
+        out = self.net_fn(x_t, t) if y is None else self.net_fn(x_t, t, y)
+        pred = interpret(s, out.float(), x_t, t, objective=self.cfg.diffusion.objective,
+                         learn_sigma=self.cfg.model.learn_sigma)
+        d2 = (pred.x0 - target).square().flatten(1).sum(1)
+        c = 0.00054 * math.sqrt(x0[0].numel())  # Song & Dhariwal 2023's pseudo-Huber constant
+        per_sample = (d2 + c * c).sqrt() - c
+        return self.optimize(per_sample.mean(), per_sample.detach(), t)
+
+
 def student_config(teacher: RunConfig, d: DistillConfig) -> RunConfig:
     """The teacher's config with the distillation's training settings: a checkpoint at the end
-    of each round, no EMA (the student of a round is its next teacher), constant lr."""
+    of each round, constant lr; no EMA for a progressive student (the student of a round is its
+    next teacher), the target network's for a consistency one."""
+    ema = d.target_decay if d.method == "consistency" else 0.0
     tc = replace(teacher.train, lr=d.lr, lr_schedule="constant", warmup_steps=0, epochs=None, minutes=None,
-                 max_steps=d.rounds * d.steps_per_round, ema_decay=0.0, sample_every=0,
+                 max_steps=d.rounds * d.steps_per_round, ema_decay=ema, ema_warmup=False, sample_every=0,
                  checkpoint_every=d.steps_per_round, batch_size=d.batch_size or teacher.train.batch_size)
     return replace(teacher, train=tc, preset="distilled")
 
@@ -198,15 +271,20 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
     if data is None:
         data, labels = _load_data(cfg)
     _check_data(cfg, data)
-    tr = Distiller(cfg, run_dir, data, dev, d, tck.sampling_weights(True), labels)
+    kind = ConsistencyDistiller if d.method == "consistency" else Distiller
+    tr = kind(cfg, run_dir, data, dev, d, tck.sampling_weights(True), labels)
     if ck is not None:
         tr.restore(ck)
         log(f"resumed {run_dir} at step {tr.step} (round {tr.round + 1} of {d.rounds})")
     else:
         atomic_write_text(run_dir / "config.json", cfg.to_json())
         atomic_write_text(run_dir / DISTILL_NAME, json.dumps(asdict(d), indent=2))
-    log(f"distilling {d.teacher} ({d.teacher_steps} DDIM steps) into {d.student_steps} in {d.rounds} rounds "
-        f"of {d.steps_per_round} steps, run folder {run_dir}")
+    if d.method == "consistency":
+        log(f"consistency distillation of {d.teacher} (its DDIM ODE on {d.teacher_steps} levels), {d.steps_per_round} "
+            f"steps, target decay {d.target_decay}, run folder {run_dir}")
+    else:
+        log(f"distilling {d.teacher} ({d.teacher_steps} DDIM steps) into {d.student_steps} in {d.rounds} rounds "
+            f"of {d.steps_per_round} steps, run folder {run_dir}")
     reset_log(run_dir / LOG_NAME, tr.step)
     return _loop(tr, progress, TensorBoard(run_dir / "tb", tr.step + 1, False))
 
