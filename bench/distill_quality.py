@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--method", default="progressive", choices=["progressive", "consistency"])
     ap.add_argument("--target-decay", type=float, default=0.95, help="consistency: the target network's decay")
+    ap.add_argument("--no-teacher", action="store_true",
+                    help="score the student only (the teacher's figures at the same --n and seed are in an earlier JSON)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--name", default="distill_quality", help="name of the JSON in bench/results/")
     a = ap.parse_args()
@@ -79,8 +81,9 @@ def main() -> None:
         else:
             contenders = {f"student_ddim_{k}": (str(student), "ddim", k, "trailing"),
                           f"teacher_ddim_{k}": (a.teacher, "ddim", k, "trailing")}
-        contenders |= {f"teacher_ddim_{a.teacher_steps}": (a.teacher, "ddim", str(a.teacher_steps), "trailing"),
-                       "teacher_dpm++2m_20": (a.teacher, "dpm++2m", "20", "uniform")}
+        if not a.no_teacher:
+            contenders |= {f"teacher_ddim_{a.teacher_steps}": (a.teacher, "ddim", str(a.teacher_steps), "trailing"),
+                           "teacher_dpm++2m_20": (a.teacher, "dpm++2m", "20", "uniform")}
         for name, (run, sampler, steps, spacing) in contenders.items():
             out = Path(tmp) / name
             secs = ddpm("eval", run, "--sampler", sampler, "--steps", steps, "--spacing", spacing,

@@ -11,6 +11,8 @@ exported with :func:`ddpm.export.to_onnx`. Contenders, called in turns in one pr
   ort_int8     the same with the graph quantised statically, QDQ, per-channel int8 weights and
                uint8 activations, calibrated (min-max) on the network's own inputs:
                x_t = q_sample(Fashion-MNIST images, t) at t uniform over the T steps
+  compiled     (``--compile``) eager_cl's sampler on ``torch.compile(net)`` (Inductor, with
+               ``freezing``: weights folded and convolutions pre-packed for oneDNN, as for inference)
   reference    the seed's own loop (p_sample, then .cpu().numpy()), from seed_reference.py
   conv_gemm    a 2048^3 fp32 GEMM as a 1x1 convolution (oneDNN): the machine's GEMM rate
 Each sampler contender runs ``--iters`` of the 200 iterations at 64 images. Reported: images/s
@@ -141,6 +143,8 @@ def main() -> None:
     ap.add_argument("--error-run", help="also int8's error on this trained run's network")
     ap.add_argument("--malloc", choices=["glibc", "command"], default="glibc",
                     help="command: glibc keeps freed blocks, as the ddpm command sets it (every contender)")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile(net) (Inductor, freezing)")
+    ap.add_argument("--no-ort", action="store_true", help="leave ONNX Runtime out (fp32 and int8)")
     ap.add_argument("--out", default="engines", help="name of the JSON in bench/results/")
     a = ap.parse_args()
     if a.malloc == "command" and not keep_freed_memory():
@@ -154,15 +158,25 @@ def main() -> None:
     fp32 = to_onnx(net, preset("seed"))
     net_cl = net.to(memory_format=torch.channels_last)
     feeds = calibration_inputs(preset("seed"), 10, 16)
-    sessions = {"ort_fp32": session(fp32)}
-    if not a.no_int8:
+    sessions = {} if a.no_ort else {"ort_fp32": session(fp32)}
+    if not a.no_int8 and not a.no_ort:
         sessions["ort_int8"] = session(quantize_int8(fp32, feeds[:8]))
     trained = trained_int8_error(a.error_run) if a.error_run and not a.no_int8 else None  # fails early
     ref = load_reference()
     torch.manual_seed(0)
     ref_model = ref.make_model().eval()
     _, conv, gemm_flops, _ = matmul(cpu)
-    runs = {"eager_cl": our_sampler(net_cl, a.iters, True, cpu),
+    compiled = {}
+    if a.compile:
+        import torch._inductor.config as inductor
+        inductor.freezing = True
+        t_c = time.perf_counter()
+        cnet = torch.compile(net_cl)
+        with torch.inference_mode():  # compile outside the timed rounds
+            cnet(torch.randn(N, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 200, (N,)))
+        compiled = {"compiled": our_sampler(cnet, a.iters, True, cpu)}
+        compile_seconds = time.perf_counter() - t_c
+    runs = {"eager_cl": our_sampler(net_cl, a.iters, True, cpu), **compiled,
             **{k: our_sampler(OrtNet(s), a.iters, False, cpu) for k, s in sessions.items()},
             "reference": reference_sampler(ref, ref_model, a.iters, cpu), "conv_gemm": conv}
     times = interleave(runs, rounds=a.rounds)
@@ -180,6 +194,8 @@ def main() -> None:
         if k != "reference":
             res[f"{k}_fraction_of_gemm"] = statistics.median(
                 (flops / t) / (gemm_flops / g) for t, g in zip(times[k], times["conv_gemm"]))
+    if a.compile:
+        res["compile_seconds"] = compile_seconds
     if "ort_int8" in sessions:
         res["int8_vs_fp32"] = int8_error(sessions["ort_fp32"], sessions["ort_int8"], feeds[8:])
         if a.error_run:
