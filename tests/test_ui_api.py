@@ -403,3 +403,27 @@ def test_generate_hook_counts_over_batches_and_stops(runs_dir: Path) -> None:
     with pytest.raises(SamplingCancelled):
         generate(model, SampleConfig(sampler="ddpm", steps=20, n=2), on_step=lambda ev: calls.append(ev.done) or ev.done < 3)
     assert calls == [1, 2, 3]
+
+
+def test_a_student_run_names_its_own_sampling(runs_dir: Path, tmp_path: Path) -> None:
+    """A distilled run (distill.json beside its config) tells the page how it samples, and the
+    page's request for it (the student's sampler, steps and trailing grid) runs."""
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "tiny", root / "student")
+    (root / "student" / "distill.json").write_text(json.dumps(
+        {"teacher": "elsewhere", "method": "consistency", "teacher_steps": 8, "student_steps": 2}))
+    shutil.copytree(runs_dir / "tiny", root / "progressive")
+    (root / "progressive" / "distill.json").write_text(json.dumps(
+        {"teacher": "elsewhere", "method": "progressive", "teacher_steps": 8, "student_steps": 2}))
+    c = TestClient(create_app(RunIndex([], root)))
+    runs = {r["name"]: r for r in c.get("/api/runs").json()["runs"]}
+    assert runs["student"]["student"] == {"method": "consistency", "sampler": "consistency", "spacing": "trailing",
+                                          "eta": None, "steps": 2}
+    assert runs["progressive"]["student"]["sampler"] == "ddim" and runs["progressive"]["student"]["eta"] == 0.0
+    r = c.post("/api/sample", json={"run": "student", "sampler": "consistency", "steps": 2, "spacing": "trailing",
+                                    "eta": None, "n": 2})
+    assert r.status_code == 201, r.text
+    evs = events(c, r.json()["id"])
+    assert evs[-1]["type"] == "done" and [e["done"] for e in evs if e["type"] == "frame"] == [1, 2]

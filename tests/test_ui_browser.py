@@ -5,7 +5,9 @@ CI must run them, never skip them silently.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +47,7 @@ def page(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Iterator[
             pg = ctx.new_page()
             pg.set_default_timeout(20_000)
             pg.errors = []  # console errors and uncaught exceptions, checked at the end
+            pg.runs_root = root
             pg.on("console", lambda m: m.type == "error" and pg.errors.append(f"{m.text} ({m.location})"))
             pg.on("pageerror", lambda e: pg.errors.append(str(e)))
             pg.goto(url)
@@ -164,3 +167,25 @@ def test_bad_parameters_show_a_message(page: Any) -> None:
     msg = pg.inner_text("#error")
     assert "steps" in msg and "Traceback" not in msg
     assert all("400" in e for e in pg.errors), pg.errors
+
+
+def test_a_student_samples_as_it_was_trained(page: Any) -> None:
+    """A distilled run picked in the list sets the student's own sampler and steps, and samples
+    with them (a consistency student: 2 steps, 2 network evaluations)."""
+    pg = page
+    shutil.copytree(pg.runs_root / "tiny", pg.runs_root / "student")
+    (pg.runs_root / "student" / "distill.json").write_text(json.dumps(
+        {"teacher": "elsewhere", "method": "consistency", "teacher_steps": 8, "student_steps": 2}))
+    errors_before = len(pg.errors)
+    pg.reload()
+    pg.wait_for_function("[...document.querySelector('#run').options].some(o => o.value === 'student')")
+    pg.select_option("#run", "student")
+    assert pg.eval_on_selector("#sample-form [name=sampler]", "e => e.value") == "consistency"
+    assert pg.eval_on_selector("#sample-form [name=steps]", "e => e.value") == "2"
+    pg.click("nav button[data-tab=sample]")
+    set_form(pg, "#sample-form", n=4)
+    pg.click("#sample-go")
+    pg.wait_for_function("window.ddpmTimings.done !== undefined")
+    assert pg.evaluate("state.frames.length") == 2
+    assert "2 network evaluations" in pg.inner_text("#sample-status")
+    assert pg.errors[errors_before:] == [], pg.errors

@@ -144,18 +144,15 @@ def _student_sampling(model: Any, scfg: Any, args: argparse.Namespace) -> Any:
     says otherwise (ancestral sampling would undo the distillation): a progressive student with
     DDIM, eta 0, on the trailing grid; a consistency student with multistep consistency sampling
     on the trailing grid. Another --sampler than ddpm (the default) or ddim is left as asked."""
-    from .training.distill import student_of
+    from .training.distill import student_of, student_sampling
 
     d = student_of(model.source)
     if d is None or args.sampler not in ("ddpm", "ddim"):
         return scfg
-    steps = scfg.steps if scfg.steps is not None else d.student_steps
-    if d.method == "consistency":
-        print("a student of consistency distillation: multistep consistency sampling on the trailing grid",
-              file=sys.stderr)
-        return replace(scfg, sampler="consistency", spacing="trailing", eta=None, steps=steps)
-    print("a student of progressive distillation: DDIM (eta 0) on the trailing grid", file=sys.stderr)
-    return replace(scfg, sampler="ddim", spacing="trailing", eta=0.0, steps=steps)
+    how = student_sampling(d)
+    what = "multistep consistency sampling" if how["sampler"] == "consistency" else "DDIM (eta 0)"
+    print(f"a student of {d.method} distillation: {what} on the trailing grid", file=sys.stderr)
+    return replace(scfg, **{**how, "steps": scfg.steps if scfg.steps is not None else d.student_steps})
 
 
 def cmd_noise(args: argparse.Namespace) -> int:

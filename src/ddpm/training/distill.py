@@ -296,6 +296,15 @@ def load_distill_config(run_dir: Path) -> DistillConfig:
         raise DdpmError(f"{run_dir} is not a distillation run ({DISTILL_NAME}: {e})") from None
 
 
+def student_sampling(d: DistillConfig) -> dict[str, Any]:
+    """How a student samples as it was trained (SampleConfig's fields): a progressive one with
+    DDIM, eta 0, a consistency one with multistep consistency sampling; both on the trailing
+    grid at the student's own number of steps."""
+    if d.method == "consistency":
+        return {"sampler": "consistency", "spacing": "trailing", "eta": None, "steps": d.student_steps}
+    return {"sampler": "ddim", "spacing": "trailing", "eta": 0.0, "steps": d.student_steps}
+
+
 def student_of(checkpoint: Path) -> DistillConfig | None:
     """The distillation that made the run of ``checkpoint`` (RUN/checkpoints/step-N), or None."""
     f = Path(checkpoint).parent.parent / DISTILL_NAME

@@ -71,7 +71,22 @@ def _run_summary(run: Run) -> dict[str, Any]:
                  "objective": cfg.diffusion.objective, "learn_sigma": cfg.model.learn_sigma,
                  "num_classes": getattr(cfg.model, "num_classes", 0),
                  "class_names": list(getattr(cfg.data, "class_names", ()))}
+    student = _student(run)
+    if student is not None:  # the page picks the student's own sampler, steps and grid
+        info["student"] = student
     return info
+
+
+def _student(run: Run) -> dict[str, Any] | None:
+    """A distilled run's method and how it samples (None for any other run)."""
+    from ..training.distill import DISTILL_NAME, load_distill_config, student_sampling
+    if not (run.path / DISTILL_NAME).is_file():
+        return None
+    try:
+        d = load_distill_config(run.path)
+    except DdpmError:
+        return None
+    return {"method": d.method, **student_sampling(d)}
 
 
 async def list_runs(request: Request) -> JSONResponse:

@@ -50,6 +50,10 @@ function onRunChange() {
     ? `${r.preset}: ${r.image_size}x${r.image_size}, T=${r.T}, ${r.schedule} schedule, ${r.objective}` +
       (r.checkpoint ? `, ${r.checkpoint}` : ", no checkpoint yet") : "";
   setupConditional(r);
+  if (r && r.student) {  // a distilled student samples as it was trained
+    const f = $("#sample-form");
+    f.sampler.value = r.student.sampler; f.steps.value = r.student.steps;
+  }
   state.schedules = null; state.trainAfter = -1; state.trainRecords = [];
   const tab = document.querySelector("nav button.active").dataset.tab;
   if (tab === "forward") openForward();
@@ -83,6 +87,8 @@ function sampleParams(form, extra) {
   const p = {run: $("#run").value, seed: num("seed"), n: num("n"), ...extra};
   if (form === $("#sample-form")) {
     Object.assign(p, {sampler: form.sampler.value, steps: num("steps"), precision: form.precision.value});
+    const st = state.run && state.run.student;
+    if (st && p.sampler === st.sampler) Object.assign(p, {spacing: st.spacing, eta: st.eta});
     if (!form.querySelector(".cond").hidden)
       Object.assign(p, {classes: form.classes.value, guidance: num("guidance")});
   }
