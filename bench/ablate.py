@@ -75,6 +75,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "lr-8e-3": {"train": {"lr": 8e-3}},
     "mults-124-b1": {"model": {"dim_mults": (1, 2, 4)}},
     "no-ema": {"train": {"ema_decay": 0.0}},
+    "ema-0.995": {"train": {"ema_decay": 0.995}},
 }
 
 

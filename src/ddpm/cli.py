@@ -197,9 +197,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from .training.distill import DistillConfig, distill
 
+    if args.target_decay is not None and args.method != "consistency":
+        raise DdpmError(f"--target-decay applies to --method consistency only; {args.method} would ignore it")
+    decay = {} if args.target_decay is None else {"target_decay": args.target_decay}
     d = DistillConfig(args.teacher, method=args.method, teacher_steps=args.teacher_steps,
                       student_steps=args.student_steps, steps_per_round=args.steps_per_round,
-                      batch_size=args.batch_size, lr=args.lr, target_decay=args.target_decay)
+                      batch_size=args.batch_size, lr=args.lr, **decay)
     res = distill(d, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
     print(f"done: step {res.step}; checkpoint {res.checkpoint}")
     print(f"sample with: ddpm sample {args.out} --steps {d.student_steps}")
@@ -546,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "it samples with by default (default 4)")
     di.add_argument("--steps-per-round", type=int, default=500,
                     help="optimiser steps per halving (progressive) or in all (consistency)")
-    di.add_argument("--target-decay", type=float, default=0.95,
+    di.add_argument("--target-decay", type=float,
                     help="consistency: moving-average decay of the target network (default 0.95)")
     di.add_argument("--batch-size", type=int, help="default: the teacher's")
     di.add_argument("--lr", type=float, default=1e-4)
