@@ -141,6 +141,7 @@ def test_cli_and_bad_input(teacher: Path, tmp_path: Path, capsys: pytest.Capture
         (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "consistency", "--target-decay", "1"],
          "--target-decay"),
         (["distill", str(teacher), "--out", str(tmp_path / "x"), "--target-decay", "0.9"], "consistency only"),
+        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--steps-per-round", "0"], "must be positive"),
         (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "consistency", "--teacher-steps", "2",
           "--student-steps", "4"], "at least --student-steps"),
         (["distill", str(teacher), "--out", str(tmp_path / "s")], "already holds a run"),

@@ -195,13 +195,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .training.distill import DistillConfig, distill
+    from .training.distill import DEFAULT_STEPS, DistillConfig, distill
 
     if args.target_decay is not None and args.method != "consistency":
         raise DdpmError(f"--target-decay applies to --method consistency only; {args.method} would ignore it")
     decay = {} if args.target_decay is None else {"target_decay": args.target_decay}
     d = DistillConfig(args.teacher, method=args.method, teacher_steps=args.teacher_steps,
-                      student_steps=args.student_steps, steps_per_round=args.steps_per_round,
+                      student_steps=args.student_steps,
+                      steps_per_round=(args.steps_per_round if args.steps_per_round is not None
+                                       else DEFAULT_STEPS.get(args.method, 500)),
                       batch_size=args.batch_size, lr=args.lr, **decay)
     res = distill(d, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
     print(f"done: step {res.step}; checkpoint {res.checkpoint}")
@@ -547,8 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--student-steps", type=int, default=4,
                     help="progressive: steps of the final student (halved each round); consistency: the steps "
                     "it samples with by default (default 4)")
-    di.add_argument("--steps-per-round", type=int, default=500,
-                    help="optimiser steps per halving (progressive) or in all (consistency)")
+    di.add_argument("--steps-per-round", type=int,
+                    help="optimiser steps per halving (progressive, default 500) or in all (consistency, default 250)")
     di.add_argument("--target-decay", type=float,
                     help="consistency: moving-average decay of the target network (default 0.95)")
     di.add_argument("--batch-size", type=int, help="default: the teacher's")

@@ -69,6 +69,11 @@ class DistillConfig:
 
 
 METHODS = ("progressive", "consistency")
+# optimiser steps when --steps-per-round is not given: progressive, per halving; consistency, in
+# all. On the shipped model consistency distillation scored best at 2 and 4 steps after 250
+# (FD 43.5 / 41.3) and worse after 500 (47.4 / 48.4) and 1,000 (49.9 / 51.9), while one step
+# gained little (56.1, 55.1, 53.7): BENCHMARKS.md, "Engines and precision"
+DEFAULT_STEPS = {"progressive": 500, "consistency": 250}
 
 
 def check_distill_config(d: DistillConfig, T: int) -> None:
