@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--steps-per-round", type=int, default=150)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--method", default="progressive", choices=["progressive", "consistency"])
-    ap.add_argument("--target-decay", type=float, default=0.95, help="consistency: the target network's decay")
+    ap.add_argument("--target-decay", type=float, help="consistency: the target network's decay (default the command's)")
     ap.add_argument("--no-teacher", action="store_true",
                     help="score the student only (the teacher's figures at the same --n and seed are in an earlier JSON)")
     ap.add_argument("--n", type=int, default=1000)
@@ -72,7 +72,8 @@ def main() -> None:
         res["distill_seconds"] = ddpm("distill", a.teacher, "--out", str(student), "--teacher-steps",
                                       str(a.teacher_steps), "--student-steps", k, "--steps-per-round",
                                       str(a.steps_per_round), "--lr", str(a.lr), "--method", a.method,
-                                      "--target-decay", str(a.target_decay), "--device", "cpu", "--no-progress")
+                                      *(["--target-decay", str(a.target_decay)] if a.target_decay is not None else []),
+                                      "--device", "cpu", "--no-progress")
         res["distill_images_seen"] = images_seen(student)
         res["teacher_images_seen"] = images_seen(Path(a.teacher))
         if a.method == "consistency":

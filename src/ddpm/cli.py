@@ -203,7 +203,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     d = DistillConfig(args.teacher, method=args.method, teacher_steps=args.teacher_steps,
                       student_steps=args.student_steps,
                       steps_per_round=(args.steps_per_round if args.steps_per_round is not None
-                                       else DEFAULT_STEPS.get(args.method, 500)),
+                                       else DEFAULT_STEPS.get(args.method, DEFAULT_STEPS["progressive"])),
                       batch_size=args.batch_size, lr=args.lr, **decay)
     res = distill(d, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
     print(f"done: step {res.step}; checkpoint {res.checkpoint}")

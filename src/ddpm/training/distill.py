@@ -310,7 +310,11 @@ def student_sampling(d: DistillConfig) -> dict[str, Any]:
     return {"sampler": "ddim", "spacing": "trailing", "eta": 0.0, "steps": d.student_steps}
 
 
+def student_in(run_dir: Path) -> DistillConfig | None:
+    """The distillation that made the run folder ``run_dir``, or None for any other run."""
+    return load_distill_config(Path(run_dir)) if (Path(run_dir) / DISTILL_NAME).is_file() else None
+
+
 def student_of(checkpoint: Path) -> DistillConfig | None:
     """The distillation that made the run of ``checkpoint`` (RUN/checkpoints/step-N), or None."""
-    f = Path(checkpoint).parent.parent / DISTILL_NAME
-    return load_distill_config(f.parent) if f.is_file() else None
+    return student_in(Path(checkpoint).parent.parent)

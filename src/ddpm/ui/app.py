@@ -79,14 +79,12 @@ def _run_summary(run: Run) -> dict[str, Any]:
 
 def _student(run: Run) -> dict[str, Any] | None:
     """A distilled run's method and how it samples (None for any other run)."""
-    from ..training.distill import DISTILL_NAME, load_distill_config, student_sampling
-    if not (run.path / DISTILL_NAME).is_file():
-        return None
+    from ..training.distill import student_in, student_sampling
     try:
-        d = load_distill_config(run.path)
-    except DdpmError:
+        d = student_in(run.path)
+    except DdpmError:  # an unreadable distill.json: listed as a plain run
         return None
-    return {"method": d.method, **student_sampling(d)}
+    return None if d is None else {"method": d.method, **student_sampling(d)}
 
 
 async def list_runs(request: Request) -> JSONResponse:
