@@ -5,6 +5,7 @@
     python bench/quality.py --only fast --fresh        # retrain one contender
     python bench/quality.py --only fast --train-only & python bench/quality.py --only seed-recipe --train-only
     python bench/quality.py --only ''                  # then evaluate everything trained (side by side: 1 core each)
+    python bench/quality.py --only '' --autoguidance 1 --name quality_ag   # runs with RUN/guide: autoguided
 
 Contenders, trained one after the other on the same machine for ``--minutes`` each:
   seed-recipe     our code, ``--preset seed`` (the seed's recipe: T=200 linear, huber, eps,
@@ -45,7 +46,7 @@ from pathlib import Path
 import torch
 from harness import OUT, REFERENCE, RESULTS, choose, cpu_info, read_json
 
-from ddpm.checkpoint import resolve_checkpoint
+from ddpm.checkpoint import GUIDE, resolve_checkpoint
 from ddpm.config import RunConfig, override, preset
 from ddpm.errors import DdpmError
 from ddpm.evaluation.evaluate import evaluate_images
@@ -147,8 +148,11 @@ def load_contender(name: str, run: Path) -> LoadedModel:
 def evaluate_contender(name: str, run: Path, sc: SampleConfig, out: Path) -> dict:
     """Sample, save the grid, evaluate; read back an evaluation of the same weights and settings."""
     model = load_contender(name, run)
-    key = f"bench-eval-{sc.sampler}-{sc.steps}-{sc.clip}-n{sc.n}-seed{sc.seed}.json"
-    grid = out / f"quality-{name}.png"
+    if sc.autoguidance and not (run / GUIDE / "meta.json").is_file():
+        sc = dataclasses.replace(sc, autoguidance=0.0)  # no guiding model kept (seed presets): plain
+    ag = f"-ag{sc.autoguidance:g}" if sc.autoguidance else ""
+    key = f"bench-eval-{sc.sampler}-{sc.steps}-{sc.clip}-n{sc.n}-seed{sc.seed}{ag}.json"
+    grid = out / f"quality-{name}{ag}.png"
     cached = read_json(run / key)
     if cached is not None and cached.get("train_step") == model.step and grid.is_file():
         print(f"[{name}] evaluation read back from {run / key}", flush=True)
@@ -162,7 +166,7 @@ def evaluate_contender(name: str, run: Path, sc: SampleConfig, out: Path) -> dic
     rep = dataclasses.replace(rep, sampler=sc.sampler, steps=s.steps, nfe=s.nfe, source=str(model.source))
     print(f"[{name}] {rep.summary()}", flush=True)
     result = {"train_step": model.step, "sample_seconds": round(sample_s, 1), "grid": str(grid),
-              **rep.to_dict()}
+              "autoguidance": sc.autoguidance, **rep.to_dict()}
     _write_json(run / key, result)
     return result
 
@@ -190,6 +194,7 @@ def contender_row(name: str, mark: dict, ev: dict) -> dict:
         "class_entropy_bits": ev["class_entropy_bits"],
         "class_histogram": ev["class_histogram"],
         "nfe": ev["nfe"],
+        "autoguidance": ev.get("autoguidance", 0.0),
         "sample_seconds": ev["sample_seconds"],
         "grid": ev["grid"],
     }
@@ -225,12 +230,17 @@ def main() -> None:
                          "then evaluate them all with --only '')")
     ap.add_argument("--out", type=Path, default=OUT, help="run folders and grids (default bench/out)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of quality.json (default bench/results)")
+    ap.add_argument("--name", default="quality", help="the JSON's name in --results (default quality)")
+    ap.add_argument("--autoguidance", type=float, default=0.0,
+                    help="sample with autoguidance W, each run guided by its own RUN/guide (runs without one: "
+                         "plain); default 0")
     a = ap.parse_args()
     names = choose(a.only, CONTENDERS, "contender")
     torch.set_num_threads(a.threads)
     runs = a.out / "quality-runs"
     runs.mkdir(parents=True, exist_ok=True)
-    sc = SampleConfig(sampler=a.sampler, steps=a.steps, n=a.n, batch_size=a.batch_size, seed=a.seed, clip="clip")
+    sc = SampleConfig(sampler=a.sampler, steps=a.steps, n=a.n, batch_size=a.batch_size, seed=a.seed, clip="clip",
+                      autoguidance=a.autoguidance)
     t_start, load_start = time.perf_counter(), os.getloadavg()
 
     for name in names:  # all training first: its wall clock is the budget; sampling time is not
@@ -269,14 +279,15 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "wall_s_this_invocation": round(time.perf_counter() - t_start, 1), **cpu_info()},
         "budget_minutes": a.minutes,
-        "sampling": {"sampler": a.sampler, "steps": a.steps, "nfe": next(iter(rows.values()))["nfe"] if rows else None,
-                     "clip": "clip", "n": a.n, "seed": a.seed,
-                     "note": "the same sampler, steps and seed for every contender"},
+        "sampling": {"sampler": a.sampler, "steps": a.steps, "nfe": {k: r["nfe"] for k, r in rows.items()},
+                     "clip": "clip", "n": a.n, "seed": a.seed, "autoguidance": a.autoguidance,
+                     "note": "the same sampler, steps and seed for every contender; autoguidance only for runs "
+                             "that kept a guiding model (RUN/guide)"},
         "contenders": rows,
         "ratios": ratios,
     }
     a.results.mkdir(parents=True, exist_ok=True)
-    path = a.results / "quality.json"
+    path = a.results / f"{a.name}.json"
     _write_json(path, result)
     print(markdown(rows))
     print(json.dumps(ratios, indent=2))

@@ -54,3 +54,18 @@ def test_a_real_path_wins_over_the_name(tmp_path: Path, monkeypatch: pytest.Monk
 def test_ui_lists_the_shipped_model_when_there_is_nothing_else(tmp_path: Path) -> None:
     assert [r.path for r in RunIndex([], tmp_path / "none").runs()] == [SHIPPED.resolve()]
     assert [r.path for r in RunIndex(["fashion-mnist"], None).runs()] == [SHIPPED.resolve()]
+
+
+def test_distill_takes_the_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddpm.training.distill as distill_mod
+
+    seen = []
+
+    def fake_distill(d, out, **kw):  # the training itself is tested in test_distill.py
+        seen.append(d)
+        raise distill_mod.DdpmError("stopped here")
+
+    monkeypatch.setattr(distill_mod, "distill", fake_distill)
+    monkeypatch.chdir(tmp_path)
+    assert main(["distill", "fashion-mnist", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
+    assert [Path(d.teacher) for d in seen] == [SHIPPED]

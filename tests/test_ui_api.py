@@ -135,6 +135,9 @@ def test_cancel_stops_the_thread(client: TestClient, monkeypatch: pytest.MonkeyP
     ({"eta": 3.0}, 400, "eta"),
     ({"seed": "x"}, 400, "seed"),
     ({"bogus": 1}, 400, "unknown parameter"),
+    ({"guiding_model": "/etc"}, 400, "unknown parameter"),  # the page guides with RUN/guide only
+    ({"autoguidance": 1}, 400, "no guiding model"),
+    ({"autoguidance": -1}, 400, "autoguidance"),
     ({"classes": "sneaker"}, 400, "conditional"),
     ({"run": "nope"}, 404, "no run"),
     ({"run": "../tiny"}, 404, "no run"),

@@ -189,3 +189,25 @@ def test_a_student_samples_as_it_was_trained(page: Any) -> None:
     assert pg.evaluate("state.frames.length") == 2
     assert "2 network evaluations" in pg.inner_text("#sample-status")
     assert pg.errors[errors_before:] == [], pg.errors
+
+
+def test_autoguidance_where_the_run_kept_a_guide(page: Any) -> None:
+    """A run with RUN/guide shows the autoguidance field, and sampling with it costs one more
+    pass per step; a run without one hides it."""
+    pg = page
+    shutil.copytree(pg.runs_root / "tiny", pg.runs_root / "guided")
+    latest = (pg.runs_root / "tiny" / "latest").read_text().strip()
+    shutil.copytree(pg.runs_root / "tiny" / "checkpoints" / latest, pg.runs_root / "guided" / "guide")
+    errors_before = len(pg.errors)
+    pg.reload()
+    pg.wait_for_function("[...document.querySelector('#run').options].some(o => o.value === 'guided')")
+    pg.select_option("#run", "tiny")
+    assert pg.eval_on_selector("#sample-form .ag", "e => e.hidden")
+    pg.select_option("#run", "guided")
+    assert not pg.eval_on_selector("#sample-form .ag", "e => e.hidden")
+    pg.click("nav button[data-tab=sample]")
+    set_form(pg, "#sample-form", sampler="ddim", steps=3, n=4, autoguidance=1)
+    pg.click("#sample-go")
+    pg.wait_for_function("window.ddpmTimings.done !== undefined")
+    assert "6 network evaluations" in pg.inner_text("#sample-status")
+    assert pg.errors[errors_before:] == [], pg.errors

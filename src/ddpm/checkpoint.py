@@ -81,28 +81,48 @@ def save_checkpoint(run_dir: Path, *, config: RunConfig, step: int, model: dict[
     ``latest`` untouched; a failure raises a one-line DdpmError naming the last good checkpoint.
     """
     final = checkpoint_path(run_dir, step)
-    ck_root = final.parent
     try:
-        blobs = _serialise(config, step, model, ema, state)
-        ck_root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(ck_root)
-        tmp = ck_root / f".step-{step:08d}.tmp{os.getpid()}"
-        tmp.mkdir()
-        try:
-            for name, data in blobs.items():  # meta.json, with every checksum, comes last
-                write_new(tmp / name, data)
-            fsync_dir(tmp)
-            _replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(ck_root)  # the rename survives a power cut before `latest` names it
+        _write_folder(final, _serialise(config, step, model, ema, state))
         atomic_write_text(run_dir / LATEST, final.name + "\n")
     except (OSError, RuntimeError, SafetensorError) as e:  # serialisers raise their own types
         raise DdpmError(f"cannot write checkpoint {final}: {reason(e)}; "
                         f"the last good checkpoint is {last_good_checkpoint(run_dir)}") from None
-    _prune(ck_root, keep, final)
+    _prune(final.parent, keep, final)
     return final
+
+
+GUIDE = "guide"  # RUN/guide: the guiding model that training keeps for autoguidance (train.guide_at)
+
+
+def save_snapshot(folder: Path, *, config: RunConfig, step: int, model: dict[str, torch.Tensor],
+                  ema: dict[str, torch.Tensor] | None) -> Path:
+    """A checkpoint folder outside ``checkpoints/`` (e.g. ``RUN/guide``, autoguidance's guiding
+    model): the same files, written as atomically, but never named by ``latest`` nor pruned,
+    and with no optimiser state (it is not a place to resume from)."""
+    try:
+        _write_folder(folder, _serialise(config, step, model, ema, {"step": step}))
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise DdpmError(f"cannot write {folder}: {reason(e)}") from None
+    return folder
+
+
+def _write_folder(final: Path, blobs: dict[str, bytes]) -> None:
+    """Write ``blobs`` as the files of folder ``final``, all or nothing: into a hidden temporary
+    folder beside it, then one rename."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root, ".step-" if STEP_NAME.fullmatch(final.name) else f".{final.name}.")
+    tmp = root / f".{final.name}.tmp{os.getpid()}"
+    tmp.mkdir()
+    try:
+        for name, data in blobs.items():  # meta.json, with every checksum, comes last
+            write_new(tmp / name, data)
+        fsync_dir(tmp)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(root)  # the rename survives a power cut before `latest` names it
 
 
 def _serialise(config: RunConfig, step: int, model: dict[str, torch.Tensor],
@@ -134,9 +154,9 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_stale_temporaries(ck_root: Path) -> None:
+def _remove_stale_temporaries(ck_root: Path, prefix: str = ".step-") -> None:
     """Half-written checkpoints of a killed process (their names start with a dot)."""
-    for p in ck_root.glob(".step-*"):
+    for p in ck_root.glob(prefix + "*"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -110,7 +110,9 @@ def _guidance_fields(args: argparse.Namespace, sweep: bool = False) -> dict[str,
         except ValueError:
             raise DdpmError(f"--guidance-interval must be LO,HI (noise levels sigma), got "
                             f"{args.guidance_interval!r}") from None
-    return {"classes": args.classes, "guidance": ws[0], "guidance_interval": iv}
+    return {"classes": args.classes, "guidance": ws[0], "guidance_interval": iv,  # checked in check_guidance
+            "autoguidance": 0.0 if args.autoguidance is None else args.autoguidance,
+            "guiding_model": args.guiding_model}
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -195,12 +197,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from .sampling.pretrained import resolve_run
     from .training.distill import DEFAULT_STEPS, DistillConfig, distill
 
     if args.target_decay is not None and args.method != "consistency":
         raise DdpmError(f"--target-decay applies to --method consistency only; {args.method} would ignore it")
     decay = {} if args.target_decay is None else {"target_decay": args.target_decay}
-    d = DistillConfig(args.teacher, method=args.method, teacher_steps=args.teacher_steps,
+    d = DistillConfig(str(resolve_run(args.teacher)), method=args.method, teacher_steps=args.teacher_steps,
                       student_steps=args.student_steps,
                       steps_per_round=(args.steps_per_round if args.steps_per_round is not None
                                        else DEFAULT_STEPS.get(args.method, DEFAULT_STEPS["progressive"])),
@@ -538,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     di = sub.add_parser("distill", help="a student run that samples in 1-4 steps what its teacher drew in many: "
                         "progressive (Salimans & Ho 2022) or consistency (Song et al. 2023) distillation")
-    di.add_argument("teacher", help="the teacher's run or checkpoint folder")
+    di.add_argument("teacher", help="the teacher's run or checkpoint folder, or a shipped model's name "
+                    "(fashion-mnist)")
     di.add_argument("--out", required=True, help="the student's run folder")
     di.add_argument("--method", default="progressive",
                     help="progressive (default): DDIM steps halved round by round; consistency: the end of the "
@@ -621,6 +625,13 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     g.add_argument("--guidance-interval", metavar="LO,HI",
                    help="guide only where the noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is "
                         "in [LO, HI] (sigma units, as EDM; not t), Kynkaanniemi et al. 2024")
+    a = s.add_argument_group("autoguidance (any model)")
+    a.add_argument("--autoguidance", type=float, metavar="W",
+                   help="guide away from a weaker model of the same kind (Karras et al. 2024): out = out + "
+                        "w (out - out_guide); their guidance weight is 1 + w; costs one more pass per step")
+    a.add_argument("--guiding-model", metavar="PATH",
+                   help="the weaker model: a run or checkpoint folder (default: RUN/guide, which training "
+                        "keeps at --guide-at of its budget; the fast presets do)")
     s.add_argument("--steps", type=int, help=f"sampling steps (default: the sampler's own: {own('default_steps')})")
     s.add_argument("--spacing", default=None,
                    help=f"{' | '.join(SPACINGS)} (default: the sampler's own: {own('default_spacing')})")

@@ -115,6 +115,8 @@ class TrainConfig:
     precision: Precision = _f("fp32", "fp32 (exact) | bf16 (autocast; pays only where native) | fp16 (CUDA) | auto")
     tf32: bool = _f(True, "CUDA: TF32 matrix products and convolutions in fp32")
     cond_drop: float = _f(0.1, "conditional runs: P(label -> null class), Ho & Salimans 2022's p_uncond")
+    guide_at: float = _f(0.0, "keep the EMA weights at this fraction of the budget in RUN/guide: the guiding "
+                              "model of --autoguidance (Karras et al. 2024); 0: none")
 
 
 Clip = Literal["none", "clip", "dynamic"]  # x0 clipping while sampling (core.diffusion.interpret)
@@ -147,6 +149,10 @@ class SampleConfig:
     guidance_interval: tuple[float, ...] | None = _f(
         None, "LO,HI: guide only where the noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) "
               "is in [LO, HI] (Kynkaanniemi et al. 2024; EDM's sigma units, not t)")
+    autoguidance: float = _f(0.0, "autoguidance w >= 0 (Karras et al. 2024): out = out + w (out - out_guide), the guide "
+                                  "a weaker model of the same kind (RUN/guide, kept by training's guide_at); "
+                                  "works unconditionally; 0: off")
+    guiding_model: str | None = _f(None, "autoguidance's guiding model: a run or checkpoint folder (default RUN/guide)")
 
 
 def check_sample_config(cfg: SampleConfig) -> None:
@@ -236,7 +242,7 @@ def _fast() -> RunConfig:
                                   loss_weighting="min_snr"),
         train=TrainConfig(batch_size=32, lr=4e-3, lr_schedule="cosine", warmup_steps=100,
                           epochs=None, minutes=5, ema_decay=0.999, sample_every=0,
-                          checkpoint_every=500, precision="auto"),
+                          checkpoint_every=500, precision="auto", guide_at=0.2),
         preset="fast",
     )
 

@@ -111,6 +111,10 @@ class Denoiser:
     them guides eps the same way, and clipping acts on the guided x0. With learned variances
     the mean channels are guided and the conditional variance is kept. Conditional and null
     predictions come from one batched forward pass; w = 0 skips the null pass entirely.
+
+    Autoguidance (Karras et al. 2024; :meth:`autoguided`) guides away from a weaker network of
+    the same kind instead of the null class, so it needs no labels: ``out + w (out_c - out_guide)``,
+    added to classifier-free guidance's term when both are on.
     """
 
     def __init__(self, net: Network, schedule: NoiseSchedule, *, objective: str = "eps",
@@ -122,6 +126,9 @@ class Denoiser:
         self.guidance = 0.0
         self.guide_mask: torch.Tensor | None = None  # (T,) bool: guide at these t (None: all)
         self.null_passes = 0  # calls that also ran the null class: each costs one more evaluation per image
+        self.guide_net: Network | None = None  # autoguidance's guiding (weaker) network
+        self.autoguidance = 0.0
+        self.guide_passes = 0  # calls that also ran the guiding network: one more evaluation per image each
 
     def conditioned(self, cond: torch.Tensor | None, guidance: float = 0.0,
                     interval: tuple[float, float] | None = None) -> Denoiser:
@@ -131,35 +138,59 @@ class Denoiser:
         if cond is not None and self.num_classes == 0:
             raise ValueError("class labels need a class-conditional network (num_classes > 0)")
         d = copy.copy(self)
-        d.cond, d.guidance, d.guide_mask, d.null_passes = cond, float(guidance), None, 0
+        d.cond, d.guidance, d.guide_mask, d.null_passes, d.guide_passes = cond, float(guidance), None, 0, 0
         if interval is not None:
             ab = self.schedule.alpha_bar
             sigma = ((1 - ab) / ab).sqrt()
             d.guide_mask = (sigma >= interval[0]) & (sigma <= interval[1])
         return d
 
+    def autoguided(self, guide_net: Network | None, w: float) -> Denoiser:
+        """A copy guided by a weaker network of the same kind (Karras et al. 2024, Eq. 2 with
+        their w = 1 + ours): ``out = out + w (out - out_guide)`` on the raw output, the guide
+        seeing the same x_t, t and class. Composes with classifier-free guidance (both terms
+        are added); works for unconditional networks too. w = 0 (or no net) is off."""
+        d = copy.copy(self)
+        d.guide_net, d.autoguidance, d.guide_passes = (guide_net, float(w), 0) if guide_net is not None and w \
+            else (None, 0.0, 0)
+        return d
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
         step = self.schedule.timesteps[t]
         if self.cond is None:
-            out = self.net(x_t, step)
+            out = out_c = self.net(x_t, step).float()
         elif self.guidance == 0 or (self.guide_mask is not None and not bool(self.guide_mask[t].any())):
-            out = self.net(x_t, step, self.cond)
+            out = out_c = self.net(x_t, step, self.cond).float()
         else:
-            out = self._guided(x_t, t, step)
-        return interpret(self.schedule, out.float(), x_t, t, objective=self.objective,
+            out, out_c = self._guided(x_t, t, step)
+        if self.guide_net is not None:
+            out = self._autoguided(out, out_c, x_t, step)
+        return interpret(self.schedule, out, x_t, t, objective=self.objective,
                          learn_sigma=self.learn_sigma, clip=self.clip)
 
-    def _guided(self, x_t: torch.Tensor, t: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """Ho & Salimans Eq. 6 on the raw output, both passes in one batch of 2B."""
+    def _mean_channels(self, out: torch.Tensor) -> int:
+        return out.shape[1] // 2 if self.learn_sigma else out.shape[1]  # guidance moves the mean only
+
+    def _guided(self, x_t: torch.Tensor, t: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ho & Salimans Eq. 6 on the raw output, both passes in one batch of 2B; (guided, conditional)."""
         null = torch.full_like(self.cond, self.num_classes)
         self.null_passes += 1
         both = self.net(torch.cat([x_t, x_t]), torch.cat([step, step]), torch.cat([self.cond, null]))
         out_c, out_u = both.float().chunk(2)
-        c = out_c.shape[1] // 2 if self.learn_sigma else out_c.shape[1]  # guide the mean only
+        c = self._mean_channels(out_c)
         mean = out_c[:, :c] + self.guidance * (out_c[:, :c] - out_u[:, :c])
         if self.guide_mask is not None:  # outside the interval: the plain conditional output
             mean = torch.where(extract(self.guide_mask, t, x_t.ndim, torch.bool), mean, out_c[:, :c])
-        return torch.cat([mean, out_c[:, c:]], dim=1) if self.learn_sigma else mean
+        return (torch.cat([mean, out_c[:, c:]], dim=1) if self.learn_sigma else mean), out_c
+
+    def _autoguided(self, out: torch.Tensor, out_c: torch.Tensor, x_t: torch.Tensor,
+                    step: torch.Tensor) -> torch.Tensor:
+        """``out + w (out_c - out_guide)``: out_c is the guided network's own (conditional) output."""
+        self.guide_passes += 1
+        bad = (self.guide_net(x_t, step) if self.cond is None else self.guide_net(x_t, step, self.cond)).float()
+        c = self._mean_channels(out)
+        mean = out[:, :c] + self.autoguidance * (out_c[:, :c] - bad[:, :c])
+        return torch.cat([mean, out[:, c:]], dim=1) if self.learn_sigma else mean
 
 
 class Posterior(NamedTuple):

@@ -206,6 +206,7 @@ class _Request:
         self.device = model.schedule.alpha_bar.device
         self.timesteps = grid(cfg.sampler, model.schedule.T, self.steps, cfg.spacing)
         self.denoiser = model.denoiser(cfg.clip, cfg.precision)
+        self.guide = model.guide(cfg.guiding_model, cfg.precision) if cfg.autoguidance else None
 
     def batches(self):
         """(start, x0 in [-1, 1] on the device, per-image generators, the run for this batch)."""
@@ -214,6 +215,7 @@ class _Request:
             b = min(cfg.batch_size, len(self.images) - start)
             den = self.denoiser if self.labels is None else self.denoiser.conditioned(
                 self.labels[start:start + b].to(self.device), cfg.guidance, cfg.guidance_interval)
+            den = den.autoguided(self.guide, cfg.autoguidance)
             gens = ImageGenerators.for_images(cfg.seed, start, b, self.device)  # image i: (seed, i) only
             run = _Run(get_sampler(cfg.sampler), den, self.timesteps, SamplerOptions(cfg.eta, cfg.variance), gens, None)
             yield start, to_model_range(self.images[start:start + b].to(self.device)), gens, run
@@ -261,7 +263,7 @@ def inpaint(model: LoadedModel, image: torch.Tensor, mask: torch.Tensor, cfg: Sa
         run.on_step = req.hook(start, steps, on_step, record_fn)
         x = repaint(run, model.schedule, gens.randn(x0.shape, device=req.device), repaint_cfg, gens)
         out.append(torch.where(m.cpu(), req.images[start:start + len(x0)], from_model_range(x).cpu()))
-        nfe = run.denoiser.calls
+        nfe = run.denoiser.calls + _extra_passes(run.denoiser.inner)
     return req.samples(out, nfe, req.steps, frames)
 
 
@@ -278,7 +280,7 @@ def edit(model: LoadedModel, image: torch.Tensor, strength: float, cfg: SampleCo
     t0 = strength_timestep(strength, model.schedule.T)
     req = _Request(model, cfg, image)
     sub = sdedit_grid(req.timesteps, t0)
-    out, frames = [], []
+    out, frames, extra = [], [], 0
     for start, x0, gens, run in req.batches():
         x_t0 = q_sample(model.schedule, x0, t_batch(t0, x0), gens.randn(x0.shape, device=req.device))
         record_fn = None
@@ -288,7 +290,13 @@ def edit(model: LoadedModel, image: torch.Tensor, strength: float, cfg: SampleCo
         hook = req.hook(start, len(sub), on_step, record_fn)
         x = run.spec.fn(run.denoiser, x_t0, sub, options=run.options, generator=gens, on_step=hook)
         out.append(from_model_range(x).cpu())
-    return req.samples(out, run.spec.nfe(model.schedule.alpha_bar, sub), len(sub), frames)
+        extra = _extra_passes(run.denoiser)  # the same in every batch
+    return req.samples(out, run.spec.nfe(model.schedule.alpha_bar, sub) + extra, len(sub), frames)
+
+
+def _extra_passes(den: Denoiser) -> int:
+    """Evaluations beyond one per call: classifier-free guidance's null class, autoguidance's guide."""
+    return den.null_passes + den.guide_passes
 
 
 def comparison_grid(image: torch.Tensor, results: torch.Tensor, mask: torch.Tensor | None = None,

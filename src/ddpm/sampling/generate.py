@@ -8,7 +8,7 @@ from typing import Callable, Literal, NamedTuple
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint, load_into
+from ..checkpoint import GUIDE, load_checkpoint, load_into
 from ..config import RunConfig, SampleConfig, check_sample_config as check_config
 from ..data.readers import from_model_range
 from ..core.diffusion import Denoiser
@@ -34,6 +34,7 @@ class LoadedModel:
     config: RunConfig
     step: int
     source: Path
+    _guides: dict = field(default_factory=dict, repr=False)  # guiding networks loaded, by folder
 
     def denoiser(self, clip: str = "none", precision: str = "fp32") -> Denoiser:
         d = self.config.diffusion
@@ -42,6 +43,23 @@ class LoadedModel:
         return Denoiser(net, self.schedule, objective=d.objective,
                         learn_sigma=self.config.model.learn_sigma, clip=clip,
                         num_classes=self.config.model.num_classes)
+
+    def guide(self, path: str | Path | None = None, precision: str = "fp32") -> torch.nn.Module:
+        """Autoguidance's guiding network: ``path`` (a run or checkpoint folder), else the one
+        training kept beside this checkpoint (RUN/guide); loaded once, checked to be of the
+        same kind (image shape, schedule, objective, outputs, classes)."""
+        where = Path(path) if path is not None else self.source.parent.parent / GUIDE
+        if path is None and not (where / "meta.json").is_file():
+            raise DdpmError(f"{self.source.parent.parent} has no guiding model ({GUIDE}/, kept by training with "
+                            "--guide-at, which the fast presets set): pass --guiding-model PATH, e.g. an earlier "
+                            "checkpoint of the same run")
+        key = (str(where.resolve()) if where.exists() else str(where), precision)
+        if self._guides.get(key) is None:
+            guide = load_model(where, device=self.schedule.alpha_bar.device)
+            check_guide(self.config, guide.config, where)
+            dev = self.schedule.alpha_bar.device
+            self._guides[key] = under_autocast(guide.net, dev, autocast_dtype(precision, dev))
+        return self._guides[key]
 
     def run_folder(self) -> Path:
         """Where commands write beside this model: its run folder (``runs/NAME`` for a shipped one)."""
@@ -59,6 +77,22 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", use_ema:
     if ck.config.train.channels_last:  # the layout it trained in: 1.2x faster convolutions (BENCHMARKS.md)
         net = net.to(memory_format=torch.channels_last)
     return LoadedModel(net, make_schedule(ck.config).to(dev), ck.config, ck.step, ck.path)
+
+
+def check_guide(config: RunConfig, guide: RunConfig, where: Path) -> None:
+    """A guiding model must read and write what the guided one does, step for step."""
+    m, g = config, guide
+    pairs = {"image size": (m.data.image_size, g.data.image_size), "channels": (m.model.channels, g.model.channels),
+             "timesteps": (m.diffusion.timesteps, g.diffusion.timesteps),
+             "schedule": (m.diffusion.schedule, g.diffusion.schedule),
+             "objective": (m.diffusion.objective, g.diffusion.objective),
+             "learned variances": (m.model.learn_sigma, g.model.learn_sigma),
+             "classes": (m.model.num_classes, g.model.num_classes)}
+    if m.diffusion.schedule == "linear" or g.diffusion.schedule == "linear":
+        pairs["beta range"] = ((m.diffusion.beta_start, m.diffusion.beta_end), (g.diffusion.beta_start, g.diffusion.beta_end))
+    bad = [f"{k} {a} vs {b}" for k, (a, b) in pairs.items() if a != b]
+    if bad:
+        raise DdpmError(f"the guiding model {where} is not of the same kind as the model it guides: {'; '.join(bad)}")
 
 
 @dataclass
@@ -90,6 +124,8 @@ def check_sample_config(model: LoadedModel, cfg: SampleConfig) -> int:
     check_options(cfg.sampler, SamplerOptions(cfg.eta, cfg.variance), model.config.model.learn_sigma)
     autocast_dtype(cfg.precision, model.schedule.alpha_bar.device)  # e.g. fp16 without CUDA
     check_guidance(cfg, model.config)
+    if cfg.autoguidance:
+        model.guide(cfg.guiding_model, cfg.precision)  # found and of the same kind, or one line
     return steps
 
 
@@ -114,6 +150,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
     out, recorded, null_passes = [], [], 0
     every = max(1, steps // max_frames)
     denoiser = model.denoiser(cfg.clip, cfg.precision)
+    guide = model.guide(cfg.guiding_model, cfg.precision) if cfg.autoguidance else None
     bar = StepBar(-(-n // cfg.batch_size) * steps, f"{cfg.sampler}, {steps} steps", progress) if progress else None
     on_step = chain_hooks(bar, on_step)  # the bar is one more consumer of the steps
     for start in range(0, n, cfg.batch_size):
@@ -122,6 +159,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
         x_T = gen.randn((b, *shape), device=dev)
         den = denoiser if labels is None else denoiser.conditioned(
             labels[start:start + b].to(dev), cfg.guidance, cfg.guidance_interval)
+        den = den.autoguided(guide, cfg.autoguidance)
         record = None
         if frames != "none" and start == 0:
             record = _recorder(recorded, frames, frame_index, every, steps)
@@ -130,7 +168,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
         x = spec.fn(den, x_T, timesteps, options=SamplerOptions(cfg.eta, cfg.variance),
                     generator=gen, on_step=hooked)
         out.append(from_model_range(x).cpu())
-        null_passes = getattr(den, "null_passes", 0)  # the same in every batch: the grid decides
+        null_passes = den.null_passes + den.guide_passes  # the same in every batch: the grid decides
     nfe = spec.nfe(model.schedule.alpha_bar, timesteps) + null_passes  # a guided step is two evaluations
     return Samples(torch.cat(out), nfe, steps, recorded,
                    describe(autocast_dtype(cfg.precision, dev)), labels,

@@ -1,4 +1,5 @@
-"""Which classes to draw, and the checks of a guided request (classifier-free guidance).
+"""Which classes to draw, and the checks of a guided request (classifier-free guidance and
+autoguidance).
 
 The guidance itself lives in :class:`ddpm.core.diffusion.Denoiser` (``conditioned``); here are
 the names: a class is asked for by name (case and punctuation ignored, "sneaker", "ankle-boot",
@@ -60,6 +61,11 @@ def class_labels(classes: tuple[int, ...], n: int) -> torch.Tensor:
 
 def check_guidance(cfg: SampleConfig, config: RunConfig) -> None:
     """One-line errors for guidance settings that cannot work with this model."""
+    ag = cfg.autoguidance
+    if not (isinstance(ag, (int, float)) and math.isfinite(ag) and ag >= 0):
+        raise DdpmError(f"--autoguidance must be a finite number >= 0 (0: off), got {ag}")
+    if cfg.guiding_model is not None and not ag:
+        raise DdpmError("--guiding-model needs --autoguidance W (how strongly to guide away from it)")
     w = cfg.guidance
     if not (math.isfinite(w) and w >= 0):
         raise DdpmError(f"--guidance must be a finite number >= 0 (0: the plain conditional model), got {w}")

@@ -250,7 +250,8 @@ def student_config(teacher: RunConfig, d: DistillConfig) -> RunConfig:
     ema = d.target_decay if d.method == "consistency" else 0.0
     tc = replace(teacher.train, lr=d.lr, lr_schedule="constant", warmup_steps=0, epochs=None, minutes=None,
                  max_steps=d.rounds * d.steps_per_round, ema_decay=ema, ema_warmup=False, sample_every=0,
-                 checkpoint_every=d.steps_per_round, batch_size=d.batch_size or teacher.train.batch_size)
+                 checkpoint_every=d.steps_per_round, batch_size=d.batch_size or teacher.train.batch_size,
+                 guide_at=0.0)
     return replace(teacher, train=tc, preset="distilled")
 
 

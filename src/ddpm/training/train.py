@@ -22,8 +22,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..checkpoint import (Checkpoint, checkpoint_path, last_good_checkpoint, load_checkpoint, load_into,
-                         save_checkpoint)
+from ..checkpoint import (GUIDE, Checkpoint, checkpoint_path, last_good_checkpoint, load_checkpoint, load_into,
+                         save_checkpoint, save_snapshot)
 from ..files import atomic_write_text, shorten
 from ..config import RunConfig, check_model_config, check_seed
 from ..data.readers import Batches, to_model_range
@@ -163,6 +163,8 @@ def _validate_train(cfg: RunConfig) -> None:
             raise DdpmError(f"{_flag(name)} must be at least {least}, got {getattr(tc, name)}")
     if tc.epochs is None and tc.max_steps is None and tc.minutes is None:
         raise DdpmError("no budget: give --epochs, --max-steps or --minutes")
+    if not (math.isfinite(tc.guide_at) and 0 <= tc.guide_at < 1):
+        raise DdpmError(f"--guide-at must be in [0, 1) (a fraction of the budget; 0: none), got {tc.guide_at}")
 
 
 def _validate_diffusion(cfg: RunConfig) -> None:
@@ -284,6 +286,7 @@ class Trainer:
         # fp16's narrow range needs the loss scaled up (and the gradients back down); bf16 does not
         self.scaler = torch.amp.GradScaler(device.type) if self.amp is torch.float16 else None
         self.lr_horizon = self.horizon  # for the cosine: with a time budget, re-estimated as it runs
+        self.guide_kept = False  # RUN/guide written (train.guide_at); checked on disk when due
         self.lr_fn = lr_lambda(cfg, lambda: self.lr_horizon)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_fn)
 
@@ -373,6 +376,22 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.json", self.cfg.to_json())
             self.config_pending = False
         return ck
+
+    def guide_due(self) -> bool:
+        """Whether this step crossed ``guide_at`` of the budget with no guiding model kept yet
+        (a time budget: of the step count it is estimated to reach)."""
+        horizon = self.horizon if self.horizon is not None else self.lr_horizon
+        if self.guide_kept or horizon is None or self.step < self.cfg.train.guide_at * horizon:
+            return False
+        self.guide_kept = (self.run_dir / GUIDE / "meta.json").is_file()  # a resumed run keeps its first
+        return not self.guide_kept
+
+    def save_guide(self) -> None:
+        """Keep the EMA weights (the raw ones without EMA) as RUN/guide, autoguidance's guiding model."""
+        self.guide_kept = True
+        if self.dist.main:
+            weights = self.ema.model.state_dict() if self.ema is not None else self.model.state_dict()
+            save_snapshot(self.run_dir / GUIDE, config=self.cfg, step=self.step, model=weights, ema=None)
 
     def restore(self, ck: Checkpoint) -> None:
         """Continue from a checkpoint loaded with its training state."""
@@ -701,6 +720,8 @@ def _after_step(tr: Trainer, out: StepOut, win: _Window, log: JsonLog, tb: Tenso
     if tc.sample_every and tr.step % tc.sample_every == 0 and tr.dist.main:
         images = periodic_samples(tr, tr.run_dir / "samples" / f"step-{tr.step:08d}.png", tc.sample_n)
         tb.image(make_grid(images), tr.step)
+    if tc.guide_at and tr.guide_due():
+        tr.save_guide()
     if tc.checkpoint_every and tr.step % tc.checkpoint_every == 0:
         return tr.save()
     return None

@@ -22,6 +22,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..checkpoint import GUIDE
 from ..config import SampleConfig, override
 from ..errors import DdpmError
 from ..samplers import SAMPLERS
@@ -35,7 +36,9 @@ STATIC = Path(__file__).parent / "static"
 MAX_IMAGES = 64  # per request: the page shows one grid
 MAX_UPLOAD = 8 * 1024 * 1024
 # SampleConfig fields the page may set (the rest are the server's: batch size = n, EMA weights)
-PAGE_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig) if f.name not in ("batch_size", "use_ema"))
+# (and no guiding_model path: a page guides only with the run's own RUN/guide, never a path it names)
+PAGE_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig)
+                    if f.name not in ("batch_size", "use_ema", "guiding_model"))
 
 
 class BadRequest(ValueError):
@@ -71,6 +74,7 @@ def _run_summary(run: Run) -> dict[str, Any]:
                  "objective": cfg.diffusion.objective, "learn_sigma": cfg.model.learn_sigma,
                  "num_classes": getattr(cfg.model, "num_classes", 0),
                  "class_names": list(getattr(cfg.data, "class_names", ()))}
+    info["guide"] = (run.path / GUIDE / "meta.json").is_file()  # autoguidance's guiding model, kept by training
     student = _student(run)
     if student is not None:  # the page picks the student's own sampler, steps and grid
         info["student"] = student

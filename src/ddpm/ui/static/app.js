@@ -62,6 +62,8 @@ function onRunChange() {
 }
 
 function setupConditional(r) {
+  const ag = document.querySelector("#sample-form .ag");  // autoguidance: runs that kept a guiding model
+  ag.hidden = !(r && r.guide && state.meta.fields.includes("autoguidance"));
   const f = $("#sample-form"), cond = document.querySelector("#sample-form .cond");
   const ok = r && r.num_classes > 0 && ["classes", "guidance"].every(k => state.meta.fields.includes(k));
   cond.hidden = !ok;
@@ -91,6 +93,7 @@ function sampleParams(form, extra) {
     if (st && p.sampler === st.sampler) Object.assign(p, {spacing: st.spacing, eta: st.eta});
     if (!form.querySelector(".cond").hidden)
       Object.assign(p, {classes: form.classes.value, guidance: num("guidance")});
+    if (!form.querySelector(".ag").hidden) p.autoguidance = num("autoguidance") || 0;
   }
   return p;
 }
