@@ -218,3 +218,20 @@ def test_guide_at_out_of_range(image_dir: Path, tmp_path: Path, capsys: pytest.C
                      "--device", "cpu", "--no-progress"]) == 2
         assert "--guide-at must be in [0, 1)" in capsys.readouterr().err
         assert not (tmp_path / "r").exists()
+
+
+def test_inpaint_and_edit_take_autoguidance(guided_run: Path) -> None:
+    from ddpm.config import SampleConfig
+    from ddpm.sampling.editing import RePaintConfig, edit, inpaint, region_mask
+    from ddpm.sampling.generate import load_model
+
+    model = load_model(guided_run)
+    image = torch.full((1, 8, 8), 128, dtype=torch.uint8)
+    mask = region_mask("right", 8)
+    base = SampleConfig(sampler="ddim", steps=4, n=2)
+    ag = SampleConfig(sampler="ddim", steps=4, n=2, autoguidance=1.0)
+    plain_i, ag_i = (inpaint(model, image, mask, c, RePaintConfig(resample=1)) for c in (base, ag))
+    assert ag_i.nfe == 2 * plain_i.nfe and not torch.equal(plain_i.images, ag_i.images)
+    assert torch.equal(ag_i.images[:, :, :, :4], plain_i.images[:, :, :, :4])  # the kept half is the input's
+    plain_e, ag_e = (edit(model, image, 0.5, c) for c in (base, ag))
+    assert ag_e.nfe == 2 * plain_e.nfe and not torch.equal(plain_e.images, ag_e.images)
