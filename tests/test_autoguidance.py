@@ -235,3 +235,21 @@ def test_inpaint_and_edit_take_autoguidance(guided_run: Path) -> None:
     assert torch.equal(ag_i.images[:, :, :, :4], plain_i.images[:, :, :, :4])  # the kept half is the input's
     plain_e, ag_e = (edit(model, image, 0.5, c) for c in (base, ag))
     assert ag_e.nfe == 2 * plain_e.nfe and not torch.equal(plain_e.images, ag_e.images)
+
+
+def test_cli_eval_writes_its_own_report(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from helpers import make_images
+
+    imgs = make_images((tmp_path / "imgs").mkdir() or tmp_path / "imgs", n=8, size=28)
+    cfg = tiny_config(imgs, max_steps=4, guide_at=0.5)
+    train(replace(cfg, data=replace(cfg.data, image_size=28)), tmp_path / "r", device="cpu", progress=False,
+          tensorboard=False, log=lambda s: None)
+    ev = tmp_path / "ev"
+    common = ["eval", str(tmp_path / "r"), "--n", "8", "--sampler", "ddim", "--steps", "3", "--reference", str(imgs),
+              "--out", str(ev), "--device", "cpu", "--no-progress"]
+    assert main(common) == 0 and main([*common, "--autoguidance", "1"]) == 0
+    plain, ag = (json.loads((ev / f).read_text()) for f in ("eval-ddim-3.json", "eval-ddim-3-ag1.json"))
+    assert plain["nfe"] == 3 and "autoguidance" not in plain
+    assert ag["nfe"] == 6 and ag["autoguidance"] == 1.0 and ag["guiding_model"].endswith(GUIDE)

@@ -322,9 +322,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = replace(report, **{k: v for k, v in info.items()
                                 if k in ("sampler", "steps", "nfe", "source", "arithmetic")})
     d = report.to_dict() | ({"inception_fid": info["inception_fid"]} if "inception_fid" in info else {})
+    if info.get("autoguidance"):
+        d |= {"autoguidance": info["autoguidance"], "guiding_model": info["guiding_model"]}
     text = json.dumps(d, indent=2)
     print(text)
-    name = report_name(info.get("sampler"), info.get("steps"), info.get("arithmetic", "fp32"))
+    name = report_name(info.get("sampler"), info.get("steps"), info.get("arithmetic", "fp32"),
+                       info.get("autoguidance", 0.0))
     path = Path(args.out) / name if args.out else out / name
     _write_report(path, text + "\n")
     print(f"wrote {path}", file=sys.stderr)
@@ -343,6 +346,7 @@ def _write_report(path: Path, text: str) -> None:
 
 
 def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
+    from .checkpoint import GUIDE
     from .sampling.generate import generate, load_model
 
     from .files import check_writable_dir
@@ -353,7 +357,9 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     s = generate(model, scfg, progress=not args.no_progress)
     info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
-            "arithmetic": s.arithmetic}
+            "arithmetic": s.arithmetic, "autoguidance": scfg.autoguidance,
+            "guiding_model": scfg.guiding_model or (str(model.source.parent.parent / GUIDE)
+                                                    if scfg.autoguidance else None)}
     return s.images, out, info
 
 

@@ -162,11 +162,13 @@ def real_images(n: int, net: FeatureNet, *, reference: str = DEFAULT_REFERENCE, 
     return pool, images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))[:n]]
 
 
-def report_name(sampler: str | None = None, steps: int | None = None, arithmetic: str = "fp32") -> str:
-    """The report's file name: ``eval-SAMPLER-STEPS[-ARITH].json`` for sampled images, else ``eval.json``."""
+def report_name(sampler: str | None = None, steps: int | None = None, arithmetic: str = "fp32",
+                autoguidance: float = 0.0) -> str:
+    """The report's file name: ``eval-SAMPLER-STEPS[-ARITH][-agW].json`` for sampled images, else ``eval.json``."""
     if steps is None:
         return "eval.json"
-    return f"eval-{sampler or 'samples'}-{steps}{'' if arithmetic == 'fp32' else '-' + arithmetic}.json"
+    ag = f"-ag{autoguidance:g}" if autoguidance else ""
+    return f"eval-{sampler or 'samples'}-{steps}{'' if arithmetic == 'fp32' else '-' + arithmetic}{ag}.json"
 
 
 # ---------------------------------------------------------------- the report

@@ -1,0 +1,59 @@
+"""Autoguidance settings on one trained run: FD-FMNIST per (sampler, steps, w, guiding model).
+
+    python bench/autoguidance_sweep.py RUN dpm++2m:20:0 dpm++2m:20:1 dpm++2m:20:1.5 --name NAME
+    python bench/autoguidance_sweep.py RUN dpm++2m:20:1:RUN/checkpoints/step-00000200 ...   # another guide
+
+Each setting is SAMPLER:STEPS:W[:GUIDE] (GUIDE: a run or checkpoint folder; default the run's
+own RUN/guide). All draw the same n images (same seeds) and are scored with ``evaluate_images``
+against the Fashion-MNIST test set, floor at the same n. Writes bench/results/NAME.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from harness import RESULTS, cpu_info
+
+from ddpm.config import SampleConfig
+from ddpm.evaluation.evaluate import evaluate_images
+from ddpm.sampling.generate import generate, load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run")
+    ap.add_argument("settings", nargs="+", help="SAMPLER:STEPS:W[:GUIDE]")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", required=True, help="bench/results/NAME.json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = load_model(a.run)
+    rows = []
+    for spec in a.settings:
+        sampler, steps, w, *guide = spec.split(":", 3)
+        sc = SampleConfig(sampler=sampler, steps=int(steps), n=a.n, batch_size=250, seed=a.seed, clip="clip",
+                          autoguidance=float(w), guiding_model=guide[0] if guide and float(w) else None)
+        t0 = time.perf_counter()
+        s = generate(model, sc)
+        dt = time.perf_counter() - t0
+        rep = evaluate_images(s.images, seed=a.seed)
+        row = {"setting": spec, "sampler": sampler, "steps": int(steps), "autoguidance": float(w),
+               "guiding_model": (guide[0] if guide else "RUN/guide") if float(w) else None, "nfe": s.nfe,
+               "fd_fmnist": round(rep.fd, 3), "fd_floor": round(rep.fd_reference, 3), "kid": round(rep.kid_mean, 4),
+               "precision": round(rep.precision, 3), "recall": round(rep.recall, 3), "sample_seconds": round(dt, 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    out = RESULTS / f"{a.name}.json"
+    out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "run": a.run, "train_step": model.step,
+                               "n": a.n, "seed": a.seed, "machine": {"threads": a.threads, **cpu_info()},
+                               "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
