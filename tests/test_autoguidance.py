@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,7 @@ def test_cli_run_without_guide_and_guide_of_another_kind(image_dir: Path, guided
           log=lambda s: None)
     other = tmp_path / "other"
     cfg = tiny_config(image_dir, max_steps=2)
-    train(cfg.__class__(**{**cfg.__dict__, "diffusion": cfg.diffusion.__class__(timesteps=30)}), other,
+    train(replace(cfg, diffusion=replace(cfg.diffusion, timesteps=30)), other,
           device="cpu", progress=False, tensorboard=False, log=lambda s: None)
     for argv, msg in [
         (["sample", str(plain), "--autoguidance", "1"], "has no guiding model"),
@@ -238,8 +239,6 @@ def test_inpaint_and_edit_take_autoguidance(guided_run: Path) -> None:
 
 
 def test_cli_eval_writes_its_own_report(tmp_path: Path) -> None:
-    from dataclasses import replace
-
     from helpers import make_images
 
     imgs = make_images((tmp_path / "imgs").mkdir() or tmp_path / "imgs", n=8, size=28)

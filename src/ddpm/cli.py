@@ -346,7 +346,6 @@ def _write_report(path: Path, text: str) -> None:
 
 
 def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
-    from .checkpoint import GUIDE
     from .sampling.generate import generate, load_model
 
     from .files import check_writable_dir
@@ -358,8 +357,7 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     s = generate(model, scfg, progress=not args.no_progress)
     info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
             "arithmetic": s.arithmetic, "autoguidance": scfg.autoguidance,
-            "guiding_model": scfg.guiding_model or (str(model.source.parent.parent / GUIDE)
-                                                    if scfg.autoguidance else None)}
+            "guiding_model": str(model.guide_folder(scfg.guiding_model)) if scfg.autoguidance else None}
     return s.images, out, info
 
 

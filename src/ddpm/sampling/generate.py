@@ -44,11 +44,15 @@ class LoadedModel:
                         learn_sigma=self.config.model.learn_sigma, clip=clip,
                         num_classes=self.config.model.num_classes)
 
+    def guide_folder(self, path: str | Path | None = None) -> Path:
+        """Where autoguidance's guiding model is: ``path``, else RUN/guide beside this checkpoint."""
+        return Path(path) if path is not None else self.source.parent.parent / GUIDE
+
     def guide(self, path: str | Path | None = None, precision: str = "fp32") -> torch.nn.Module:
         """Autoguidance's guiding network: ``path`` (a run or checkpoint folder), else the one
         training kept beside this checkpoint (RUN/guide); loaded once, checked to be of the
         same kind (image shape, schedule, objective, outputs, classes)."""
-        where = Path(path) if path is not None else self.source.parent.parent / GUIDE
+        where = self.guide_folder(path)
         if path is None and not (where / "meta.json").is_file():
             raise DdpmError(f"{self.source.parent.parent} has no guiding model ({GUIDE}/, kept by training with "
                             "--guide-at, which the fast presets set): pass --guiding-model PATH, e.g. an earlier "
