@@ -30,9 +30,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", required=True, help="bench/results/NAME.json")
+    ap.add_argument("--raw", action="store_true", help="the run's raw weights, not its EMA (the guide keeps its EMA)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model = load_model(a.run)
+    model = load_model(a.run, use_ema=not a.raw)
     rows = []
     for spec in a.settings:
         sampler, steps, w, *guide = spec.split(":", 3)
@@ -50,6 +51,7 @@ def main() -> None:
         rows.append(row)
     out = RESULTS / f"{a.name}.json"
     out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "run": a.run, "train_step": model.step,
+                               "weights": "raw" if a.raw else "ema",
                                "n": a.n, "seed": a.seed, "machine": {"threads": a.threads, **cpu_info()},
                                "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")

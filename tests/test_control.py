@@ -25,7 +25,7 @@ from ddpm.errors import DdpmError
 from ddpm.evaluation.control import class_agreement
 from ddpm.nn import UNet
 from ddpm.samplers import SAMPLERS, SamplerOptions, sample
-from ddpm.samplers.base import ImageGenerators
+from ddpm.samplers.base import ImageGenerators, _splitmix64, image_seed
 from ddpm.sampling.generate import LoadedModel, generate
 from ddpm.sampling.guidance import class_labels, resolve_classes
 from ddpm.training import train as train_mod
@@ -225,9 +225,10 @@ def test_image_depends_only_on_seed_and_index(name: str, cosine200: NoiseSchedul
     for bs in (1, 3, 8):
         assert torch.equal(generate(model, replace(base, batch_size=bs)).images, ref), (name, bs)
     assert torch.equal(generate(model, replace(base, n=5, batch_size=2)).images, ref[:5])
-    # image i is seed + i: the 4th image alone, from seed 3 + 3
-    assert torch.equal(generate(model, replace(base, n=1, seed=6)).images, ref[3:4])
     assert not torch.equal(ref[0], ref[1])
+    # another seed shares no image (image i is a hash of (seed, i), not seed + i)
+    other = generate(model, replace(base, seed=4)).images
+    assert not any(torch.equal(a, b) for a in other for b in ref)
 
 
 
@@ -246,9 +247,20 @@ def test_image_generators_draw_per_row() -> None:
     g = ImageGenerators.for_images(10, 2, 3)
     x = g.randn((3, 1, 2, 2))
     for i in range(3):
-        assert torch.equal(x[i], torch.randn((1, 2, 2), generator=torch.Generator().manual_seed(12 + i)))
+        want = torch.randn((1, 2, 2), generator=torch.Generator().manual_seed(image_seed(10, 2 + i)))
+        assert torch.equal(x[i], want)
     with pytest.raises(ValueError):
         g.randn((2, 1, 2, 2))
+
+
+def test_image_seeds_are_a_hash_of_seed_and_index() -> None:
+    """SplitMix64's published first outputs, and no two (seed, image) pairs sharing a generator
+    seed: under seed + i, --seed 1 was --seed 0's images shifted by one."""
+    assert _splitmix64(0) == 0xE220A8397B1DCDAF and _splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
+    seeds = [image_seed(s, i) for s in range(64) for i in range(512)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= v < 2**63 for v in seeds)  # torch.Generator.manual_seed takes any of them
+    assert 0 <= image_seed(2**62, 10**7) < 2**63
 
 
 # ---------------------------------------------------------------- classes by name

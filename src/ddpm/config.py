@@ -164,7 +164,7 @@ def check_sample_config(cfg: SampleConfig) -> None:
     check_seed(cfg.seed)
 
 
-MAX_SEED = 2**62  # seeds are offset (seed + 1, per-image seeds) and must stay inside int64
+MAX_SEED = 2**62  # seeds are offset (seed + 1 for training's batches) and must stay inside int64
 MAX_WIDTH = 65_536  # channels of any layer: far above any U-Net in use; beyond, torch fails in C++
 
 

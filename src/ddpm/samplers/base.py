@@ -32,10 +32,29 @@ def t_batch(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """Steele et al.'s SplitMix64 step: a bijection of 64-bit words that scatters nearby inputs."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def image_seed(seed: int, i: int) -> int:
+    """The generator seed of image i of a request seeded ``seed``: a hash of the pair (a
+    non-negative int64). Not ``seed + i``, under which seed 1 would be seed 0's images shifted
+    by one; hashed, nearby seeds and indices give unrelated noise."""
+    return _splitmix64((_splitmix64(seed) + i) & _MASK64) >> 1
+
+
 class ImageGenerators:
     """One ``torch.Generator`` per image (EDM's ``StackedRandomGenerator``): image i of a request
-    draws x_T and all its sampler noise from seed + i alone, so no picture depends on the batch
-    size, on how many images were asked for, or on its neighbours."""
+    draws x_T and all its sampler noise from :func:`image_seed` (seed, i) alone, so no picture
+    depends on the batch size, on how many images were asked for, or on its neighbours, and two
+    seeds share no image."""
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
@@ -43,7 +62,7 @@ class ImageGenerators:
     @classmethod
     def for_images(cls, seed: int, start: int, count: int, device: torch.device | str = "cpu") -> ImageGenerators:
         """Generators of images start .. start + count - 1 of a request seeded with ``seed``."""
-        return cls(range(seed + start, seed + start + count), device)
+        return cls([image_seed(seed, i) for i in range(start, start + count)], device)
 
     def __len__(self) -> int:
         return len(self.generators)

@@ -159,7 +159,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
     on_step = chain_hooks(bar, on_step)  # the bar is one more consumer of the steps
     for start in range(0, n, cfg.batch_size):
         b = min(cfg.batch_size, n - start)
-        gen = ImageGenerators.for_images(cfg.seed, start, b, dev)  # image i: seed + i, whatever the batch
+        gen = ImageGenerators.for_images(cfg.seed, start, b, dev)  # image i: (seed, i) only, whatever the batch
         x_T = gen.randn((b, *shape), device=dev)
         den = denoiser if labels is None else denoiser.conditioned(
             labels[start:start + b].to(dev), cfg.guidance, cfg.guidance_interval)
