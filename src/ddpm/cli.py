@@ -232,7 +232,6 @@ INPAINT_HELP = (
 def _edit_request(args: argparse.Namespace, folder: str) -> tuple[Any, Any, Any, Path]:
     """What inpaint and edit share, all checked before anything is written: the model, the
     sampling config, the input image and the output folder (default RUN/<folder>)."""
-    from .files import check_writable_dir
     from .sampling.editing import load_edit_image
     from .sampling.generate import check_sample_config, load_model
 

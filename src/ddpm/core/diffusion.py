@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..config import CLIPS, Clip, DiffusionConfig
+from ..config import DiffusionConfig
 from .schedules import NoiseSchedule
 
 Network = Callable[..., torch.Tensor]  # (x_t, t[, cond]) -> output; cond (B,) long class labels

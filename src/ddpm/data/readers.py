@@ -18,7 +18,6 @@ from urllib.request import urlopen
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ..errors import DdpmError

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..config import VARIANCES, Variance
+from ..config import CLIPS, VARIANCES, Variance
 from ..data.readers import to_model_range
-from ..core.diffusion import CLIPS, Denoiser, prior_bpd, q_sample, vlb_term
+from ..core.diffusion import Denoiser, prior_bpd, q_sample, vlb_term
 from ..errors import DdpmError
 from ..runtime.progress import bar as progress_bar
 from ..sampling.generate import LoadedModel
