@@ -358,3 +358,21 @@ def test_demo_end_to_end(flag: list[str], labelled: bool, tmp_path: Path) -> Non
         else:
             assert "labels" not in z and len(z["images"]) == 64
     assert (out / "samples" / "grid.png").is_file() and (out / "samples" / "denoising.gif").is_file()
+
+
+@pytest.mark.parametrize("cond", [False, True])
+def test_demo_autoguides_only_with_a_kept_guide(cond: bool, tmp_path: Path) -> None:
+    """The demo samples with its run's own guide when training kept one, and plainly (never an
+    error) when the budget ended first, as in the end-to-end test above."""
+    from ddpm.config import preset
+    from ddpm.demo import DEMO_COND_SAMPLER, DEMO_SAMPLER, demo_sampler
+    from ddpm.sampling.generate import LoadedModel
+
+    run = tmp_path / "run"
+    model = LoadedModel(None, None, preset("fast-cond" if cond else "fast"), 1, run / "checkpoints" / "step-00000001")
+    want = (DEMO_COND_SAMPLER if cond else DEMO_SAMPLER).autoguidance
+    assert demo_sampler(model, cond).autoguidance == 0.0
+    (run / "guide").mkdir(parents=True)
+    (run / "guide" / "meta.json").write_text("{}")
+    assert demo_sampler(model, cond).autoguidance == want
+    assert demo_sampler(model, cond=False).autoguidance > 0  # the unconditional demo is autoguided
