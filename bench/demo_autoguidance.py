@@ -7,7 +7,8 @@ FD-FMNIST (and, conditional, class agreement) per (classifier-free w, autoguidan
 Training is ``ddpm.demo.run_demo`` itself (the preset keeps its guide at 20% of the budget), so
 the steps are the demo's. Every setting draws the same n images (same seeds) with the demo's
 sampler (DPM-Solver++(2M), 20 steps); conditional runs draw every class, n / 10 each. Writes
-bench/results/NAME.json and keeps the run in bench/out/NAME (``--reuse`` scores it again).
+bench/results/NAME.json and keeps the run in bench/out/NAME (``--reuse [RUN]`` scores it, or
+bench/out/RUN, again).
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reuse", action="store_true", help="score bench/out/NAME again, no training")
+    ap.add_argument("--reuse", nargs="?", const="", metavar="RUN",
+                    help="score bench/out/RUN (default NAME) again, no training")
     ap.add_argument("--name", required=True, help="bench/results/NAME.json, run in bench/out/NAME")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    run = OUT / a.name
+    run = OUT / (a.reuse or a.name)
     train_s = None
-    if not a.reuse:
+    if a.reuse is None:
         if run.exists():
             sys.exit(f"{run} exists: pass --reuse to score it, or remove it")
         t0 = time.perf_counter()
