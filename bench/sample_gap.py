@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 
 import torch
-from harness import RESULTS, interleave, median
+from harness import RESULTS, interleave
 from throughput import machine, matmul, our_sampler
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -70,7 +70,6 @@ def split_by_kind(net: nn.Module, x: torch.Tensor, t: torch.Tensor, reps: int) -
     depth = [0]  # attention blocks open
     hooks = []
     for m in net.modules():
-        k = kind(m)
         if isinstance(m, (Attention, LinearAttention)):
             def apre(mod, args):
                 depth[0] += 1
@@ -81,6 +80,7 @@ def split_by_kind(net: nn.Module, x: torch.Tensor, t: torch.Tensor, reps: int) -
                 secs[ATTN] += time.perf_counter() - start.pop(id(mod))
             hooks += [m.register_forward_pre_hook(apre), m.register_forward_hook(apost)]
             continue
+        k = kind(m)
         if k is None:
             continue
 

@@ -94,6 +94,11 @@ def save_checkpoint(run_dir: Path, *, config: RunConfig, step: int, model: dict[
 GUIDE = "guide"  # RUN/guide: the guiding model that training keeps for autoguidance (train.guide_at)
 
 
+def has_guide(run_dir: Path) -> bool:
+    """Whether training kept a guiding model in ``run_dir`` (its meta.json, written last, is there)."""
+    return (Path(run_dir) / GUIDE / "meta.json").is_file()
+
+
 def save_snapshot(folder: Path, *, config: RunConfig, step: int, model: dict[str, torch.Tensor],
                   ema: dict[str, torch.Tensor] | None) -> Path:
     """A checkpoint folder outside ``checkpoints/`` (e.g. ``RUN/guide``, autoguidance's guiding

@@ -31,7 +31,7 @@ def demo_sampler(model, cond: bool) -> SampleConfig:
     """The demo's request for its run: without autoguidance when training ended before it kept
     its guide (a budget of seconds ends before the step count it needs is estimated)."""
     scfg = DEMO_COND_SAMPLER if cond else DEMO_SAMPLER
-    if scfg.autoguidance and not (model.guide_folder() / "meta.json").is_file():
+    if scfg.autoguidance and not model.has_guide():
         return replace(scfg, autoguidance=0.0)
     return scfg
 

@@ -8,7 +8,7 @@ from typing import Callable, Literal, NamedTuple
 import numpy as np
 import torch
 
-from ..checkpoint import GUIDE, load_checkpoint, load_into
+from ..checkpoint import GUIDE, has_guide, load_checkpoint, load_into
 from ..config import RunConfig, SampleConfig, check_sample_config as check_config
 from ..data.readers import from_model_range
 from ..core.diffusion import Denoiser
@@ -48,12 +48,16 @@ class LoadedModel:
         """Where autoguidance's guiding model is: ``path``, else RUN/guide beside this checkpoint."""
         return Path(path) if path is not None else self.source.parent.parent / GUIDE
 
+    def has_guide(self) -> bool:
+        """Whether training kept a guiding model beside this checkpoint (RUN/guide)."""
+        return has_guide(self.source.parent.parent)
+
     def guide(self, path: str | Path | None = None, precision: str = "fp32") -> torch.nn.Module:
         """Autoguidance's guiding network: ``path`` (a run or checkpoint folder), else the one
         training kept beside this checkpoint (RUN/guide); loaded once, checked to be of the
         same kind (image shape, schedule, objective, outputs, classes)."""
         where = self.guide_folder(path)
-        if path is None and not (where / "meta.json").is_file():
+        if path is None and not self.has_guide():
             raise DdpmError(f"{self.source.parent.parent} has no guiding model ({GUIDE}/, kept by training with "
                             "--guide-at, which the fast presets set): pass --guiding-model PATH, e.g. an earlier "
                             "checkpoint of the same run")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import (GUIDE, Checkpoint, checkpoint_path, last_good_checkpoint, load_checkpoint, load_into,
-                         save_checkpoint, save_snapshot)
+                         has_guide, save_checkpoint, save_snapshot)
 from ..files import atomic_write_text, shorten
 from ..config import RunConfig, check_model_config, check_seed
 from ..data.readers import Batches, to_model_range
@@ -383,7 +383,7 @@ class Trainer:
         horizon = self.horizon if self.horizon is not None else self.lr_horizon
         if self.guide_kept or horizon is None or self.step < self.cfg.train.guide_at * horizon:
             return False
-        self.guide_kept = (self.run_dir / GUIDE / "meta.json").is_file()  # a resumed run keeps its first
+        self.guide_kept = has_guide(self.run_dir)  # a resumed run keeps its first
         return not self.guide_kept
 
     def save_guide(self) -> None:

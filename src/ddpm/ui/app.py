@@ -22,7 +22,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..checkpoint import GUIDE
+from ..checkpoint import has_guide
 from ..config import SampleConfig, override
 from ..errors import DdpmError
 from ..samplers import SAMPLERS
@@ -74,7 +74,7 @@ def _run_summary(run: Run) -> dict[str, Any]:
                  "objective": cfg.diffusion.objective, "learn_sigma": cfg.model.learn_sigma,
                  "num_classes": getattr(cfg.model, "num_classes", 0),
                  "class_names": list(getattr(cfg.data, "class_names", ()))}
-    info["guide"] = (run.path / GUIDE / "meta.json").is_file()  # autoguidance's guiding model, kept by training
+    info["guide"] = has_guide(run.path)  # autoguidance's guiding model, kept by training
     student = _student(run)
     if student is not None:  # the page picks the student's own sampler, steps and grid
         info["student"] = student
