@@ -49,6 +49,8 @@ def main() -> None:
         t0 = time.perf_counter()
         run_demo(minutes=a.minutes, out=str(run), cond=a.cond)
         train_s = round(time.perf_counter() - t0, 1)
+    if not run.is_dir():
+        sys.exit(f"no run at {run}: train one first (leave out --reuse)")
     model = load_model(run)
     base = SampleConfig(sampler="dpm++2m", steps=20, n=a.n, batch_size=250, seed=a.seed, clip="clip",
                         classes="all" if a.cond else None)
