@@ -3,8 +3,8 @@
     python bench/autoguidance_sweep.py RUN dpm++2m:20:0 dpm++2m:20:1 dpm++2m:20:1.5 --name NAME
     python bench/autoguidance_sweep.py RUN dpm++2m:20:1:RUN/checkpoints/step-00000200 ...   # another guide
 
-Each setting is SAMPLER:STEPS:W[:GUIDE] (GUIDE: a run or checkpoint folder; default the run's
-own RUN/guide). All draw the same n images (same seeds) and are scored with ``evaluate_images``
+Each setting is SAMPLER:STEPS:W[@LO,HI][:GUIDE] (GUIDE: a run or checkpoint folder; default the
+run's own RUN/guide; @LO,HI autoguides only at noise levels sigma in [LO, HI]). All draw the same n images (same seeds) and are scored with ``evaluate_images``
 against the Fashion-MNIST test set, floor at the same n. Writes bench/results/NAME.json.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ddpm.sampling.generate import generate, load_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run")
-    ap.add_argument("settings", nargs="+", help="SAMPLER:STEPS:W[:GUIDE]")
+    ap.add_argument("settings", nargs="+", help="SAMPLER:STEPS:W[@LO,HI][:GUIDE]")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -37,13 +37,17 @@ def main() -> None:
     rows = []
     for spec in a.settings:
         sampler, steps, w, *guide = spec.split(":", 3)
+        w, _, iv = w.partition("@")
+        interval = tuple(float(v) for v in iv.split(",")) if iv else None
         sc = SampleConfig(sampler=sampler, steps=int(steps), n=a.n, batch_size=250, seed=a.seed, clip="clip",
-                          autoguidance=float(w), guiding_model=guide[0] if guide and float(w) else None)
+                          autoguidance=float(w), guiding_model=guide[0] if guide and float(w) else None,
+                          autoguidance_interval=interval)
         t0 = time.perf_counter()
         s = generate(model, sc)
         dt = time.perf_counter() - t0
         rep = evaluate_images(s.images, seed=a.seed)
         row = {"setting": spec, "sampler": sampler, "steps": int(steps), "autoguidance": float(w),
+               "autoguidance_interval": interval,
                "guiding_model": (guide[0] if guide else "RUN/guide") if float(w) else None, "nfe": s.nfe,
                "fd_fmnist": round(rep.fd, 3), "fd_floor": round(rep.fd_reference, 3), "kid": round(rep.kid_mean, 4),
                "precision": round(rep.precision, 3), "recall": round(rep.recall, 3), "sample_seconds": round(dt, 1)}

@@ -72,6 +72,29 @@ def test_composes_with_classifier_free_guidance(cosine200: NoiseSchedule) -> Non
     assert d.null_passes == 1 and d.guide_passes == 1
 
 
+def test_interval_guides_only_its_noise_levels(cosine200: NoiseSchedule) -> None:
+    """Inside [lo, hi] (sigma units) the formula; outside the plain output, and a call wholly
+    outside never runs the guide. A batch that straddles the edge is guided image by image."""
+    good, bad = oracle_eps_net(cosine200, MU, SD), oracle_eps_net(cosine200, MU, 2 * SD)
+    ab = cosine200.alpha_bar
+    sigma = ((1 - ab) / ab).sqrt()
+    lo, hi = float(sigma[60]), float(sigma[120])
+    calls = []
+    d = Denoiser(good, cosine200).autoguided(counted(bad, calls), 1.5, (lo, hi))
+    x = torch.randn(4, 1, 2, 2)
+    t = torch.tensor([30, 60, 120, 150])
+    step = cosine200.timesteps[t]
+    eg, eb = good(x, step), bad(x, step)
+    inside = torch.tensor([False, True, True, False]).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(d(x, t).eps, torch.where(inside, eg + 1.5 * (eg - eb), eg), rtol=1e-6, atol=1e-6)
+    assert calls == [4] and d.guide_passes == 1
+    out = d(x, torch.full((4,), 150))  # wholly outside: no guide pass at all
+    torch.testing.assert_close(out.eps, good(x, cosine200.timesteps[torch.full((4,), 150)]))
+    assert calls == [4] and d.guide_passes == 1
+    everywhere = Denoiser(good, cosine200).autoguided(bad, 1.5, (0.0, float("inf")))
+    assert torch.equal(everywhere(x, t).eps, Denoiser(good, cosine200).autoguided(bad, 1.5)(x, t).eps)
+
+
 def test_learned_variance_guides_the_mean_only(cosine200: NoiseSchedule) -> None:
     def net(x, t):
         return torch.cat([x * 0.5, torch.full_like(x, 0.25)], 1)
@@ -175,6 +198,15 @@ def test_cli_sample_with_autoguidance(guided_run: Path, tmp_path: Path,
     assert not np.array_equal(imgs["plain"], imgs["ag"]) and not np.array_equal(imgs["ag"], imgs["ag4"])
     assert main([*base, "--autoguidance", "0", "--out", str(tmp_path / "w0")]) == 0
     assert np.array_equal(np.load(tmp_path / "w0" / "samples.npz")["images"], imgs["plain"])  # w = 0: off
+    # an interval that holds every noise level is autoguidance everywhere; one that holds none is off
+    for name, iv in [("all", "0,1e9"), ("none", "1e8,1e9"), ("part", "0,0.1")]:
+        capsys.readouterr()
+        assert main([*base, "--autoguidance", "1", "--autoguidance-interval", iv, "--out", str(tmp_path / name)]) == 0
+        nfe[name] = int(re.search(r"(\d+) network evaluations per image", capsys.readouterr().out).group(1))
+        imgs[name] = np.load(tmp_path / name / "samples.npz")["images"]
+    assert nfe["all"] == 8 and np.array_equal(imgs["all"], imgs["ag"])
+    assert nfe["none"] == 4 and np.array_equal(imgs["none"], imgs["plain"])
+    assert 4 < nfe["part"] < 8  # the guide runs at the low-noise steps only
 
 
 @pytest.mark.parametrize("extra, msg", [
@@ -182,6 +214,10 @@ def test_cli_sample_with_autoguidance(guided_run: Path, tmp_path: Path,
     (["--autoguidance", "nan"], ">= 0"),
     (["--guiding-model", "x"], "needs --autoguidance"),
     (["--autoguidance", "1", "--guiding-model", "/no/such/run"], "no run or checkpoint"),
+    (["--autoguidance-interval", "0,1"], "needs --autoguidance"),
+    (["--autoguidance", "1", "--autoguidance-interval", "2,1"], "0 <= LO <= HI"),
+    (["--autoguidance", "1", "--autoguidance-interval", "0"], "0 <= LO <= HI"),
+    (["--autoguidance", "1", "--autoguidance-interval", "a,b"], "must be LO,HI"),
 ])
 def test_cli_bad_autoguidance(guided_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                               extra: list[str], msg: str) -> None:
@@ -249,6 +285,9 @@ def test_cli_eval_writes_its_own_report(tmp_path: Path) -> None:
     common = ["eval", str(tmp_path / "r"), "--n", "8", "--sampler", "ddim", "--steps", "3", "--reference", str(imgs),
               "--out", str(ev), "--device", "cpu", "--no-progress"]
     assert main(common) == 0 and main([*common, "--autoguidance", "1"]) == 0
+    assert main([*common, "--autoguidance", "1", "--autoguidance-interval", "0,1e9"]) == 0
     plain, ag = (json.loads((ev / f).read_text()) for f in ("eval-ddim-3.json", "eval-ddim-3-ag1.json"))
+    part = json.loads((ev / "eval-ddim-3-ag1-sigma0-1e+09.json").read_text())  # its own report, not ag1's
+    assert part["autoguidance_interval"] == [0, 1e9] and part["fd"] == ag["fd"]
     assert plain["nfe"] == 3 and "autoguidance" not in plain
     assert ag["nfe"] == 6 and ag["autoguidance"] == 1.0 and ag["guiding_model"].endswith(GUIDE)

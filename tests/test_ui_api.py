@@ -138,6 +138,8 @@ def test_cancel_stops_the_thread(client: TestClient, monkeypatch: pytest.MonkeyP
     ({"guiding_model": "/etc"}, 400, "unknown parameter"),  # the page guides with RUN/guide only
     ({"autoguidance": 1}, 400, "no guiding model"),
     ({"autoguidance": -1}, 400, "autoguidance"),
+    ({"autoguidance_interval": [0, 1]}, 400, "needs --autoguidance"),
+    ({"autoguidance_interval": "0,1"}, 400, "must be a list"),
     ({"classes": "sneaker"}, 400, "conditional"),
     ({"run": "nope"}, 404, "no run"),
     ({"run": "../tiny"}, 404, "no run"),

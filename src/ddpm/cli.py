@@ -103,16 +103,21 @@ def _guidance_fields(args: argparse.Namespace, sweep: bool = False) -> dict[str,
     if len(ws) > 1 and not sweep:
         raise DdpmError(f"--guidance takes one value here, got {args.guidance!r} "
                         "(a sweep: ddpm eval RUN --class all --guidance 0,1,2)")
-    iv = None
-    if args.guidance_interval is not None:
-        try:
-            iv = tuple(float(v) for v in args.guidance_interval.split(","))
-        except ValueError:
-            raise DdpmError(f"--guidance-interval must be LO,HI (noise levels sigma), got "
-                            f"{args.guidance_interval!r}") from None
-    return {"classes": args.classes, "guidance": ws[0], "guidance_interval": iv,  # checked in check_guidance
+    return {"classes": args.classes, "guidance": ws[0],  # checked in check_guidance
+            "guidance_interval": _interval("--guidance-interval", args.guidance_interval),
             "autoguidance": 0.0 if args.autoguidance is None else args.autoguidance,
-            "guiding_model": args.guiding_model}
+            "guiding_model": args.guiding_model,
+            "autoguidance_interval": _interval("--autoguidance-interval", args.autoguidance_interval)}
+
+
+def _interval(flag: str, text: str | None) -> tuple[float, ...] | None:
+    """'LO,HI' -> (lo, hi); the range itself is checked in check_guidance."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise DdpmError(f"{flag} must be LO,HI (noise levels sigma), got {text!r}") from None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -322,11 +327,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 if k in ("sampler", "steps", "nfe", "source", "arithmetic")})
     d = report.to_dict() | ({"inception_fid": info["inception_fid"]} if "inception_fid" in info else {})
     if info.get("autoguidance"):
-        d |= {"autoguidance": info["autoguidance"], "guiding_model": info["guiding_model"]}
+        d |= {"autoguidance": info["autoguidance"], "guiding_model": info["guiding_model"],
+              "autoguidance_interval": info["autoguidance_interval"]}
     text = json.dumps(d, indent=2)
     print(text)
     name = report_name(info.get("sampler"), info.get("steps"), info.get("arithmetic", "fp32"),
-                       info.get("autoguidance", 0.0))
+                       info.get("autoguidance", 0.0), info.get("autoguidance_interval"))
     path = Path(args.out) / name if args.out else out / name
     _write_report(path, text + "\n")
     print(f"wrote {path}", file=sys.stderr)
@@ -356,7 +362,8 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     s = generate(model, scfg, progress=not args.no_progress)
     info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
             "arithmetic": s.arithmetic, "autoguidance": scfg.autoguidance,
-            "guiding_model": str(model.guide_folder(scfg.guiding_model)) if scfg.autoguidance else None}
+            "guiding_model": str(model.guide_folder(scfg.guiding_model)) if scfg.autoguidance else None,
+            "autoguidance_interval": scfg.autoguidance_interval}
     return s.images, out, info
 
 
@@ -635,6 +642,9 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     a.add_argument("--guiding-model", metavar="PATH",
                    help="the weaker model: a run or checkpoint folder (default: RUN/guide, which training "
                         "keeps at --guide-at of its budget; the fast presets do)")
+    a.add_argument("--autoguidance-interval", metavar="LO,HI",
+                   help="autoguide only where the noise level sigma_t is in [LO, HI] (sigma units, as "
+                        "--guidance-interval); the guide is not run elsewhere, so those steps cost one pass")
     s.add_argument("--steps", type=int, help=f"sampling steps (default: the sampler's own: {own('default_steps')})")
     s.add_argument("--spacing", default=None,
                    help=f"{' | '.join(SPACINGS)} (default: the sampler's own: {own('default_spacing')})")

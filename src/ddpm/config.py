@@ -153,6 +153,9 @@ class SampleConfig:
                                   "a weaker model of the same kind (RUN/guide, kept by training's guide_at); "
                                   "works unconditionally; 0: off")
     guiding_model: str | None = _f(None, "autoguidance's guiding model: a run or checkpoint folder (default RUN/guide)")
+    autoguidance_interval: tuple[float, ...] | None = _f(
+        None, "LO,HI: autoguide only where the noise level sigma_t is in [LO, HI] (as guidance_interval); "
+              "the guide is not run elsewhere")
 
 
 def check_sample_config(cfg: SampleConfig) -> None:

@@ -129,6 +129,7 @@ class Denoiser:
         self.guide_net: Network | None = None  # autoguidance's guiding (weaker) network
         self.autoguidance = 0.0
         self.guide_passes = 0  # calls that also ran the guiding network: one more evaluation per image each
+        self.autoguide_mask: torch.Tensor | None = None  # (T,) bool: autoguide at these t (None: all)
 
     def conditioned(self, cond: torch.Tensor | None, guidance: float = 0.0,
                     interval: tuple[float, float] | None = None) -> Denoiser:
@@ -140,19 +141,27 @@ class Denoiser:
         d = copy.copy(self)
         d.cond, d.guidance, d.guide_mask, d.null_passes, d.guide_passes = cond, float(guidance), None, 0, 0
         if interval is not None:
-            ab = self.schedule.alpha_bar
-            sigma = ((1 - ab) / ab).sqrt()
-            d.guide_mask = (sigma >= interval[0]) & (sigma <= interval[1])
+            d.guide_mask = self._sigma_mask(interval)
         return d
 
-    def autoguided(self, guide_net: Network | None, w: float) -> Denoiser:
+    def _sigma_mask(self, interval: tuple[float, float]) -> torch.Tensor:
+        """(T,) bool: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) in [lo, hi]."""
+        ab = self.schedule.alpha_bar
+        sigma = ((1 - ab) / ab).sqrt()
+        return (sigma >= interval[0]) & (sigma <= interval[1])
+
+    def autoguided(self, guide_net: Network | None, w: float,
+                   interval: tuple[float, float] | None = None) -> Denoiser:
         """A copy guided by a weaker network of the same kind (Karras et al. 2024, Eq. 2 with
         their w = 1 + ours): ``out = out + w (out - out_guide)`` on the raw output, the guide
         seeing the same x_t, t and class. Composes with classifier-free guidance (both terms
-        are added); works for unconditional networks too. w = 0 (or no net) is off."""
+        are added); works for unconditional networks too. w = 0 (or no net) is off. With
+        ``interval`` = [lo, hi] only noise levels sigma_t in it are guided (the guide is not
+        run elsewhere), as :meth:`conditioned` does for classifier-free guidance."""
         d = copy.copy(self)
         d.guide_net, d.autoguidance, d.guide_passes = (guide_net, float(w), 0) if guide_net is not None and w \
             else (None, 0.0, 0)
+        d.autoguide_mask = self._sigma_mask(interval) if d.guide_net is not None and interval is not None else None
         return d
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
@@ -163,8 +172,8 @@ class Denoiser:
             out = out_c = self.net(x_t, step, self.cond).float()
         else:
             out, out_c = self._guided(x_t, t, step)
-        if self.guide_net is not None:
-            out = self._autoguided(out, out_c, x_t, step)
+        if self.guide_net is not None and (self.autoguide_mask is None or bool(self.autoguide_mask[t].any())):
+            out = self._autoguided(out, out_c, x_t, t, step)
         return interpret(self.schedule, out, x_t, t, objective=self.objective,
                          learn_sigma=self.learn_sigma, clip=self.clip)
 
@@ -183,13 +192,15 @@ class Denoiser:
             mean = torch.where(extract(self.guide_mask, t, x_t.ndim, torch.bool), mean, out_c[:, :c])
         return (torch.cat([mean, out_c[:, c:]], dim=1) if self.learn_sigma else mean), out_c
 
-    def _autoguided(self, out: torch.Tensor, out_c: torch.Tensor, x_t: torch.Tensor,
+    def _autoguided(self, out: torch.Tensor, out_c: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                     step: torch.Tensor) -> torch.Tensor:
         """``out + w (out_c - out_guide)``: out_c is the guided network's own (conditional) output."""
         self.guide_passes += 1
         bad = (self.guide_net(x_t, step) if self.cond is None else self.guide_net(x_t, step, self.cond)).float()
         c = self._mean_channels(out)
         mean = out[:, :c] + self.autoguidance * (out_c[:, :c] - bad[:, :c])
+        if self.autoguide_mask is not None:  # outside the interval: the output without autoguidance
+            mean = torch.where(extract(self.autoguide_mask, t, x_t.ndim, torch.bool), mean, out[:, :c])
         return torch.cat([mean, out[:, c:]], dim=1) if self.learn_sigma else mean
 
 

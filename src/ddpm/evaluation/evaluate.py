@@ -163,11 +163,14 @@ def real_images(n: int, net: FeatureNet, *, reference: str = DEFAULT_REFERENCE, 
 
 
 def report_name(sampler: str | None = None, steps: int | None = None, arithmetic: str = "fp32",
-                autoguidance: float = 0.0) -> str:
-    """The report's file name: ``eval-SAMPLER-STEPS[-ARITH][-agW].json`` for sampled images, else ``eval.json``."""
+                autoguidance: float = 0.0, autoguidance_interval: tuple[float, ...] | None = None) -> str:
+    """The report's file name: ``eval-SAMPLER-STEPS[-ARITH][-agW[-sigmaLO-HI]].json`` for sampled
+    images, else ``eval.json``."""
     if steps is None:
         return "eval.json"
     ag = f"-ag{autoguidance:g}" if autoguidance else ""
+    if autoguidance and autoguidance_interval is not None:
+        ag += "-sigma{:g}-{:g}".format(*autoguidance_interval)
     return f"eval-{sampler or 'samples'}-{steps}{'' if arithmetic == 'fp32' else '-' + arithmetic}{ag}.json"
 
 

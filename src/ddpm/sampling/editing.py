@@ -215,7 +215,7 @@ class _Request:
             b = min(cfg.batch_size, len(self.images) - start)
             den = self.denoiser if self.labels is None else self.denoiser.conditioned(
                 self.labels[start:start + b].to(self.device), cfg.guidance, cfg.guidance_interval)
-            den = den.autoguided(self.guide, cfg.autoguidance)
+            den = den.autoguided(self.guide, cfg.autoguidance, cfg.autoguidance_interval)
             gens = ImageGenerators.for_images(cfg.seed, start, b, self.device)  # image i: (seed, i) only
             run = _Run(get_sampler(cfg.sampler), den, self.timesteps, SamplerOptions(cfg.eta, cfg.variance), gens, None)
             yield start, to_model_range(self.images[start:start + b].to(self.device)), gens, run

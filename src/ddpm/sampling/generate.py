@@ -167,7 +167,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
         x_T = gen.randn((b, *shape), device=dev)
         den = denoiser if labels is None else denoiser.conditioned(
             labels[start:start + b].to(dev), cfg.guidance, cfg.guidance_interval)
-        den = den.autoguided(guide, cfg.autoguidance)
+        den = den.autoguided(guide, cfg.autoguidance, cfg.autoguidance_interval)
         record = None
         if frames != "none" and start == 0:
             record = _recorder(recorded, frames, frame_index, every, steps)

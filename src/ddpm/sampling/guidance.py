@@ -66,6 +66,10 @@ def check_guidance(cfg: SampleConfig, config: RunConfig) -> None:
         raise DdpmError(f"--autoguidance must be a finite number >= 0 (0: off), got {ag}")
     if cfg.guiding_model is not None and not ag:
         raise DdpmError("--guiding-model needs --autoguidance W (how strongly to guide away from it)")
+    if cfg.autoguidance_interval is not None:
+        if not ag:
+            raise DdpmError("--autoguidance-interval needs --autoguidance W")
+        _check_interval("--autoguidance-interval", cfg.autoguidance_interval)
     w = cfg.guidance
     if not (math.isfinite(w) and w >= 0):
         raise DdpmError(f"--guidance must be a finite number >= 0 (0: the plain conditional model), got {w}")
@@ -75,10 +79,15 @@ def check_guidance(cfg: SampleConfig, config: RunConfig) -> None:
     if iv is not None:
         if cfg.classes is None:
             raise DdpmError("--guidance-interval needs --class and --guidance")
-        if len(iv) != 2 or not all(math.isfinite(v) and v >= 0 for v in iv) or iv[0] > iv[1]:
-            raise DdpmError(f"--guidance-interval must be LO,HI with 0 <= LO <= HI (noise levels sigma), got "
-                            f"{','.join(map(str, iv))}")
+        _check_interval("--guidance-interval", iv)
     resolve_classes(cfg.classes, config)
+
+
+def _check_interval(flag: str, iv: tuple[float, ...]) -> None:
+    if len(iv) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in iv) \
+            or iv[0] > iv[1]:
+        raise DdpmError(f"{flag} must be LO,HI with 0 <= LO <= HI (noise levels sigma), got "
+                        f"{','.join(map(str, iv))}")
 
 
 def parse_guidances(text: str) -> tuple[float, ...]:
