@@ -1,11 +1,14 @@
 """Put a trained run into the package as a shipped model (``ddpm sample fashion-mnist``).
 
-    python bench/ship_model.py runs/box --name fashion-mnist [--eval-n 1000]
+    python bench/ship_model.py runs/box --name fashion-mnist [--eval-n 1000] [--guide CHECKPOINT]
+    python bench/ship_model.py --guide runs/small/checkpoints/step-00000400   # add a guide only
 
 Writes ``src/ddpm/assets/models/NAME/``: the run's ``config.json`` and ``log.jsonl`` and one
 sampling-only checkpoint (the EMA weights as ``model.safetensors``, its config and checksums;
 no optimiser state), then scores it with ``ddpm eval`` at the defaults of dpm++2m and writes
-``bench/results/shipped_model.json``. The folder must stay under 5 MB.
+``bench/results/shipped_model.json``. ``--guide`` puts a guiding model for autoguidance in
+``NAME/guide`` the same way (a weaker model of the same kind: checked, as ``--guiding-model``
+is). The folder must stay under 5 MB.
 """
 from __future__ import annotations
 
@@ -19,10 +22,36 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ddpm.checkpoint import FORMAT_VERSION, _sha256, load_checkpoint
+from ddpm.checkpoint import FORMAT_VERSION, GUIDE, _sha256, load_checkpoint
+from ddpm.sampling.generate import check_guide
 from ddpm.sampling.pretrained import ASSETS
 
 from harness import RESULTS, cpu_info
+
+
+def _sampling_checkpoint(ck, folder: Path) -> None:
+    """The EMA weights, config and checksums of ``ck`` in ``folder`` (meta.json last)."""
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in ck.sampling_weights(True).items()}, str(folder / "model.safetensors"))
+    (folder / "model.safetensors").chmod(0o644)
+    (folder / "config.json").write_text(ck.config.to_json())
+    meta = {"format_version": FORMAT_VERSION, "step": ck.step,
+            "sha256": {f: _sha256(folder / f) for f in ("model.safetensors", "config.json")}}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def add_guide(guide: Path, name: str) -> Path:
+    """NAME/guide: autoguidance's guiding model, checked to be of the shipped model's kind."""
+    dest = ASSETS / name
+    ck = load_checkpoint(guide)
+    check_guide(load_checkpoint(dest).config, ck.config, guide)
+    tmp = Path(tempfile.mkdtemp(dir=dest))
+    _sampling_checkpoint(ck, tmp / GUIDE)
+    if (dest / GUIDE).exists():
+        shutil.rmtree(dest / GUIDE)
+    (tmp / GUIDE).rename(dest / GUIDE)
+    tmp.rmdir()
+    return dest / GUIDE
 
 
 def ship(run: Path, name: str) -> Path:
@@ -30,13 +59,7 @@ def ship(run: Path, name: str) -> Path:
     dest = ASSETS / name
     tmp = Path(tempfile.mkdtemp(dir=ASSETS.parent))
     step_dir = tmp / "checkpoints" / f"step-{ck.step:08d}"
-    step_dir.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in ck.sampling_weights(True).items()}, str(step_dir / "model.safetensors"))
-    (step_dir / "model.safetensors").chmod(0o644)
-    (step_dir / "config.json").write_text(ck.config.to_json())
-    meta = {"format_version": FORMAT_VERSION, "step": ck.step,
-            "sha256": {f: _sha256(step_dir / f) for f in ("model.safetensors", "config.json")}}
-    (step_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    _sampling_checkpoint(ck, step_dir)
     (tmp / "latest").write_text(step_dir.name)
     shutil.copy(run / "config.json", tmp / "config.json")
     shutil.copy(run / "log.jsonl", tmp / "log.jsonl")
@@ -48,16 +71,23 @@ def ship(run: Path, name: str) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
+    ap.add_argument("run", type=Path, nargs="?", help="the run to ship (leave out with --guide: add a guide only)")
     ap.add_argument("--name", default="fashion-mnist")
     ap.add_argument("--eval-n", type=int, default=1000)
+    ap.add_argument("--guide", type=Path, help="a checkpoint to ship as NAME/guide (autoguidance's guiding model)")
     args = ap.parse_args()
+    if args.run is None and args.guide is None:
+        ap.error("give a run to ship, --guide, or both")
     ASSETS.mkdir(parents=True, exist_ok=True)
-    dest = ship(args.run, args.name)
+    dest = ship(args.run, args.name) if args.run is not None else ASSETS / args.name
+    if args.guide is not None:
+        print(f"guide: {add_guide(args.guide, args.name)}")
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"shipped {dest} ({size / 1e6:.2f} MB)")
     if size > 5e6:
         sys.exit(f"error: {dest} is {size / 1e6:.2f} MB, over the 5 MB budget")
+    if args.run is None:
+        return  # the model itself is unchanged: its figures stand
     log = [json.loads(line) for line in (dest / "log.jsonl").read_text().splitlines() if line.strip()]
     out = Path(tempfile.mkdtemp())
     ddpm = str(Path(sys.executable).parent / "ddpm")

@@ -31,6 +31,28 @@ def test_shipped_model_is_whole_and_small() -> None:
     assert model.run_folder() == Path("runs") / "fashion-mnist"
 
 
+def test_shipped_model_autoguides_with_its_own_small_guide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """The package ships a guiding model (a smaller, earlier model of the same kind) in
+    fashion-mnist/guide, so --autoguidance works by name, at one more pass per step."""
+    import re
+
+    model = load_model("fashion-mnist")
+    assert model.has_guide()
+    guide = model.guide()
+    n_guide, n_model = (sum(p.numel() for p in m.parameters()) for m in (guide, model.net))
+    assert n_guide < n_model / 2  # small, so the folder keeps to its 5 MB
+    monkeypatch.chdir(tmp_path)
+    base = ["sample", "fashion-mnist", "--class", "sneaker", "--n", "2", "--sampler", "ddim", "--steps", "2",
+            "--device", "cpu", "--no-progress"]
+    nfe = []
+    for extra in ([], ["--autoguidance", "0.5"]):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 0
+        nfe.append(int(re.search(r"(\d+) network evaluations per image", capsys.readouterr().out).group(1)))
+    assert nfe == [2, 4]
+
+
 def test_sample_by_name_writes_beside_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     before = _tree(SHIPPED)
