@@ -22,36 +22,21 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ddpm.checkpoint import FORMAT_VERSION, GUIDE, _sha256, load_checkpoint
+from ddpm.checkpoint import FORMAT_VERSION, GUIDE, _sha256, load_checkpoint, save_snapshot
+from ddpm.errors import DdpmError
 from ddpm.sampling.generate import check_guide
 from ddpm.sampling.pretrained import ASSETS
 
 from harness import RESULTS, cpu_info
 
 
-def _sampling_checkpoint(ck, folder: Path) -> None:
-    """The EMA weights, config and checksums of ``ck`` in ``folder`` (meta.json last)."""
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in ck.sampling_weights(True).items()}, str(folder / "model.safetensors"))
-    (folder / "model.safetensors").chmod(0o644)
-    (folder / "config.json").write_text(ck.config.to_json())
-    meta = {"format_version": FORMAT_VERSION, "step": ck.step,
-            "sha256": {f: _sha256(folder / f) for f in ("model.safetensors", "config.json")}}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-
-
 def add_guide(guide: Path, name: str) -> Path:
-    """NAME/guide: autoguidance's guiding model, checked to be of the shipped model's kind."""
+    """NAME/guide: autoguidance's guiding model (its EMA weights), checked to be of the shipped
+    model's kind; written as training writes RUN/guide."""
     dest = ASSETS / name
     ck = load_checkpoint(guide)
     check_guide(load_checkpoint(dest).config, ck.config, guide)
-    tmp = Path(tempfile.mkdtemp(dir=dest))
-    _sampling_checkpoint(ck, tmp / GUIDE)
-    if (dest / GUIDE).exists():
-        shutil.rmtree(dest / GUIDE)
-    (tmp / GUIDE).rename(dest / GUIDE)
-    tmp.rmdir()
-    return dest / GUIDE
+    return save_snapshot(dest / GUIDE, config=ck.config, step=ck.step, model=ck.sampling_weights(True), ema=None)
 
 
 def ship(run: Path, name: str) -> Path:
@@ -59,7 +44,13 @@ def ship(run: Path, name: str) -> Path:
     dest = ASSETS / name
     tmp = Path(tempfile.mkdtemp(dir=ASSETS.parent))
     step_dir = tmp / "checkpoints" / f"step-{ck.step:08d}"
-    _sampling_checkpoint(ck, step_dir)
+    step_dir.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in ck.sampling_weights(True).items()}, str(step_dir / "model.safetensors"))
+    (step_dir / "model.safetensors").chmod(0o644)
+    (step_dir / "config.json").write_text(ck.config.to_json())
+    meta = {"format_version": FORMAT_VERSION, "step": ck.step,
+            "sha256": {f: _sha256(step_dir / f) for f in ("model.safetensors", "config.json")}}
+    (step_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "latest").write_text(step_dir.name)
     shutil.copy(run / "config.json", tmp / "config.json")
     shutil.copy(run / "log.jsonl", tmp / "log.jsonl")
@@ -81,7 +72,10 @@ def main() -> None:
     ASSETS.mkdir(parents=True, exist_ok=True)
     dest = ship(args.run, args.name) if args.run is not None else ASSETS / args.name
     if args.guide is not None:
-        print(f"guide: {add_guide(args.guide, args.name)}")
+        try:
+            print(f"guide: {add_guide(args.guide, args.name)}")
+        except DdpmError as e:  # no such checkpoint, or a guide of another kind: one line
+            sys.exit(f"error: {e}")
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"shipped {dest} ({size / 1e6:.2f} MB)")
     if size > 5e6:
