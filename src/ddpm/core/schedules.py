@@ -138,10 +138,11 @@ class NoiseSchedule:
     def respace(self, keep: list[int] | torch.Tensor) -> NoiseSchedule:
         """Improved DDPM Sec. 4: the schedule on a subset of steps, betas recomputed so that
         alpha_bar on the subset is exactly the original's."""
-        keep_t = torch.as_tensor(keep, dtype=torch.long)
-        ab = self.alpha_bar.cpu().double()[keep_t.cpu()]
+        keep_t = torch.as_tensor(keep, dtype=torch.long).cpu()
+        ab = self.alpha_bar.cpu().double()[keep_t]
         ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-        return NoiseSchedule.from_betas(1 - ab / ab_prev, timesteps=self.timesteps[keep_t.cpu()])
+        sub = NoiseSchedule.from_betas(1 - ab / ab_prev, timesteps=self.timesteps.cpu()[keep_t])
+        return sub.to(self.alpha_bar.device)  # on the device of the schedule it came from (CUDA too)
 
 
 def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int]:
