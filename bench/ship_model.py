@@ -43,6 +43,7 @@ def ship(run: Path, name: str) -> Path:
     ck = load_checkpoint(run)
     dest = ASSETS / name
     tmp = Path(tempfile.mkdtemp(dir=ASSETS.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the shipped folder unreadable to other users
     step_dir = tmp / "checkpoints" / f"step-{ck.step:08d}"
     step_dir.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in ck.sampling_weights(True).items()}, str(step_dir / "model.safetensors"))

@@ -391,6 +391,10 @@ def test_cli_conditional_train_sample_eval(tmp_path: Path, capsys: pytest.Captur
     for r in rep["results"]:
         assert set(r["agreement_per_class"]) == {"Bag", "Sneaker"}
         assert 0 <= r["agreement"] <= 1 and r["report"]["n_samples"] == 8 and r["images_per_sec"] > 0
+        # each report says what drew its images (it said nothing before: found reading GPU figures)
+        assert {k: r["report"][k] for k in ("sampler", "steps", "arithmetic")} == \
+            {"sampler": "ddim", "steps": 3, "arithmetic": "fp32"}
+        assert r["report"]["nfe"] == (3 if r["guidance"] == 0 else 6)
     assert (ev / "eval-control-ddim-3.png").stat().st_size > 1000
 
     # bad input: one line, exit 2, nothing new on disk
