@@ -13,7 +13,7 @@
 #   resume  the exact-resume promise on CUDA: 40 steps straight twice, and 20 + resume 20
 #   bf16    the seed recipe again with --precision bf16 --compile (only if time is left)
 #
-#   bash bench/gpu.sh                   # all of it, about 9 minutes on an H200
+#   bash bench/gpu.sh                   # as much as fits in $BUDGET (540 s): on an H200 all but resume and bf16
 #   STAGES="smoke seed" bash bench/gpu.sh
 #   BUDGET=300 bash bench/gpu.sh        # skip the stages whose cap no longer fits in 300 s
 #
@@ -131,6 +131,7 @@ if want resume; then
   stage resume-b 45 "$DDPM" train "${r[@]}" --max-steps 40 --out "$G/resume-b"
   stage resume-c1 45 "$DDPM" train "${r[@]}" --max-steps 20 --out "$G/resume-c"
   stage resume-c2 45 "$DDPM" train "${r[@]}" --max-steps 40 --out "$G/resume-c" --resume
+  [ -d "$G/resume-a/checkpoints" ] && [ -d "$G/resume-b/checkpoints" ] && [ -d "$G/resume-c/checkpoints" ] &&
   "$PY" - "$G" "$DEVICE" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import sys
 from pathlib import Path
