@@ -98,9 +98,7 @@ def guidance_sweep(model, cfg: SampleConfig, guidances: Sequence[float], *, feat
         ips = len(s.images) / (time.perf_counter() - t0)
         report = evaluate_images(s.images, feature_net=net, reference=reference, floor=floor,
                                  data_dir=data_dir, seed=seed)
-        # what drew the images, as `ddpm eval` records it without --class
-        report = replace(report, sampler=cfg.sampler, steps=s.steps, nfe=s.nfe, source=str(model.source),
-                         arithmetic=s.arithmetic)
+        report = report.drawn_by(cfg.sampler, s, model.source)
         per = None
         if target is not None:
             agree = class_agreement(net.embed_and_classify(s.images).logits, s.labels, target)

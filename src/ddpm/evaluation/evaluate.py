@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,6 +58,12 @@ class EvalReport:
     nfe: int | None = None
     source: str | None = None
     arithmetic: str | None = None  # the sampler's --precision: fp32, bf16, ... ("precision" is the metric's)
+
+    def drawn_by(self, sampler: str, samples, source: object) -> EvalReport:
+        """This report with what drew its images: ``samples`` is a sampling result (its steps,
+        network evaluations and arithmetic), ``source`` the model's run or checkpoint."""
+        return replace(self, sampler=sampler, steps=samples.steps, nfe=samples.nfe, source=str(source),
+                       arithmetic=samples.arithmetic)
 
     def to_dict(self) -> dict:
         d = asdict(self)

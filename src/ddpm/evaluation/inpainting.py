@@ -9,7 +9,7 @@ hole left black (what no model at all gets).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -72,8 +72,7 @@ def inpainting_report(model: LoadedModel, cfg: SampleConfig, repaint_cfg: RePain
     s = inpaint(model, originals, keep, cfg, repaint_cfg)
     seconds = time.perf_counter() - t0
     report = evaluate_images(s.images, feature_net=net, reference=reference, floor=None, data_dir=data_dir, seed=seed)
-    report = replace(report, sampler=cfg.sampler, steps=s.steps, nfe=s.nfe, source=str(model.source),
-                     arithmetic=s.arithmetic)
+    report = report.drawn_by(cfg.sampler, s, model.source)
     ref = reference_stats(net, resolve_images(reference, net, data_dir)[1])
 
     def fd(x: torch.Tensor) -> float:
