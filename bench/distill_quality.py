@@ -10,7 +10,10 @@ Runs the `ddpm` command (distill, then eval of each contender, n images each, th
 and writes bench/results/distill_quality.json with each FD, the wall time of each command and
 the distillation's cost in images seen next to the teacher's (``--name NAME``: NAME.json). The
 teacher's run is only read. A conditional teacher is evaluated as `ddpm eval` does without
-``--class``: its null class, the unconditional model inside it.
+``--class``: its null class, the unconditional model inside it; with ``--guidance 0,1`` each
+contender is also scored class by class (``--class all``, n/10 per class) at each weight.
+``--keep DIR`` keeps the student's run folder; ``--student DIR`` scores an existing student
+instead of distilling one (its figures then carry no distillation time).
 """
 from __future__ import annotations
 
@@ -42,6 +45,14 @@ def fd_of(folder: Path) -> dict:
     return {k: d.get(k) for k in ("fd", "fd_reference", "sampler", "steps", "nfe", "n_samples")}
 
 
+def fd_by_guidance(folder: Path) -> dict:
+    """A class-by-class report (``--class all --guidance W,...``): FD and class agreement per w."""
+    (report,) = list(folder.glob("eval-*.json"))
+    d = json.loads(report.read_text())
+    return {str(r["guidance"]): {"fd": r["report"]["fd"], "agreement": r.get("agreement"), "nfe": r["report"].get("nfe"),
+                                 "n_samples": r["report"]["n_samples"]} for r in d["results"]}
+
+
 def images_seen(run: Path) -> int:
     """Optimiser steps x batch, the steps from the newest checkpoint's name (step-NNNNNNNN); the
     log's last line can be up to log_every steps short."""
@@ -63,17 +74,22 @@ def main() -> None:
                     help="score the student only (the teacher's figures at the same --n and seed are in an earlier JSON)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--name", default="distill_quality", help="name of the JSON in bench/results/")
+    ap.add_argument("--guidance", help="also score each contender class by class at these weights, e.g. 0,1")
+    ap.add_argument("--keep", type=Path, help="keep the student's run folder here")
+    ap.add_argument("--student", type=Path, help="score this existing student instead of distilling one")
     a = ap.parse_args()
     res: dict = {"command": " ".join(["python", "bench/distill_quality.py", *sys.argv[1:]]),
                  "loadavg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_info()}
     k = str(a.student_steps)
     with tempfile.TemporaryDirectory() as tmp:
-        student = Path(tmp) / "student"
-        res["distill_seconds"] = ddpm("distill", a.teacher, "--out", str(student), "--teacher-steps",
-                                      str(a.teacher_steps), "--student-steps", k, "--steps-per-round",
-                                      str(a.steps_per_round), "--lr", str(a.lr), "--method", a.method,
-                                      *(["--target-decay", str(a.target_decay)] if a.target_decay is not None else []),
-                                      "--device", "cpu", "--no-progress")
+        student = a.student or a.keep or Path(tmp) / "student"
+        if a.student is None:
+            res["distill_seconds"] = ddpm("distill", a.teacher, "--out", str(student), "--teacher-steps",
+                                          str(a.teacher_steps), "--student-steps", k, "--steps-per-round",
+                                          str(a.steps_per_round), "--lr", str(a.lr), "--method", a.method,
+                                          *(["--target-decay", str(a.target_decay)] if a.target_decay is not None
+                                            else []), "--device", "cpu", "--no-progress")
+        res["student"] = str(student) if a.student or a.keep else None
         res["distill_images_seen"] = images_seen(student)
         res["teacher_images_seen"] = images_seen(Path(a.teacher))
         if a.method == "consistency":
@@ -84,12 +100,20 @@ def main() -> None:
                           f"teacher_ddim_{k}": (a.teacher, "ddim", k, "trailing")}
         if not a.no_teacher:
             contenders |= {f"teacher_ddim_{a.teacher_steps}": (a.teacher, "ddim", str(a.teacher_steps), "trailing"),
-                           "teacher_dpm++2m_20": (a.teacher, "dpm++2m", "20", "uniform")}
+                           "teacher_dpm++2m_20": (a.teacher, "dpm++2m", "20", "uniform"),
+                           # the sampler's own spacing, as `ddpm sample/eval` use it by default
+                           "teacher_dpm++2m_20_quadratic": (a.teacher, "dpm++2m", "20", "quadratic")}
         for name, (run, sampler, steps, spacing) in contenders.items():
             out = Path(tmp) / name
             secs = ddpm("eval", run, "--sampler", sampler, "--steps", steps, "--spacing", spacing,
                         "--n", str(a.n), "--out", str(out), "--device", "cpu")
             res[name] = {**fd_of(out), "eval_seconds": secs}
+            if a.guidance:
+                out = Path(tmp) / f"{name}_classes"
+                secs = ddpm("eval", run, "--sampler", sampler, "--steps", steps, "--spacing", spacing,
+                            "--class", "all", "--guidance", a.guidance, "--n", str(a.n), "--out", str(out),
+                            "--device", "cpu")
+                res[name]["by_guidance"] = {**fd_by_guidance(out), "eval_seconds": secs}
     res["loadavg_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=2) + "\n")
