@@ -12,7 +12,8 @@ the distillation's cost in images seen next to the teacher's (``--name NAME``: N
 teacher's run is only read. A conditional teacher is evaluated as `ddpm eval` does without
 ``--class``: its null class, the unconditional model inside it; with ``--guidance 0,1`` each
 contender is also scored class by class (``--class all``, n/10 per class) at each weight.
-``--keep DIR`` keeps the student's run folder; ``--student DIR`` scores an existing student
+``--cond-drop P`` sets the student's null-class share (a conditional teacher's labels are dropped
+at its own training rate by default). ``--keep DIR`` keeps the student's run folder; ``--student DIR`` scores an existing student
 instead of distilling one (its figures then carry no distillation time).
 """
 from __future__ import annotations
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--method", default="progressive", choices=["progressive", "consistency"])
     ap.add_argument("--target-decay", type=float, help="consistency: the target network's decay (default the command's)")
+    ap.add_argument("--cond-drop", type=float,
+                    help="conditional teachers: the student's null-class share (default the command's: the teacher's)")
     ap.add_argument("--no-teacher", action="store_true",
                     help="score the student only (the teacher's figures at the same --n and seed are in an earlier JSON)")
     ap.add_argument("--n", type=int, default=1000)
@@ -88,9 +91,12 @@ def main() -> None:
                                           str(a.teacher_steps), "--student-steps", k, "--steps-per-round",
                                           str(a.steps_per_round), "--lr", str(a.lr), "--method", a.method,
                                           *(["--target-decay", str(a.target_decay)] if a.target_decay is not None
-                                            else []), "--device", "cpu", "--no-progress")
+                                            else []),
+                                          *(["--cond-drop", str(a.cond_drop)] if a.cond_drop is not None else []),
+                                          "--device", "cpu", "--no-progress")
         res["student"] = str(student) if a.student or a.keep else None
         res["distill_images_seen"] = images_seen(student)
+        res["student_cond_drop"] = json.loads((student / "config.json").read_text())["train"].get("cond_drop")
         res["teacher_images_seen"] = images_seen(Path(a.teacher))
         if a.method == "consistency":
             contenders = {f"student_consistency_{j}": (str(student), "consistency", str(j), "trailing")

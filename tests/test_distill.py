@@ -150,3 +150,46 @@ def test_cli_and_bad_input(teacher: Path, tmp_path: Path, capsys: pytest.Capture
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (argv, err)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_cond_drop_sets_the_null_share_of_the_students_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                method: str) -> None:
+    """A conditional teacher's labels reach the student dropped to the null class at the
+    teacher's training rate, or at --cond-drop; the rate measured on the batches themselves."""
+    from test_control import labelled_folder
+
+    root = labelled_folder(tmp_path / "data", n=16, size=8)
+    cfg = tiny_config(root, max_steps=2, batch_size=32, checkpoint_every=2, cond_drop=0.1)
+    cfg = replace(cfg, model=replace(cfg.model, num_classes=2))
+    train(cfg, tmp_path / "teacher", device="cpu", progress=False, tensorboard=False, log=lambda s: None)
+    kind = ConsistencyDistiller if method == "consistency" else Distiller
+    real = kind._batch
+    for drop, want in [(None, 0.1), (0.6, 0.6)]:
+        seen: list[torch.Tensor] = []
+
+        def spy(self):
+            x0, y = real(self)
+            seen.append(y.clone())
+            return x0, y
+
+        monkeypatch.setattr(kind, "_batch", spy)
+        d = DistillConfig(str(tmp_path / "teacher"), method=method, teacher_steps=4, student_steps=2,
+                          steps_per_round=20, cond_drop=drop)
+        out = tmp_path / f"{method}-{drop}"
+        distill(d, out, device="cpu", progress=False, log=lambda s: None)
+        y = torch.cat(seen)
+        rate = float((y == 2).float().mean())
+        assert abs(rate - want) < 4 * (want * (1 - want) / len(y)) ** 0.5, (drop, rate, len(y))
+        assert json.loads((out / "config.json").read_text())["train"]["cond_drop"] == want
+
+
+def test_cond_drop_bad_input(teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for argv, msg in [
+        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--cond-drop", "0.5"], "class-conditional teacher"),
+        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--cond-drop", "1.5"], "in [0, 1]"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "x").exists()

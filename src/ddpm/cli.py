@@ -212,7 +212,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                       student_steps=args.student_steps,
                       steps_per_round=(args.steps_per_round if args.steps_per_round is not None
                                        else DEFAULT_STEPS.get(args.method, DEFAULT_STEPS["progressive"])),
-                      batch_size=args.batch_size, lr=args.lr, **decay)
+                      batch_size=args.batch_size, lr=args.lr, cond_drop=args.cond_drop, **decay)
     res = distill(d, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
     print(f"done: step {res.step}; checkpoint {res.checkpoint}")
     print(f"sample with: ddpm sample {args.out} --steps {d.student_steps}")
@@ -569,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="consistency: moving-average decay of the target network (default 0.95)")
     di.add_argument("--batch-size", type=int, help="default: the teacher's")
     di.add_argument("--lr", type=float, default=1e-4)
+    di.add_argument("--cond-drop", type=float,
+                    help="conditional teachers: the share of the student's batches whose labels become the null "
+                    "class, which trains its unconditional output (default: the teacher's training rate)")
     di.add_argument("--resume", action="store_true", help="continue the student from its last checkpoint")
     di.add_argument("--device", default="auto", help="auto | cpu | cuda")
     di.add_argument("--no-progress", action="store_true")

@@ -21,9 +21,9 @@ the same round. A progressive student is sampled with DDIM (eta 0) on the traili
 own number of steps: ``ddpm sample STUDENT --sampler ddim --spacing trailing --steps N``;
 ``ddpm sample STUDENT`` picks each student's sampler and steps itself.
 
-A conditional teacher is distilled with its labels dropped to the null class as in training,
-so the student keeps both outputs and classifier-free guidance is applied at sampling (not
-distilled in).
+A conditional teacher is distilled with its labels dropped to the null class as in training
+(or at ``cond_drop``), so the student keeps both outputs and classifier-free guidance is
+applied at sampling (not distilled in).
 """
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ class DistillConfig:
     batch_size: int | None = None  # None: the teacher's
     lr: float = 1e-4  # Salimans & Ho use 1e-4 (CIFAR-10) to 5e-5 with Adam
     target_decay: float = 0.95  # consistency: the target network's moving average (Song et al.'s mu)
+    cond_drop: float | None = None  # conditional teachers: P(label -> null class) in the student's batches;
+    # None: the teacher's own training rate
 
     @property
     def rounds(self) -> int:
@@ -89,6 +91,8 @@ def check_distill_config(d: DistillConfig, T: int) -> None:
     elif not (1 <= d.student_steps < d.teacher_steps <= T) or d.teacher_steps != d.student_steps * 2 ** d.rounds:
         raise DdpmError(f"--teacher-steps ({d.teacher_steps}) must be --student-steps ({d.student_steps}) times a "
                         f"power of two, at most T={T}")
+    if d.cond_drop is not None and not 0 <= d.cond_drop <= 1:
+        raise DdpmError(f"--cond-drop must be in [0, 1], got {d.cond_drop}")
     if d.steps_per_round < 1 or d.lr <= 0 or (d.batch_size is not None and d.batch_size < 1):
         raise DdpmError("--steps-per-round, --lr and --batch-size must be positive")
 
@@ -251,7 +255,7 @@ def student_config(teacher: RunConfig, d: DistillConfig) -> RunConfig:
     tc = replace(teacher.train, lr=d.lr, lr_schedule="constant", warmup_steps=0, epochs=None, minutes=None,
                  max_steps=d.rounds * d.steps_per_round, ema_decay=ema, ema_warmup=False, sample_every=0,
                  checkpoint_every=d.steps_per_round, batch_size=d.batch_size or teacher.train.batch_size,
-                 guide_at=0.0)
+                 guide_at=0.0, cond_drop=teacher.train.cond_drop if d.cond_drop is None else d.cond_drop)
     return replace(teacher, train=tc, preset="distilled")
 
 
@@ -269,6 +273,8 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
         d = load_distill_config(run_dir)
     tck = load_checkpoint(d.teacher)
     check_distill_config(d, tck.config.diffusion.timesteps)
+    if d.cond_drop is not None and not tck.config.model.num_classes:
+        raise DdpmError(f"--cond-drop needs a class-conditional teacher; {d.teacher} has no labels")
     cfg = student_config(tck.config, d)
     validate(cfg)
     dev = resolve_device(device)
