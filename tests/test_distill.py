@@ -52,7 +52,8 @@ def test_grids_nest_and_the_target_closes_the_step() -> None:
 def test_two_step_student_beats_two_step_teacher(teacher: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     student = tmp_path / "student"
-    d = DistillConfig(str(teacher), teacher_steps=4, student_steps=2, steps_per_round=300, lr=1e-3)
+    d = DistillConfig(str(teacher), method="progressive", teacher_steps=4, student_steps=2, steps_per_round=300,
+                      lr=1e-3)
     distill(d, student, device="cpu", progress=False, log=lambda s: None)
     x_T = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     ref = ddim(teacher, 4, x_T)
@@ -133,14 +134,17 @@ def test_cli_and_bad_input(teacher: Path, tmp_path: Path, capsys: pytest.Capture
     assert main(["distill", str(teacher), "--out", str(tmp_path / "s"), "--teacher-steps", "4",
                  "--student-steps", "1", "--steps-per-round", "2", "--no-progress", "--device", "cpu"]) == 0
     assert (tmp_path / "s" / "distill.json").is_file() and (tmp_path / "s" / "log.jsonl").is_file()
+    assert json.loads((tmp_path / "s" / "distill.json").read_text())["method"] == "consistency"  # the default
     capsys.readouterr()
     for argv, msg in [
         (["distill", str(tmp_path / "none"), "--out", str(tmp_path / "x")], "no run or checkpoint"),
-        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--teacher-steps", "6"], "power of two"),
+        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "progressive", "--teacher-steps", "6"],
+         "power of two"),
         (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "cm"], "unknown distillation"),
         (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "consistency", "--target-decay", "1"],
          "--target-decay"),
-        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--target-decay", "0.9"], "consistency only"),
+        (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "progressive", "--target-decay", "0.9"],
+         "consistency only"),
         (["distill", str(teacher), "--out", str(tmp_path / "x"), "--steps-per-round", "0"], "must be positive"),
         (["distill", str(teacher), "--out", str(tmp_path / "x"), "--method", "consistency", "--teacher-steps", "2",
           "--student-steps", "4"], "at least --student-steps"),

@@ -211,7 +211,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     d = DistillConfig(str(resolve_run(args.teacher)), method=args.method, teacher_steps=args.teacher_steps,
                       student_steps=args.student_steps,
                       steps_per_round=(args.steps_per_round if args.steps_per_round is not None
-                                       else DEFAULT_STEPS.get(args.method, DEFAULT_STEPS["progressive"])),
+                                       else DEFAULT_STEPS.get(args.method, DEFAULT_STEPS["consistency"])),
                       batch_size=args.batch_size, lr=args.lr, cond_drop=args.cond_drop, **decay)
     res = distill(d, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
     print(f"done: step {res.step}; checkpoint {res.checkpoint}")
@@ -550,13 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=cmd_export)
 
     di = sub.add_parser("distill", help="a student run that samples in 1-4 steps what its teacher drew in many: "
-                        "progressive (Salimans & Ho 2022) or consistency (Song et al. 2023) distillation")
+                        "consistency (Song et al. 2023) or progressive (Salimans & Ho 2022) distillation")
     di.add_argument("teacher", help="the teacher's run or checkpoint folder, or a shipped model's name "
                     "(fashion-mnist)")
     di.add_argument("--out", required=True, help="the student's run folder")
-    di.add_argument("--method", default="progressive",
-                    help="progressive (default): DDIM steps halved round by round; consistency: the end of the "
-                    "teacher's ODE in one evaluation, sampled with --sampler consistency")
+    di.add_argument("--method", default="consistency",
+                    help="consistency (default): the end of the teacher's ODE in one evaluation, sampled with "
+                    "--sampler consistency at 1, 2 or 4 steps; progressive: DDIM steps halved round by round")
     di.add_argument("--teacher-steps", type=int, default=16,
                     help="progressive: DDIM steps of the first round's teacher; consistency: levels of the "
                     "teacher's DDIM ODE (default 16)")
@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="progressive: steps of the final student (halved each round); consistency: the steps "
                     "it samples with by default (default 4)")
     di.add_argument("--steps-per-round", type=int,
-                    help="optimiser steps per halving (progressive, default 500) or in all (consistency, default 250)")
+                    help="optimiser steps in all (consistency, default 250) or per halving (progressive, default 500)")
     di.add_argument("--target-decay", type=float,
                     help="consistency: moving-average decay of the target network (default 0.95)")
     di.add_argument("--batch-size", type=int, help="default: the teacher's")
