@@ -113,7 +113,7 @@ def openvino_nets(onnx: bytes, threads: int, bf16: bool, feeds: list[dict[str, n
 
 
 def output_error(net: nn.Module, other: nn.Module, feeds: list[dict[str, np.ndarray]]) -> dict:
-    """Relative RMS error of ``other``'s output against ``net``'s (eager fp32) on held-out inputs."""
+    """Relative RMS error of ``other``'s output against ``net``'s on held-out inputs."""
     num = den = 0.0
     with torch.inference_mode():
         for f in feeds:
@@ -181,19 +181,20 @@ def quantize_int8(fp32: bytes, feeds: list[dict[str, np.ndarray]]) -> bytes:
 
 def int8_error(fp32, int8, feeds: list[dict[str, np.ndarray]]) -> dict:
     """Relative RMS error of int8's output against fp32's on held-out network inputs."""
-    num = den = 0.0
-    for f in feeds:
-        a, b = fp32.run(None, f)[0], int8.run(None, f)[0]
-        num, den = num + float(((a - b) ** 2).sum()), den + float((a ** 2).sum())
-    return {"relative_rms_error": (num / den) ** 0.5, "inputs": sum(len(f["t"]) for f in feeds)}
+    return output_error(OrtNet(fp32), OrtNet(int8), feeds)
+
+
+def trained_network(run: str) -> tuple:
+    """A trained run's network (contiguous, eval), its config, step and inputs: random weights
+    say little about an engine's error."""
+    from ddpm.sampling import load_model
+    lm = load_model(run)
+    return lm.net.to(memory_format=torch.contiguous_format).eval(), lm, calibration_inputs(lm.config, 10, 16)
 
 
 def trained_int8_error(run: str) -> dict:
-    """int8 against fp32 on a trained run's network (random weights say little about error)."""
-    from ddpm.sampling import load_model
-    lm = load_model(run)
-    net = lm.net.to(memory_format=torch.contiguous_format).eval()
-    feeds = calibration_inputs(lm.config, 10, 16)
+    """int8 against fp32 on a trained run's network."""
+    net, lm, feeds = trained_network(run)
     fp32 = to_onnx(net, lm.config)
     out = int8_error(session(fp32), session(quantize_int8(fp32, feeds[:8])), feeds[8:])
     return {"run": run, "step": lm.step, **out}
@@ -201,10 +202,7 @@ def trained_int8_error(run: str) -> dict:
 
 def trained_extra_errors(run: str, bf16: bool, openvino: bool, openvino_int8: bool) -> dict:
     """Each bf16 / OpenVINO contender's output error against eager fp32 on a trained run's network."""
-    from ddpm.sampling import load_model
-    lm = load_model(run)
-    net = lm.net.to(memory_format=torch.contiguous_format).eval()
-    feeds = calibration_inputs(lm.config, 10, 16)
+    net, lm, feeds = trained_network(run)
     extra: dict[str, nn.Module] = {"eager_cl_bf16": Bf16Net(net)} if bf16 else {}
     if openvino:
         extra |= openvino_nets(to_onnx(net, lm.config), torch.get_num_threads(), bf16,
