@@ -120,6 +120,13 @@ def _interval(flag: str, text: str | None) -> tuple[float, ...] | None:
         raise DdpmError(f"{flag} must be LO,HI (noise levels sigma), got {text!r}") from None
 
 
+def _engine(model: Any, scfg: Any, args: argparse.Namespace) -> Any:
+    """The model with its network run by --engine (torch: unchanged); after every input check."""
+    from .engines import with_engine
+
+    return with_engine(model, args.engine, scfg)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .files import check_writable_dir
     from .pictures.viz import save_sample_set
@@ -133,6 +140,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DdpmError(f"--index must be between 0 and {min(scfg.n, scfg.batch_size) - 1}, got {args.index}")
     check_sample_config(model, scfg)  # bad input: one line, before anything is written
     check_writable_dir(out)  # and an output folder that cannot take the result, before minutes of sampling
+    model = _engine(model, scfg, args)
     frames = args.gif_show if args.gif else "none"
     t0 = time.perf_counter()
     s = generate(model, scfg, frames=frames, frame_index=args.index, progress=not args.no_progress)
@@ -245,7 +253,7 @@ def _edit_request(args: argparse.Namespace, folder: str) -> tuple[Any, Any, Any,
     check_sample_config(model, scfg)
     image = load_edit_image(model, args.image)
     out = Path(args.out) if args.out else model.run_folder() / folder
-    return model, scfg, image, out
+    return _engine(model, scfg, args), scfg, image, out
 
 
 def _save_edits(out: Path, s: Any, grid: Any, nrow: int, gif: bool, dt: float, what: str) -> None:
@@ -359,9 +367,10 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
     scfg = _student_sampling(model, scfg, args)
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
+    model = _engine(model, scfg, args)
     s = generate(model, scfg, progress=not args.no_progress)
     info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
-            "arithmetic": s.arithmetic, "autoguidance": scfg.autoguidance,
+            "arithmetic": s.arithmetic if args.engine == "torch" else args.engine, "autoguidance": scfg.autoguidance,
             "guiding_model": str(model.guide_folder(scfg.guiding_model)) if scfg.autoguidance else None,
             "autoguidance_interval": scfg.autoguidance_interval}
     return s.images, out, info
@@ -384,6 +393,7 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
     floor = default_floor(args.reference)
+    model = _engine(model, scfg, args)
     rep = guidance_sweep(model, scfg, ws, feature_net=net, reference=args.reference, floor=floor,
                          data_dir=args.data, seed=args.seed)
     for r in rep.results:
@@ -416,6 +426,7 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
     images = fmnist_test_images(model, scfg.n, args.data)
+    model = _engine(model, scfg, args)
     rep = inpainting_report(model, scfg, rp, args.inpaint, images=images, feature_net=net,
                             reference=args.reference, data_dir=args.data, seed=args.seed)
     print(rep.summary())
@@ -431,6 +442,8 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
     from .evaluation.likelihood import format_nll, nll_bits_per_dim
     from .sampling.generate import load_model
 
+    if args.engine != "torch":
+        raise DdpmError("--engine applies to sampling; --nll runs the network in PyTorch (drop --engine)")
     if args.run is None:
         raise DdpmError("--nll needs a RUN or checkpoint")
     if args.n < 1:
@@ -661,6 +674,11 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     s.add_argument("--precision", default="fp32",
                    help=f"{names_help(PRECISIONS)}: bf16 autocast pays only where native, fp16 needs CUDA")
     s.add_argument("--device", default="auto")
+    s.add_argument("--engine", default="torch", metavar="ENGINE",
+                   help="what runs the network: torch (eager PyTorch, the default); openvino (fp32) or "
+                        "openvino-int8 (NNCF int8, calibrated on this sampling's own network inputs): CPU, "
+                        "--precision fp32, pip install 'ddpm[openvino]'; int8 wins only on CPUs with VNNI but "
+                        "no native bfloat16 (README, 'Engines')")
     s.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
 

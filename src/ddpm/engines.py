@@ -1,0 +1,132 @@
+"""Sampling engines: which code runs the network at each sampler step.
+
+``torch`` (the default) is eager PyTorch. ``openvino`` and ``openvino-int8`` run the same network
+exported to ONNX (:func:`ddpm.export.to_onnx`) and compiled by OpenVINO's CPU plugin; only the
+network moves, the sampler, the schedule, guidance and the per-image seeds stay the library's.
+
+- ``openvino``: fp32 (inference precision f32), the same function as eager fp32 to about 1e-6.
+  It is no faster than eager channels-last fp32 (BENCHMARKS.md, "Engines"), so it is there to
+  check the export path and as the base of the next one.
+- ``openvino-int8``: the graph quantised to int8 by NNCF's post-training quantisation,
+  calibrated on **the model's own inputs in this very sampling**: the requested sampler is first
+  run for ``CALIBRATION_IMAGES`` images in eager fp32, and the network's inputs (x_t, t and the
+  class, guidance's null class included) at up to ``CALIBRATION_CALLS`` of its steps, shuffled
+  across steps into as many batches, are the calibration set. It wins where the CPU has fast int8 dot products but no native bfloat16
+  (AVX-512 VNNI without AVX-512-BF16: 1.45x eager fp32, FD 1.04x fp32's at 100 ancestral steps;
+  BENCHMARKS.md). Where bfloat16 is native, ``--precision bf16`` on the eager engine is faster
+  and closer to fp32.
+
+Both need the optional extra ``pip install 'ddpm[openvino]'`` (openvino, nncf, onnx) and run on
+the CPU in fp32 arithmetic outside the network (``--precision fp32``). A guiding model
+(autoguidance) stays on the eager engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DdpmError
+
+ENGINES = ("torch", "openvino", "openvino-int8")
+CALIBRATION_IMAGES = 16  # images sampled in eager fp32 to record the network's inputs
+CALIBRATION_CALLS = 32  # network calls kept from that sampling, evenly spread over its steps
+
+
+class OpenVinoNet(nn.Module):
+    """A compiled OpenVINO model behind the network's call signature ``(x_t, t[, cond]) -> out``."""
+
+    def __init__(self, compiled: Any, conditional: bool):
+        super().__init__()
+        self.compiled, self.conditional = compiled, conditional
+        self.request = compiled.create_infer_request()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        feed = [x.float().contiguous().numpy(), t.float().reshape(-1).expand(len(x)).contiguous().numpy()]
+        if self.conditional:
+            feed.append(cond[0].long().contiguous().numpy())
+        out = self.request.infer(feed)[self.compiled.output(0)]
+        return torch.from_numpy(np.array(out, copy=True))
+
+
+class _Recorder(nn.Module):
+    """The eager network, keeping a copy of every input it is called with."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        t_full = t.float().reshape(-1).expand(len(x))
+        self.calls.append([x.float().contiguous().numpy().copy(), t_full.contiguous().numpy().copy(),
+                           *(c.long().numpy().copy() for c in cond)])
+        return self.net(x, t, *cond)
+
+
+def _import(name: str, engine: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError:
+        raise DdpmError(f"--engine {engine} needs the {name} package: pip install 'ddpm[openvino]'") from None
+
+
+def check_engine(engine: str, model: Any, precision: str) -> None:
+    """One line, before any work, for an engine that cannot run this request."""
+    if engine not in ENGINES:
+        raise DdpmError(f"unknown --engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if engine == "torch":
+        return
+    if model.schedule.alpha_bar.device.type != "cpu":
+        raise DdpmError(f"--engine {engine} runs on the CPU; add --device cpu")
+    if precision != "fp32":
+        raise DdpmError(f"--engine {engine} sets its own arithmetic; use it with --precision fp32 (the default)")
+
+
+def calibration_inputs(model: Any, cfg: Any) -> list[list[np.ndarray]]:
+    """The network's inputs while the requested sampler draws CALIBRATION_IMAGES images (eager fp32)."""
+    from .sampling.generate import generate
+
+    rec = _Recorder(model.net)
+    small = dataclasses.replace(cfg, n=CALIBRATION_IMAGES, batch_size=CALIBRATION_IMAGES, precision="fp32")
+    with torch.inference_mode():
+        generate(dataclasses.replace(model, net=rec), small)
+    keep = np.unique(np.linspace(0, len(rec.calls) - 1, min(CALIBRATION_CALLS, len(rec.calls))).round().astype(int))
+    # each call holds one step's noise level; NNCF averages the per-batch ranges, so batches of one
+    # level each would clip the others: the rows are shuffled across steps into batches as large
+    pool = [np.concatenate([rec.calls[i][k] for i in keep]) for k in range(len(rec.calls[0]))]
+    order = np.random.default_rng(0).permutation(len(pool[0]))
+    return [[a[rows] for a in pool] for rows in np.array_split(order, len(keep))]
+
+
+def with_engine(model: Any, engine: str, cfg: Any) -> Any:
+    """``model`` (a LoadedModel) with its network run by ``engine``; ``cfg`` (the SampleConfig
+    about to be sampled) is what int8 calibrates on."""
+    check_engine(engine, model, cfg.precision)
+    if engine == "torch":
+        return model
+    ov = _import("openvino", engine)
+    nncf = _import("nncf", engine) if engine == "openvino-int8" else None
+    from .export import _require_onnx, input_names, to_onnx
+
+    _require_onnx()
+    net = copy.deepcopy(model.net).float().to(memory_format=torch.contiguous_format).eval()  # the caller's stays
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "net.onnx"
+        path.write_bytes(to_onnx(net, model.config))
+        graph = core.read_model(str(path))
+    if nncf is not None:
+        feeds = calibration_inputs(model, cfg)
+        with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bar: the command prints its own
+            graph = nncf.quantize(graph, nncf.Dataset(feeds), subset_size=len(feeds))
+    compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                                                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    return dataclasses.replace(model, net=OpenVinoNet(compiled, len(input_names(model.config)) == 3))
