@@ -70,6 +70,22 @@ def test_int8_calibration_mixes_the_steps(run: Path) -> None:
     assert all(f[0].shape[1:] == (1, 8, 8) and f[0].dtype == np.float32 for f in feeds)
 
 
+def test_long_samplers_calibrate_on_a_coarse_grid(tmp_path: Path, image_dir: Path) -> None:
+    """A 100-step request calibrates on the same sampler at CALIBRATION_CALLS steps (a fixed cost),
+    spanning the same noise levels."""
+    cfg = tiny_config(image_dir)
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, timesteps=100))
+    train(cfg, tmp_path / "run", device="cpu", progress=False, tensorboard=False, log=lambda s: None)
+    model = load_model(tmp_path / "run", device="cpu")
+    seen = []
+    real = model.net.forward
+    model.net.forward = lambda x, t, *c: seen.append(1) or real(x, t, *c)
+    feeds = calibration_inputs(model, SampleConfig(sampler="ddpm", steps=None, n=500))  # ddpm's own: all 100
+    ts = np.unique(np.concatenate([f[1] for f in feeds]))
+    assert len(seen) == CALIBRATION_CALLS == len(feeds) == len(ts)
+    assert ts.min() == 0 and ts.max() >= 90
+
+
 def test_int8_network_is_close_to_fp32(run: Path) -> None:
     cfg = SampleConfig(sampler="ddpm", steps=20, n=64, seed=0)
     model = load_model(run, device="cpu")
