@@ -127,6 +127,11 @@ def _engine(model: Any, scfg: Any, args: argparse.Namespace) -> Any:
     return with_engine(model, args.engine, scfg)
 
 
+def _engine_suffix(args: argparse.Namespace) -> str:
+    """A report made through another engine is named apart from the eager one's."""
+    return "" if args.engine == "torch" else f"-{args.engine}"
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .files import check_writable_dir
     from .pictures.viz import save_sample_set
@@ -399,7 +404,7 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
     for r in rep.results:
         agree = "" if r.agreement is None else f" agreement={100 * r.agreement:.1f}%"
         print(f"guidance {r.guidance:g}: {r.report.summary()}{agree} ({r.images_per_sec:.1f} images/s)")
-    name = f"eval-control-{scfg.sampler}-{rep.steps}"
+    name = f"eval-control-{scfg.sampler}-{rep.steps}{_engine_suffix(args)}"
     _write_report(out / f"{name}.json", json.dumps(rep.to_dict(), indent=2) + "\n")
     plot_sweep(rep, out / f"{name}.png")
     print(f"wrote {out / (name + '.json')}, {out / (name + '.png')}", file=sys.stderr)
@@ -430,7 +435,8 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
     rep = inpainting_report(model, scfg, rp, args.inpaint, images=images, feature_net=net,
                             reference=args.reference, data_dir=args.data, seed=args.seed)
     print(rep.summary())
-    path = out / f"eval-inpaint-{args.inpaint}-{scfg.sampler}-{rep.steps}-j{rp.jump_length}-r{rp.resample}.json"
+    path = out / (f"eval-inpaint-{args.inpaint}-{scfg.sampler}-{rep.steps}-j{rp.jump_length}-r{rp.resample}"
+                  f"{_engine_suffix(args)}.json")
     _write_report(path, json.dumps(rep.to_dict(), indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
     return 0
