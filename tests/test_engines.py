@@ -142,3 +142,21 @@ def test_missing_package_says_what_to_install(run: Path, monkeypatch: pytest.Mon
     model = load_model(run, device="cpu")
     with pytest.raises(DdpmError, match=r"--engine openvino-int8 needs the nncf package: pip install 'ddpm\[openvino\]'"):
         with_engine(model, "openvino-int8", SampleConfig(sampler="ddim", steps=2, n=2))
+
+
+def test_eval_names_its_report_by_engine(image_dir: Path, tmp_path: Path) -> None:
+    """An int8 report never overwrites the eager one, and says which engine drew its images."""
+    import json
+
+    cfg = tiny_config(image_dir)
+    cfg = replace(cfg, data=replace(cfg.data, image_size=28))  # the feature net's size
+    run = tmp_path / "run28"
+    train(cfg, run, device="cpu", progress=False, tensorboard=False, log=lambda s: None)
+    common = ["--n", "8", "--sampler", "ddim", "--steps", "3", "--reference", str(image_dir), "--out", str(tmp_path),
+              "--no-progress"]
+    assert main(["eval", str(run), *common]) == 0
+    assert main(["eval", str(run), "--engine", "openvino-int8", *common]) == 0
+    eager = json.loads((tmp_path / "eval-ddim-3.json").read_text())
+    int8 = json.loads((tmp_path / "eval-ddim-3-openvino-int8.json").read_text())
+    assert eager["arithmetic"] == "fp32" and int8["arithmetic"] == "openvino-int8"
+    assert int8["n_samples"] == eager["n_samples"] == 8
