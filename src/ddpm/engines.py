@@ -94,9 +94,7 @@ def check_engine(engine: str, model: Any, precision: str) -> None:
 
 def calibration_inputs(model: Any, cfg: Any) -> list[list[np.ndarray]]:
     """The network's inputs while the requested sampler draws CALIBRATION_IMAGES images (eager fp32)."""
-    from .sampling.generate import generate
-
-    from .sampling.generate import check_sample_config
+    from .sampling.generate import check_sample_config, generate
 
     rec = _Recorder(model.net)
     small = dataclasses.replace(cfg, n=CALIBRATION_IMAGES, batch_size=CALIBRATION_IMAGES, precision="fp32")
