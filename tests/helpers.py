@@ -38,6 +38,23 @@ def tiny_config(image_dir: Path, **train_opts: Any) -> RunConfig:
     )
 
 
+def tiny_run(tmp: Path, image_dir: Path, num_classes: int = 0, **train_opts: Any) -> Path:
+    """A tiny run trained a few steps in ``tmp/run``; a conditional one on a folder of one
+    subfolder per class (``tmp/classes/c0`` ...)."""
+    from dataclasses import replace
+
+    from ddpm.training.train import train
+
+    cfg = tiny_config(image_dir, **train_opts)
+    if num_classes:
+        for k in range(num_classes):
+            make_images((tmp / "classes" / f"c{k}").mkdir(parents=True) or tmp / "classes" / f"c{k}", n=8)
+        cfg = tiny_config(tmp / "classes", **train_opts)
+        cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes))
+    train(cfg, tmp / "run", device="cpu", progress=False, tensorboard=False, log=lambda s: None)
+    return tmp / "run"
+
+
 def write_config(path: Path, cfg: RunConfig) -> Path:
     path.write_text(cfg.to_json())
     return path

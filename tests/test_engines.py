@@ -18,7 +18,7 @@ from ddpm.engines import CALIBRATION_CALLS, CALIBRATION_IMAGES, calibration_inpu
 from ddpm.errors import DdpmError
 from ddpm.sampling.generate import generate, load_model
 from ddpm.training.train import train
-from helpers import make_images, tiny_config
+from helpers import tiny_config, tiny_run
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -26,15 +26,8 @@ pytest.importorskip("onnx")
 
 
 def _run(tmp: Path, image_dir: Path, num_classes: int = 0) -> Path:
-    """A tiny run trained 4 steps; a conditional one on a folder of one subfolder per class."""
-    cfg = tiny_config(image_dir)
-    if num_classes:
-        for k in range(num_classes):
-            make_images((tmp / "classes" / f"c{k}").mkdir(parents=True) or tmp / "classes" / f"c{k}", n=8)
-        cfg = tiny_config(tmp / "classes")
-        cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes))
-    train(cfg, tmp / "run", device="cpu", progress=False, tensorboard=False, log=lambda s: None)
-    return tmp / "run"
+    """A tiny run trained 4 steps (helpers.tiny_run)."""
+    return tiny_run(tmp, image_dir, num_classes)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +51,7 @@ def test_openvino_fp32_samples_the_same_images(run: Path) -> None:
 
 def test_int8_calibration_mixes_the_steps(run: Path) -> None:
     """Every calibration batch holds several noise levels (a batch per step made NNCF clip the
-    others: 71% output error on a trained network), and together they cover the sampler's steps."""
+    others: grey-noise samples from a trained network), and together they cover the sampler's steps."""
     cfg = SampleConfig(sampler="ddpm", steps=20, n=64, seed=0)
     model = load_model(run, device="cpu")
     feeds = calibration_inputs(model, cfg)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +12,14 @@ import torch
 
 from ddpm.cli import main
 from ddpm.sampling.generate import load_model
-from ddpm.training.train import train
-from helpers import make_images, tiny_config
+from helpers import tiny_run
 
 onnx = pytest.importorskip("onnx")
 
 
 def _run(tmp: Path, image_dir: Path, num_classes: int = 0) -> Path:
-    """A tiny run trained 2 steps; a conditional one on a folder of one subfolder per class."""
-    cfg = tiny_config(image_dir, max_steps=2)
-    if num_classes:
-        for k in range(num_classes):
-            make_images((tmp / "classes" / f"c{k}").mkdir(parents=True) or tmp / "classes" / f"c{k}", n=8)
-        cfg = tiny_config(tmp / "classes", max_steps=2)
-        cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes))
-    train(cfg, tmp / "run", device="cpu", progress=False, tensorboard=False, log=lambda s: None)
-    return tmp / "run"
+    """A tiny run trained 2 steps (helpers.tiny_run)."""
+    return tiny_run(tmp, image_dir, num_classes, max_steps=2)
 
 
 @pytest.fixture(scope="module")
