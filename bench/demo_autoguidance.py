@@ -6,8 +6,8 @@ FD-FMNIST (and, conditional, class agreement) per (classifier-free w, autoguidan
 
 Training is ``ddpm.demo.run_demo`` itself (the preset keeps its guide at 20% of the budget), so
 the steps are the demo's. Every setting draws the same n images (same seeds) with the demo's
-sampler (DPM-Solver++(2M), 20 steps); conditional runs draw every class, n / 10 each. Writes
-bench/results/NAME.json and keeps the run in bench/out/NAME (``--reuse [RUN]`` scores it, or
+sampler (DPM-Solver++(2M), 20 steps; ``--spacings`` scores each on several grids); conditional
+runs draw every class, n / 10 each. Writes bench/results/NAME.json and keeps the run in bench/out/NAME (``--reuse [RUN]`` scores it, or
 bench/out/RUN, again).
 """
 from __future__ import annotations
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reuse", nargs="?", const="", metavar="RUN",
                     help="score bench/out/RUN (default NAME) again, no training")
+    ap.add_argument("--spacings", nargs="+", default=[None], metavar="SPACING",
+                    help="score every setting on each of these grids (default: the sampler's own)")
     ap.add_argument("--name", required=True, help="bench/results/NAME.json, run in bench/out/NAME")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -55,9 +57,9 @@ def main() -> None:
     base = SampleConfig(sampler="dpm++2m", steps=20, n=a.n, batch_size=250, seed=a.seed, clip="clip",
                         classes="all" if a.cond else None)
     rows = []
-    for spec in a.settings:
+    for spec, spacing in [(spec, g) for g in a.spacings for spec in a.settings]:
         cfg_w, ag_w = (float(v) for v in spec.split(":"))
-        sc = replace(base, autoguidance=ag_w)
+        sc = replace(base, autoguidance=ag_w, spacing=spacing)
         t0 = time.perf_counter()
         if a.cond:
             r = guidance_sweep(model, sc, [cfg_w], seed=a.seed)
@@ -68,7 +70,8 @@ def main() -> None:
                 sys.exit("classifier-free guidance needs --cond")
             s = generate(model, sc)
             rep, agreement, nfe = evaluate_images(s.images, seed=a.seed), None, s.nfe
-        row = {"guidance": cfg_w, "autoguidance": ag_w, "nfe": nfe, "fd_fmnist": round(rep.fd, 3),
+        row = {"guidance": cfg_w, "autoguidance": ag_w, "spacing": spacing or "default", "nfe": nfe,
+               "fd_fmnist": round(rep.fd, 3),
                "fd_floor": round(rep.fd_reference, 3), "kid": round(rep.kid_mean, 4),
                "precision": round(rep.precision, 3), "recall": round(rep.recall, 3),
                "class_agreement": None if agreement is None else round(agreement, 4),
