@@ -39,6 +39,31 @@ def test_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     assert autocast_dtype("auto", CPU) is torch.bfloat16
 
 
+@pytest.mark.parametrize(("env", "capability", "native"), [
+    ({}, "AVX512", True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "AVX512", False),  # oneDNN capped: convolutions emulate bf16
+    ({"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"}, "AVX512", False),  # VNNI, no bf16 (any case)
+    ({"DNNL_MAX_CPU_ISA": "AVX512_CORE"}, "AVX512", False),  # the older name of the variable
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "AVX512", True),
+    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "AVX512", True),
+    ({}, "AVX2", False),  # ATEN_CPU_CAPABILITY=avx2
+])
+def test_native_bf16_honours_kernel_caps(env, capability, native, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU with AVX512-BF16 whose kernels are capped below it (how an AVX2 laptop is emulated)
+    computes bf16 by emulation, so `auto` must pick fp32 there."""
+    for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert native_bf16(CPU) is native
+    assert autocast_dtype("auto", CPU) is (torch.bfloat16 if native else None)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not native_bf16(CPU)  # no bf16 in the CPU: never native, caps or not
+
+
 def test_bf16_network_is_close_to_fp32_and_returns_fp32(image_dir: Path) -> None:
     torch.manual_seed(0)
     net = UNet(tiny_config(image_dir).model).eval()

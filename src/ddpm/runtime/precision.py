@@ -3,8 +3,8 @@
 ``fp32`` runs the network's function exactly (the default). ``bf16`` runs convolutions and
 matrix products in bfloat16 under ``torch.autocast`` with fp32 weights and fp32 loss and sampler
 math. It runs natively on GPUs since Ampere and on CPUs with AVX512-BF16 or AMX, where it is
-meant to be faster (no measurement of the gain is on record: BENCHMARKS.md section 6);
-elsewhere it is emulated and slower. ``fp16`` (CUDA only) adds a gradient
+faster (sampling the seed's network 1.79x the seed's loop against 1.16x in fp32 on a 2-core
+AVX-512 EPYC: BENCHMARKS.md, "Engines and precision"); elsewhere it is emulated and slower. ``fp16`` (CUDA only) adds a gradient
 scaler. ``auto`` is bf16 where the hardware runs it natively, else fp32.
 
 An explicit ``bf16`` where it is emulated runs (it is the same bf16 arithmetic, and a run's
@@ -13,6 +13,7 @@ quoting the measured slowdown.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, get_args
 
@@ -34,8 +35,20 @@ def native_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence getattr
-        return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
+        return any(getattr(torch.cpu, c, lambda: False)() for c in checks) and not _kernels_capped()
     return False
+
+
+# oneDNN's ONEDNN_MAX_CPU_ISA values below the first with bfloat16 dot products (AVX512_CORE_BF16)
+_ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def _kernels_capped() -> bool:
+    """Whether the kernels were restricted below bfloat16 on purpose (ATEN_CPU_CAPABILITY=avx2,
+    ONEDNN_MAX_CPU_ISA=AVX2: how a machine without it is emulated); the CPU's own flags still say
+    bf16 then, but the convolutions would emulate it."""
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    return isa in _ONEDNN_BELOW_BF16 or torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT", "NO AVX")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
