@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--spacing", help="the sampler's timestep grid (default: its own)")
     p.add_argument("--jump-length", type=int, default=2)
     p.add_argument("--resample", default="1,5,10")
     p.add_argument("--mask", default="right", help=f"comma list of {', '.join(MASK_SHAPES)}")
@@ -40,7 +42,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model = load_model(a.run)
-    cfg = SampleConfig(sampler=a.sampler, steps=a.steps, n=a.n, batch_size=a.batch_size, clip="clip", seed=a.seed)
+    cfg = SampleConfig(sampler=a.sampler, steps=a.steps, n=a.n, batch_size=a.batch_size, clip="clip", seed=a.seed,
+                       spacing=a.spacing)
     net = default_feature_net()
     images = fmnist_test_images(model, a.n)
     rows = []
@@ -54,6 +57,7 @@ def main() -> None:
                          "fd_hole_black": rep.fd_hole_black, "nfe_per_image": rep.nfe, "seconds": rep.seconds,
                          "seconds_per_image": rep.seconds / a.n, "load_average_at_start": load})
             save(a.name, {"run": a.run, "step": model.step, "n": a.n, "sampler": a.sampler, "steps": a.steps,
+                          "spacing": a.spacing or "the sampler's default", "command": "python " + " ".join(sys.argv),
                           "clip": cfg.clip, "seed": a.seed, "threads": a.threads, "cpu": cpu_info(),
                           "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows})
 
