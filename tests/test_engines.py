@@ -105,6 +105,19 @@ def test_conditional_model_under_guidance(tmp_path: Path, image_dir: Path) -> No
     assert got.shape == ref.shape and torch.isfinite(got.float()).all()
 
 
+def test_conditional_model_without_classes(tmp_path: Path, image_dir: Path) -> None:
+    """A conditional model sampled with no --class (the network's null class, as eager reads a
+    missing label): the same images as eager, and calibration records the null class."""
+    run = _run(tmp_path, image_dir, num_classes=3)
+    cfg = SampleConfig(sampler="dpm++2m", steps=4, n=5, batch_size=5, seed=2)
+    model = load_model(run, device="cpu")
+    feeds = calibration_inputs(model, cfg)
+    assert len(feeds[0]) == 3 and set(np.concatenate([f[2] for f in feeds]).tolist()) == {3}
+    ref = generate(model, cfg).images
+    assert (generate(with_engine(model, "openvino", cfg), cfg).images.int() - ref.int()).abs().max() <= 1
+    assert generate(with_engine(model, "openvino-int8", cfg), cfg).images.shape == ref.shape
+
+
 def test_command_samples_with_an_engine(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "s"
     assert main(["sample", str(run), "--engine", "openvino-int8", "--sampler", "ddim", "--steps", "3", "--n", "4",

@@ -43,33 +43,40 @@ CALIBRATION_IMAGES = 64  # images sampled in eager fp32 to record the network's 
 CALIBRATION_CALLS = 32  # network calls kept from that sampling, evenly spread over its steps
 
 
-class OpenVinoNet(nn.Module):
-    """A compiled OpenVINO model behind the network's call signature ``(x_t, t[, cond]) -> out``."""
+def _feed(x: torch.Tensor, t: torch.Tensor, cond: tuple, null: int | None) -> list[np.ndarray]:
+    """The exported graph's inputs for one call ``net(x, t[, cond])``: t one per image, and for a
+    conditional network the class indices, the null class where the caller gave none (as the
+    network itself reads a missing ``cond``: unconditional sampling)."""
+    feed = [x.float().contiguous().numpy(), t.float().reshape(-1).expand(len(x)).contiguous().numpy()]
+    if null is not None:
+        labels = cond[0] if cond and cond[0] is not None else torch.full((len(x),), null)
+        feed.append(labels.long().contiguous().numpy())
+    return feed
 
-    def __init__(self, compiled: Any, conditional: bool):
+
+class OpenVinoNet(nn.Module):
+    """A compiled OpenVINO model behind the network's call signature ``(x_t, t[, cond]) -> out``;
+    ``null``: a conditional network's null class (None: unconditional)."""
+
+    def __init__(self, compiled: Any, null: int | None):
         super().__init__()
-        self.compiled, self.conditional = compiled, conditional
+        self.compiled, self.null = compiled, null
         self.request = compiled.create_infer_request()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
-        feed = [x.float().contiguous().numpy(), t.float().reshape(-1).expand(len(x)).contiguous().numpy()]
-        if self.conditional:
-            feed.append(cond[0].long().contiguous().numpy())
-        out = self.request.infer(feed)[self.compiled.output(0)]
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor | None) -> torch.Tensor:
+        out = self.request.infer(_feed(x, t, cond, self.null))[self.compiled.output(0)]
         return torch.from_numpy(np.array(out, copy=True))
 
 
 class _Recorder(nn.Module):
-    """The eager network, keeping a copy of every input it is called with."""
+    """The eager network, keeping a copy of every input it is called with (as the graph takes them)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, null: int | None):
         super().__init__()
-        self.net, self.calls = net, []
+        self.net, self.null, self.calls = net, null, []
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
-        t_full = t.float().reshape(-1).expand(len(x))
-        self.calls.append([x.float().contiguous().numpy().copy(), t_full.contiguous().numpy().copy(),
-                           *(c.long().numpy().copy() for c in cond)])
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor | None) -> torch.Tensor:
+        self.calls.append([a.copy() for a in _feed(x, t, cond, self.null)])
         return self.net(x, t, *cond)
 
 
@@ -96,7 +103,7 @@ def calibration_inputs(model: Any, cfg: Any) -> list[list[np.ndarray]]:
     """The network's inputs while the requested sampler draws CALIBRATION_IMAGES images (eager fp32)."""
     from .sampling.generate import check_sample_config, generate
 
-    rec = _Recorder(model.net)
+    rec = _Recorder(model.net, _null_class(model))
     small = dataclasses.replace(cfg, n=CALIBRATION_IMAGES, batch_size=CALIBRATION_IMAGES, precision="fp32")
     if check_sample_config(model, small) > CALIBRATION_CALLS:  # the same sampler on a coarser grid: the
         coarse = dataclasses.replace(small, steps=CALIBRATION_CALLS)  # same noise levels' range, at a fixed cost
@@ -123,7 +130,7 @@ def with_engine(model: Any, engine: str, cfg: Any) -> Any:
         return model
     ov = _import("openvino", engine)
     nncf = _import("nncf", engine) if engine == "openvino-int8" else None
-    from .export import _require_onnx, input_names, to_onnx
+    from .export import _require_onnx, to_onnx
 
     _require_onnx()
     net = copy.deepcopy(model.net).float().to(memory_format=torch.contiguous_format).eval()  # the caller's stays
@@ -141,4 +148,9 @@ def with_engine(model: Any, engine: str, cfg: Any) -> Any:
                                   preset=nncf.QuantizationPreset.MIXED)
     compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
                                                  "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    return dataclasses.replace(model, net=OpenVinoNet(compiled, len(input_names(model.config)) == 3))
+    return dataclasses.replace(model, net=OpenVinoNet(compiled, _null_class(model)))
+
+
+def _null_class(model: Any) -> int | None:
+    """A conditional model's null class index (= its number of classes); None when unconditional."""
+    return model.config.model.num_classes or None
