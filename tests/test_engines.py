@@ -166,3 +166,37 @@ def test_eval_names_its_report_by_engine(image_dir: Path, tmp_path: Path) -> Non
     int8 = json.loads((tmp_path / "eval-ddim-3-openvino-int8.json").read_text())
     assert eager["arithmetic"] == "fp32" and int8["arithmetic"] == "openvino-int8"
     assert int8["n_samples"] == eager["n_samples"] == 8
+
+
+def test_int8_without_vnni_warns_once(run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Without VNNI, int8 measured an FD far from fp32's: one warning line, and it still runs."""
+    import ddpm.engines as engines
+
+    cfg = SampleConfig(sampler="ddim", steps=3, n=2, seed=0)
+    model = load_model(run, device="cpu")
+    for vnni, warned in ((False, True), (True, False), (None, False)):  # None: flags unreadable
+        monkeypatch.setattr(engines, "cpu_has_vnni", lambda v=vnni: v)
+        assert generate(with_engine(model, "openvino-int8", cfg), cfg).images.shape == (2, 1, 8, 8)
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+        assert len(err) == int(warned), err
+        if warned:
+            assert "VNNI" in err[0] and f"{engines.INT8_FD_WITHOUT_VNNI:.2f}x" in err[0]
+
+
+@pytest.mark.parametrize(("env", "vnni"), [({}, None), ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+                                           ({"OV_CPU_MAX_ISA": "avx2"}, False),
+                                           ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, None)])
+def test_vnni_detection_honours_kernel_caps(env, vnni, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import ddpm.engines as engines
+
+    for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OV_CPU_MAX_ISA"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for flags, has in (("fpu avx2 avx512f avx512_vnni", True), ("fpu avx2 avx_vnni", True), ("fpu avx2 fma", False)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        real = engines.Path
+        monkeypatch.setattr(engines, "Path", lambda p, real=real, info=info: info if p == "/proc/cpuinfo" else real(p))
+        assert engines.cpu_has_vnni() is (has if vnni is None else vnni)
+        monkeypatch.setattr(engines, "Path", real)

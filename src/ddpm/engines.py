@@ -28,6 +28,8 @@ import contextlib
 import copy
 import dataclasses
 import io
+import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,34 @@ def _import(name: str, engine: str) -> Any:
         raise DdpmError(f"--engine {engine} needs the {name} package: pip install 'ddpm[openvino]'") from None
 
 
+# FD of OpenVINO int8 over eager fp32 where the CPU has no VNNI (AVX2 kernels, OpenVINO and oneDNN
+# both capped): bench/results/engine_fd_int8_ddpm100_avx2emu.json (100 ancestral steps, n = 1,000)
+INT8_FD_WITHOUT_VNNI = 1.71
+# oneDNN's ONEDNN_MAX_CPU_ISA values with int8 dot products (VNNI) and every one above them
+_ONEDNN_VNNI = {"AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16",
+                "AVX10_1_512_AMX", "AVX512_CORE_AMX", "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16", "ALL"}
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether the CPU's int8 dot products (AVX-512 VNNI or AVX-VNNI) are there and not capped off
+    (ONEDNN_MAX_CPU_ISA / OV_CPU_MAX_ISA); None where the flags cannot be read (not Linux x86)."""
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return None
+    caps = [os.environ.get(k, "").upper() for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OV_CPU_MAX_ISA")]
+    if any(c and c not in _ONEDNN_VNNI for c in caps):
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def warn_int8_without_vnni() -> None:
+    """One ``warning:`` line: int8 without VNNI measured far from fp32's FD."""
+    print(f"warning: this CPU has no VNNI int8 dot products; there --engine openvino-int8 measured an FD "
+          f"{INT8_FD_WITHOUT_VNNI:.2f}x eager fp32's (BENCHMARKS.md, \"Engines and precision\"); "
+          f"--engine torch is the safe choice", file=sys.stderr)
+
+
 def check_engine(engine: str, model: Any, precision: str) -> None:
     """One line, before any work, for an engine that cannot run this request."""
     if engine not in ENGINES:
@@ -130,6 +160,8 @@ def with_engine(model: Any, engine: str, cfg: Any) -> Any:
         return model
     ov = _import("openvino", engine)
     nncf = _import("nncf", engine) if engine == "openvino-int8" else None
+    if nncf is not None and cpu_has_vnni() is False:
+        warn_int8_without_vnni()
     from .export import _require_onnx, to_onnx
 
     _require_onnx()
