@@ -97,8 +97,9 @@ def cpu_info() -> dict:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), platform.processor())
     flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OV_CPU_MAX_ISA")
-            if k in os.environ}
+    from ddpm.runtime.precision import KERNEL_CAP_VARS
+
+    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", *KERNEL_CAP_VARS) if k in os.environ}
     return {"cpu_model": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
             "kind": "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "other"),

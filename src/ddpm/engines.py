@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import io
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import DdpmError
+from .runtime.precision import capped_without
 
 ENGINES = ("torch", "openvino", "openvino-int8")
 CALIBRATION_IMAGES = 64  # images sampled in eager fp32 to record the network's inputs
@@ -92,11 +92,6 @@ def _import(name: str, engine: str) -> Any:
 # FD of OpenVINO int8 over eager fp32 where the CPU has no VNNI (AVX2 kernels, OpenVINO and oneDNN
 # both capped): bench/results/engine_fd_int8_ddpm100_avx2emu.json (100 ancestral steps, n = 1,000)
 INT8_FD_WITHOUT_VNNI = 1.71
-# oneDNN's ONEDNN_MAX_CPU_ISA values with int8 dot products (VNNI) and every one above them
-_ONEDNN_VNNI = {"AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16",
-                "AVX10_1_512_AMX", "AVX512_CORE_AMX", "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16", "ALL"}
-
-
 def cpu_has_vnni() -> bool | None:
     """Whether the CPU's int8 dot products (AVX-512 VNNI or AVX-VNNI) are there and not capped off
     (ONEDNN_MAX_CPU_ISA / OV_CPU_MAX_ISA); None where the flags cannot be read (not Linux x86)."""
@@ -104,10 +99,7 @@ def cpu_has_vnni() -> bool | None:
         flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
     except (OSError, StopIteration):
         return None
-    caps = [os.environ.get(k, "").upper() for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OV_CPU_MAX_ISA")]
-    if any(c and c not in _ONEDNN_VNNI for c in caps):
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return not capped_without("vnni") and ("avx512_vnni" in flags or "avx_vnni" in flags)
 
 
 def warn_int8_without_vnni() -> None:

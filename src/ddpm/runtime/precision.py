@@ -39,16 +39,30 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-# oneDNN's ONEDNN_MAX_CPU_ISA values below the first with bfloat16 dot products (AVX512_CORE_BF16)
-_ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+# The kernel caps a run can set (oneDNN's, its older name, OpenVINO's) and, for each oneDNN ISA
+# name they take, which of bf16 and VNNI (int8 dot products) it keeps. Not a linear order:
+# AVX512_CORE drops AVX2_VNNI's VNNI.
+KERNEL_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OV_CPU_MAX_ISA")
+_NONE, _VNNI, _BOTH = frozenset(), frozenset({"vnni"}), frozenset({"vnni", "bf16"})
+ISA_FEATURES = {"SSE41": _NONE, "AVX": _NONE, "AVX2": _NONE, "AVX2_VNNI": _VNNI, "AVX2_VNNI_2": _VNNI,
+                "AVX512_CORE": _NONE, "AVX512_CORE_VNNI": _VNNI, "AVX512_CORE_BF16": _BOTH, "AVX10_1_512": _BOTH,
+                "AVX512_CORE_FP16": _BOTH, "AVX10_1_512_AMX": _BOTH, "AVX512_CORE_AMX": _BOTH,
+                "AVX10_1_512_AMX_FP16": _BOTH, "AVX512_CORE_AMX_FP16": _BOTH, "ALL": _BOTH}
+
+
+def capped_without(feature: str, names: tuple[str, ...] = KERNEL_CAP_VARS) -> bool:
+    """Whether a kernel cap in the environment (``names``) rules ``feature`` ("bf16", "vnni") out:
+    how a machine without it is emulated on one that has it. Unknown cap values rule nothing out."""
+    caps = (os.environ.get(k, "").upper() for k in names)
+    return any(c in ISA_FEATURES and feature not in ISA_FEATURES[c] for c in caps)
 
 
 def _kernels_capped() -> bool:
     """Whether the kernels were restricted below bfloat16 on purpose (ATEN_CPU_CAPABILITY=avx2,
-    ONEDNN_MAX_CPU_ISA=AVX2: how a machine without it is emulated); the CPU's own flags still say
-    bf16 then, but the convolutions would emulate it."""
-    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    return isa in _ONEDNN_BELOW_BF16 or torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT", "NO AVX")
+    ONEDNN_MAX_CPU_ISA=AVX2); the CPU's own flags still say bf16 then, but the convolutions would
+    emulate it."""
+    return (capped_without("bf16", KERNEL_CAP_VARS[:2])
+            or torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT", "NO AVX"))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
