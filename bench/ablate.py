@@ -76,6 +76,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "mults-124-b1": {"model": {"dim_mults": (1, 2, 4)}},
     "no-ema": {"train": {"ema_decay": 0.0}},
     "ema-0.995": {"train": {"ema_decay": 0.995}},
+    # at the 20-minute budget (bench/quality.py --variant): more capacity once steps are plenty
+    "blocks-2": {"model": {"blocks_per_level": 2}},
+    "ema-0.9995": {"train": {"ema_decay": 0.9995}},
 }
 
 

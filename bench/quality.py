@@ -67,8 +67,14 @@ TRAIN_MARK = "bench-train.json"
 FMNIST_TRAIN = 60_000
 
 
-def budget_config(name: str, minutes: float) -> RunConfig:
+def budget_config(name: str, minutes: float, variant: str | None = None) -> RunConfig:
+    """The contender's preset at a wall-clock budget; ``variant`` (a name in bench/ablate.py's VARIANTS)
+    changes the CPU presets (fast, fast-cond) the way the ablations do."""
     cfg = preset(PRESET_OF[name])
+    if variant and name.startswith("fast"):
+        from ablate import VARIANTS
+        for section, fields in VARIANTS[variant].items():
+            cfg = dataclasses.replace(cfg, **{section: override(getattr(cfg, section), **fields)})
     return dataclasses.replace(cfg, train=override(cfg.train, minutes=minutes, epochs=None, max_steps=None,
                                                    sample_every=0))
 
@@ -89,7 +95,7 @@ def _has_weights(name: str, run: Path) -> bool:
         return False
 
 
-def train_contender(name: str, run: Path, minutes: float, threads: int) -> dict:
+def train_contender(name: str, run: Path, minutes: float, threads: int, variant: str | None = None) -> dict:
     """Train one contender for ``minutes`` unless its folder already holds weights; the record."""
     mark = read_json(run / TRAIN_MARK)
     if _has_weights(name, run):
@@ -116,14 +122,14 @@ def train_contender(name: str, run: Path, minutes: float, threads: int) -> dict:
         (run / "stdout.txt").write_text(p.stdout)
         steps, batch = int(json.loads(p.stdout.strip().splitlines()[-1])["steps"]), 128
     else:
-        cfg = budget_config(name, minutes)
+        cfg = budget_config(name, minutes, variant)
         res = train(cfg, run, device="cpu", progress=False, tensorboard=False)
         steps, batch = res.step, cfg.train.batch_size
     wall = time.perf_counter() - t0
     mark = {"budget_minutes": minutes, "complete": True, "steps": steps, "batch_size": batch,
             "images_seen": steps * batch, "epochs_seen": round(steps * batch / FMNIST_TRAIN, 3),
             "steps_per_minute": round(steps / minutes, 1), "wall_s_with_setup": round(wall, 1),
-            "threads": threads, "loadavg_before": [round(x, 2) for x in load_before],
+            "threads": threads, "variant": variant if name.startswith("fast") else None, "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     _write_json(run / TRAIN_MARK, mark)
     print(f"[{name}] {steps} steps ({steps * batch:,} images) in {minutes} min", flush=True)
@@ -234,7 +240,12 @@ def main() -> None:
     ap.add_argument("--autoguidance", type=float, default=0.0,
                     help="sample with autoguidance W, each run guided by its own RUN/guide (runs without one: "
                          "plain); default 0")
+    ap.add_argument("--variant", default=None,
+                    help="train fast / fast-cond with one of bench/ablate.py's VARIANTS (e.g. wide-48); use its own --out")
     a = ap.parse_args()
+    if a.variant:
+        from ablate import VARIANTS
+        choose(a.variant, VARIANTS, "variant")
     names = choose(a.only, CONTENDERS, "contender")
     torch.set_num_threads(a.threads)
     runs = a.out / "quality-runs"
@@ -246,7 +257,7 @@ def main() -> None:
     for name in names:  # all training first: its wall clock is the budget; sampling time is not
         if a.fresh and (runs / name).exists():
             shutil.rmtree(runs / name)
-        train_contender(name, runs / name, a.minutes, a.threads)
+        train_contender(name, runs / name, a.minutes, a.threads, a.variant)
     if a.train_only:
         return
     rows = {}
