@@ -192,7 +192,8 @@ def main() -> None:
     cache = _read_json(cache_path)
     rows, floor = [], None
     for sampler, steps in settings:
-        key = f"{Path(model.source).resolve()}|{sampler}|{steps}|{CLIP}|n{a.n}|seed{a.seed}"
+        spacing = SAMPLERS[sampler].default_spacing  # a default that changes must not reuse the old grid's FD
+        key = f"{Path(model.source).resolve()}|{sampler}|{steps}|{spacing}|{CLIP}|n{a.n}|seed{a.seed}"
         r = cache.get(key)
         if r is None:
             nfe = count_nfe(sampler, ab, steps)
@@ -201,7 +202,7 @@ def main() -> None:
             s = generate(model, sample_config(sampler, steps, a.n, a.batch_size, a.seed))
             dt = time.perf_counter() - t0
             rep = evaluate_images(s.images)
-            r = {"sampler": sampler, "steps": steps, "nfe": s.nfe, "fd": rep.fd, "fd_floor": rep.fd_reference,
+            r = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": s.nfe, "fd": rep.fd, "fd_floor": rep.fd_reference,
                  "kid_mean": rep.kid_mean, "kid_std": rep.kid_std, "precision": rep.precision,
                  "recall": rep.recall, "mean_confidence": rep.mean_confidence,
                  "class_entropy_bits": rep.class_entropy_bits, "sample_seconds": round(dt, 1),
