@@ -18,8 +18,8 @@ the like-for-like figure) and the seed's own 200-step ``p_sample_loop`` on the s
 U-Net (``speedup``; ../shared/bench/seed_reference.py). Ratios are medians of per-round ratios.
 
 Resumable: each setting's result is kept in bench/out/nfe_sweep-cache.json (keyed by the
-checkpoint, n and seed) and not recomputed. Writes bench/results/nfe_sweep.json and
-bench/out/nfe_sweep.png (FD against NFE, log-log, one line per sampler, the floor dashed).
+checkpoint, n and seed) and not recomputed. Writes bench/results/NAME.json and
+bench/out/NAME.png (``--name``, default nfe_sweep) (FD against NFE, log-log, one line per sampler, the floor dashed).
 """
 from __future__ import annotations
 
@@ -170,7 +170,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds of the time-to-quality pair")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see quality.py)")
     ap.add_argument("--out", type=Path, default=OUT, help="the cache and the plot (default bench/out)")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of nfe_sweep.json (default bench/results)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of NAME.json (default bench/results)")
+    ap.add_argument("--name", default="nfe_sweep", help="the JSON's and the plot's name (default nfe_sweep)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start, load_start = time.perf_counter(), os.getloadavg()
@@ -248,15 +249,15 @@ def main() -> None:
         "time_to_quality": ttq,
     }
     a.results.mkdir(parents=True, exist_ok=True)
-    _write_json(a.results / "nfe_sweep.json", result)
+    _write_json(a.results / f"{a.name}.json", result)
     png = figure(rows, floor, a.n, "Sample quality against network evaluations", figure_note(result),
-                 a.out / "nfe_sweep.png")
+                 a.out / f"{a.name}.png")
     print("\n".join(table))
     if ttq:
         print(f"time to quality: ours {ttq['ours_median_s']:.2f} s for 64 images; against ddpm "
               f"{ttq['reference']['steps']} steps on the same network {ttq['speedup_same_network']:.1f}x, "
               f"against the seed's 200-step loop on its network {ttq['speedup']:.1f}x")
-    print(f"wrote {a.results / 'nfe_sweep.json'} and {png}")
+    print(f"wrote {a.results / (a.name + '.json')} and {png}")
 
 
 if __name__ == "__main__":
