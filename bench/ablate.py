@@ -82,10 +82,13 @@ VARIANTS: dict[str, dict[str, dict]] = {
 }
 
 
+def with_changes(cfg: RunConfig, changes: dict[str, dict]) -> RunConfig:
+    """``cfg`` with one of VARIANTS' changes ({section: {field: value}}) applied, types checked."""
+    return dataclasses.replace(cfg, **{k: override(getattr(cfg, k), **v) for k, v in changes.items()})
+
+
 def variant_config(base: str, changes: dict[str, dict], minutes: float) -> RunConfig:
-    cfg = preset(base)
-    sections = {k: override(getattr(cfg, k), **v) for k, v in changes.items()}
-    cfg = dataclasses.replace(cfg, **sections)
+    cfg = with_changes(preset(base), changes)
     return dataclasses.replace(cfg, train=override(cfg.train, minutes=minutes, epochs=None, max_steps=None,
                                                    sample_every=0, checkpoint_every=10**9))
 

@@ -18,8 +18,9 @@ the like-for-like figure) and the seed's own 200-step ``p_sample_loop`` on the s
 U-Net (``speedup``; ../shared/bench/seed_reference.py). Ratios are medians of per-round ratios.
 
 Resumable: each setting's result is kept in bench/out/nfe_sweep-cache.json (keyed by the
-checkpoint, n and seed) and not recomputed. Writes bench/results/NAME.json and
-bench/out/NAME.png (``--name``, default nfe_sweep) (FD against NFE, log-log, one line per sampler, the floor dashed).
+checkpoint, the sampler's grid, n and seed) and not recomputed. Writes bench/results/NAME.json
+and bench/out/NAME.png (``--name``, default nfe_sweep): FD against NFE, log-log, one line per
+sampler, the floor dashed.
 """
 from __future__ import annotations
 
@@ -203,7 +204,8 @@ def main() -> None:
             s = generate(model, sample_config(sampler, steps, a.n, a.batch_size, a.seed))
             dt = time.perf_counter() - t0
             rep = evaluate_images(s.images)
-            r = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": s.nfe, "fd": rep.fd, "fd_floor": rep.fd_reference,
+            r = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": s.nfe, "fd": rep.fd,
+                 "fd_floor": rep.fd_reference,
                  "kid_mean": rep.kid_mean, "kid_std": rep.kid_std, "precision": rep.precision,
                  "recall": rep.recall, "mean_confidence": rep.mean_confidence,
                  "class_entropy_bits": rep.class_entropy_bits, "sample_seconds": round(dt, 1),

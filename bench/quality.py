@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+from ablate import VARIANTS, with_changes
 from harness import OUT, REFERENCE, RESULTS, choose, cpu_info, read_json
 
 from ddpm.checkpoint import GUIDE, resolve_checkpoint
@@ -72,9 +73,7 @@ def budget_config(name: str, minutes: float, variant: str | None = None) -> RunC
     changes the CPU presets (fast, fast-cond) the way the ablations do."""
     cfg = preset(PRESET_OF[name])
     if variant and name.startswith("fast"):
-        from ablate import VARIANTS
-        for section, fields in VARIANTS[variant].items():
-            cfg = dataclasses.replace(cfg, **{section: override(getattr(cfg, section), **fields)})
+        cfg = with_changes(cfg, VARIANTS[variant])
     return dataclasses.replace(cfg, train=override(cfg.train, minutes=minutes, epochs=None, max_steps=None,
                                                    sample_every=0))
 
@@ -129,7 +128,8 @@ def train_contender(name: str, run: Path, minutes: float, threads: int, variant:
     mark = {"budget_minutes": minutes, "complete": True, "steps": steps, "batch_size": batch,
             "images_seen": steps * batch, "epochs_seen": round(steps * batch / FMNIST_TRAIN, 3),
             "steps_per_minute": round(steps / minutes, 1), "wall_s_with_setup": round(wall, 1),
-            "threads": threads, "variant": variant if name.startswith("fast") else None, "loadavg_before": [round(x, 2) for x in load_before],
+            "threads": threads, "variant": variant if name.startswith("fast") else None,
+            "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     _write_json(run / TRAIN_MARK, mark)
     print(f"[{name}] {steps} steps ({steps * batch:,} images) in {minutes} min", flush=True)
@@ -241,10 +241,10 @@ def main() -> None:
                     help="sample with autoguidance W, each run guided by its own RUN/guide (runs without one: "
                          "plain); default 0")
     ap.add_argument("--variant", default=None,
-                    help="train fast / fast-cond with one of bench/ablate.py's VARIANTS (e.g. wide-48); use its own --out")
+                    help="train fast / fast-cond with one of bench/ablate.py's VARIANTS (e.g. wide-48); "
+                         "give it its own --out")
     a = ap.parse_args()
     if a.variant:
-        from ablate import VARIANTS
         choose(a.variant, VARIANTS, "variant")
     names = choose(a.only, CONTENDERS, "contender")
     torch.set_num_threads(a.threads)

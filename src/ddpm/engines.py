@@ -92,6 +92,8 @@ def _import(name: str, engine: str) -> Any:
 # FD of OpenVINO int8 over eager fp32 where the CPU has no VNNI (AVX2 kernels, OpenVINO and oneDNN
 # both capped): bench/results/engine_fd_int8_ddpm100_avx2emu.json (100 ancestral steps, n = 1,000)
 INT8_FD_WITHOUT_VNNI = 1.71
+
+
 def cpu_has_vnni() -> bool | None:
     """Whether the CPU's int8 dot products (AVX-512 VNNI or AVX-VNNI) are there and not capped off
     (ONEDNN_MAX_CPU_ISA / OV_CPU_MAX_ISA); None where the flags cannot be read (not Linux x86)."""
