@@ -318,7 +318,7 @@ def default_feature_net() -> FeatureNet:
     with resources.as_file(ref) as path:
         if not path.is_file():
             raise DdpmError(f"the shipped feature net is missing ({path}); "
-                            f"run bench/fit_features.py to recreate it")
+                            f"run tools/fit_features.py to recreate it")
         return load_feature_net(path)
 
 
