@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -137,8 +138,8 @@ def test_cancel_stops_the_thread(client: TestClient, monkeypatch: pytest.MonkeyP
     ({"bogus": 1}, 400, "unknown parameter"),
     ({"guiding_model": "/etc"}, 400, "unknown parameter"),  # the page guides with RUN/guide only
     ({"autoguidance": 1}, 400, "no guiding model"),
-    ({"autoguidance": -1}, 400, "autoguidance"),
-    ({"autoguidance_interval": [0, 1]}, 400, "needs --autoguidance"),
+    ({"autoguidance": -1}, 400, "Autoguidance must be"),  # the page's field, not the command's flag
+    ({"autoguidance_interval": [0, 1]}, 400, "needs Autoguidance"),
     ({"autoguidance_interval": "0,1"}, 400, "must be a list"),
     ({"classes": "sneaker"}, 400, "conditional"),
     ({"run": "nope"}, 404, "no run"),
@@ -149,6 +150,30 @@ def test_bad_parameters_are_4xx_with_a_message(client: TestClient, params: dict,
     r = client.post("/api/sample", json={"run": "tiny", "sampler": "ddim", "steps": 5, **params})
     assert r.status_code == status and message in r.json()["error"], r.text
     assert "Traceback" not in r.text
+
+
+def test_messages_speak_the_pages_words(client: TestClient, runs_dir: Path) -> None:
+    """The page's field labels for the command's flags, every quote kept, no path of the server's."""
+    def error(body: dict) -> str:
+        r = client.post("/api/sample", json={"sampler": "ddim", "steps": 5, **body})
+        assert r.status_code in (400, 404), r.text
+        return r.json()["error"]
+
+    assert error({"run": "tiny", "guidance": 2.0}) == "Guidance needs Class (what to guide towards)"
+    assert error({"run": "tiny", "classes": "bag"}) == "Class needs a class-conditional model; this one is unconditional"
+    assert error({"run": "nope"}) == "no run named 'nope'"
+    assert error({"run": "tiny", "steps": "x"}).endswith("got 'x'")
+    bad = client.post("/api/upload", content=b"not an image").json()["upload"]
+    msg = client.get(f"/api/runs/tiny/forward.png?upload={bad}").json()["error"]
+    assert msg.startswith("cannot read image the uploaded image") and "/" not in msg, msg
+    broken = runs_dir / "broken"
+    shutil.copytree(runs_dir / "tiny", broken)
+    try:
+        (broken / "checkpoints" / "step-00000002" / "ema.safetensors").write_bytes(b"junk")
+        msg = error({"run": "broken"})
+        assert msg.startswith("checkpoint broken/checkpoints/step-00000002 is damaged") and str(runs_dir) not in msg
+    finally:
+        shutil.rmtree(broken)
 
 
 def test_not_json_and_unknown_job(client: TestClient) -> None:
@@ -310,12 +335,12 @@ def test_inpaint_and_edit(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"mode": "edit", "strength": 0}, "strength"),
-    ({"mode": "edit", "strength": 1.5}, "strength"),
+    ({"mode": "edit", "strength": 0}, "Strength"),
+    ({"mode": "edit", "strength": 1.5}, "Strength"),
     ({"mode": "edit", "strength": "a lot"}, "strength"),
     ({"mode": "inpaint", "keep": [1, 0]}, "8x8"),
     ({"mode": "inpaint", "keep": [1] * 64}, "keeps every pixel"),
-    ({"mode": "inpaint", "keep": [0] * 64, "resample": 0}, "resample"),
+    ({"mode": "inpaint", "keep": [0] * 64, "resample": 0}, "Resample r"),
     ({"mode": "paint"}, "unknown edit mode"),
     ({"mode": "edit", "strength": 0.5, "image": {"path": "/etc/passwd"}}, "image must be"),
     ({"mode": "edit", "strength": 0.5, "steps": 0}, "steps"),
@@ -353,7 +378,15 @@ def test_class_and_guidance_on_a_conditional_run(tmp_path: Path, image_dir: Path
     r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 6, "classes": "all"})
     evs = events(client, r.json()["id"])  # 3 of each class: frames and result in rows of 3, one per class
     assert evs[0]["width"] == decode_data_url(evs[-1]["grid"]).size[0] == 32 and evs[0]["height"] == 22
-    for bad, msg in (({"classes": "middle"}, "middle"), ({"guidance": -1.0}, "guidance")):
+    r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 5, "classes": "all"})
+    job = r.json()["id"]  # exactly the 5 asked for: 3 of the first class, 2 of the second, short row blank
+    assert events(client, job)[-1]["n"] == 5
+    assert np.load(io.BytesIO(client.get(f"/api/jobs/{job}/files/samples.npz").content))["images"].shape[0] == 5
+    assert Image.open(io.BytesIO(client.get(f"/api/jobs/{job}/files/grid.png").content)).size == (32, 22)
+    r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 16, "classes": "right"})
+    evs = events(client, r.json()["id"])  # one class: the square grid of an unconditional run, not a strip
+    assert evs[0]["width"] == evs[0]["height"] == decode_data_url(evs[-1]["grid"]).size[0] == 42
+    for bad, msg in (({"classes": "middle"}, "middle"), ({"guidance": -1.0}, "Guidance")):
         r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, **bad})
         assert r.status_code == 400 and msg in r.json()["error"], r.text
 
@@ -413,8 +446,6 @@ def test_generate_hook_counts_over_batches_and_stops(runs_dir: Path) -> None:
 def test_a_student_run_names_its_own_sampling(runs_dir: Path, tmp_path: Path) -> None:
     """A distilled run (distill.json beside its config) tells the page how it samples, and the
     page's request for it (the student's sampler, steps and trailing grid) runs."""
-    import shutil
-
     root = tmp_path / "runs"
     shutil.copytree(runs_dir / "tiny", root / "student")
     (root / "student" / "distill.json").write_text(json.dumps(

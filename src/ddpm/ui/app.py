@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import math
 import typing
 import uuid
 from pathlib import Path
@@ -29,7 +28,8 @@ from ..samplers import SAMPLERS
 from ..sampling.generate import check_sample_config
 from ..sampling.guidance import resolve_classes
 from . import edits, panels
-from .jobs import Job, JobStore, gif_bytes, grid_png, npz_bytes, png_bytes, sampling
+from .messages import page_message
+from .jobs import Job, JobStore, class_layout, gif_bytes, grid_png, npz_bytes, png_bytes, sampling
 from .runs import ModelCache, NotFound, Run, RunIndex, latest_checkpoint, run_config
 
 STATIC = Path(__file__).parent / "static"
@@ -124,8 +124,10 @@ async def start_sample(request: Request) -> JSONResponse:
     model = await run_in_threadpool(cache.get, run, cfg.use_ema)
     steps = check_sample_config(model, cfg)
     classes = resolve_classes(cfg.classes, model.config)
-    nrow = None if classes is None else math.ceil(cfg.n / len(classes))  # class_labels' images per class
-    job = request.app.state.jobs.start(run.name, sampling(model, cfg), stream, nrow=nrow)
+    layout = None if classes is None else class_layout(classes, cfg.n)  # exactly n images, a row per class
+    if layout is not None:
+        cfg = dataclasses.replace(cfg, classes=layout.classes)
+    job = request.app.state.jobs.start(run.name, sampling(model, cfg), stream, rows=layout and layout.rows)
     return JSONResponse({"id": job.id, "steps": steps, "checkpoint": model.source.name}, status_code=201)
 
 
@@ -297,7 +299,10 @@ async def _json(request: Request) -> Any:
 
 def _error(status: int):
     async def handler(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": str(exc).strip("'\"") or type(exc).__name__}, status_code=status)
+        # args[0], not str(exc): str() of a KeyError quotes it; the message keeps its own quotes
+        text = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+        runs = [(r.name, r.path) for r in request.app.state.index.runs()]
+        return JSONResponse({"error": page_message(text, runs) or type(exc).__name__}, status_code=status)
     return handler
 
 
