@@ -30,7 +30,7 @@ from ..sampling.guidance import resolve_classes
 from . import edits, panels
 from .messages import page_message
 from .jobs import Job, JobStore, class_layout, gif_bytes, grid_png, npz_bytes, png_bytes, sampling
-from .runs import ModelCache, NotFound, Run, RunIndex, latest_checkpoint, run_config
+from .runs import ModelCache, NotFound, Run, RunIndex, latest_checkpoint, run_config, training_now
 
 STATIC = Path(__file__).parent / "static"
 MAX_IMAGES = 64  # per request: the page shows one grid
@@ -67,7 +67,8 @@ async def meta(request: Request) -> JSONResponse:
 def _run_summary(run: Run) -> dict[str, Any]:
     cfg = run_config(run)
     ck = latest_checkpoint(run)
-    info: dict[str, Any] = {"name": run.name, "checkpoint": ck.name if ck else None, "config": cfg is not None}
+    info: dict[str, Any] = {"name": run.name, "checkpoint": ck.name if ck else None, "config": cfg is not None,
+                            "training": training_now(run, cfg)}
     if cfg is not None:
         info |= {"T": cfg.diffusion.timesteps, "schedule": cfg.diffusion.schedule, "preset": cfg.preset,
                  "image_size": cfg.data.image_size, "channels": cfg.data.channels,
@@ -168,7 +169,9 @@ async def source_image(request: Request) -> Response:
 def _job(request: Request) -> Job:
     job = request.app.state.jobs.get(request.path_params["job"])
     if job is None:
-        raise NotFound("no such sample (finished long ago, or the server restarted)")
+        keep = request.app.state.jobs.keep
+        raise NotFound(f"no such sample: the server keeps the files of the latest {keep} only (or it restarted); "
+                       "sample again")
     return job
 
 

@@ -144,7 +144,8 @@ class Job:
 
 
 class JobStore:
-    """The page's jobs by id; finished ones beyond ``keep`` are forgotten, oldest first."""
+    """The page's jobs by id; finished ones beyond ``keep`` are forgotten, oldest first (those
+    that left no files before those that did)."""
 
     def __init__(self, keep: int = 8, max_running: int = 4):
         self.keep, self.max_running = keep, max_running
@@ -161,7 +162,9 @@ class JobStore:
                 raise DdpmError(f"already running {self.max_running} at once (the most); wait for one or cancel it")
             job = Job(uuid.uuid4().hex[:12], run, work, stream, shown, final, rows)
             self._jobs[job.id] = job
-            done = [k for k, j in self._jobs.items() if j.finished]
+            # the cancelled and failed go first: their files were never there to link to
+            done = sorted((k for k, j in self._jobs.items() if j.finished),
+                          key=lambda k: self._jobs[k].samples is not None)
             for k in done[: max(0, len(self._jobs) - self.keep)]:
                 del self._jobs[k]
         job.start()
