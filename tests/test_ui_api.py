@@ -176,6 +176,52 @@ def test_messages_speak_the_pages_words(client: TestClient, runs_dir: Path) -> N
         shutil.rmtree(broken)
 
 
+def test_runs_say_whether_they_are_training(runs_dir: Path, tmp_path: Path) -> None:
+    """A log written lately and no final checkpoint yet: training; the step budget's checkpoint
+    written, or a log gone quiet: not (the page's header follows it)."""
+    from dataclasses import replace
+
+    from ddpm.config import RunConfig
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "tiny", root / "done")  # max_steps 2, checkpoint step 2
+    (root / "starting").mkdir()
+    for f in ("config.json", "log.jsonl"):
+        shutil.copy(runs_dir / "tiny" / f, root / "starting" / f)
+    shutil.copytree(runs_dir / "tiny", root / "halfway")  # a budget of 4 steps, checkpoint step 2
+    cfg = RunConfig.load(root / "halfway" / "config.json")
+    (root / "halfway" / "config.json").write_text(replace(cfg, train=replace(cfg.train, max_steps=4)).to_json())
+    shutil.copytree(root / "halfway", root / "killed")
+    old = time.time() - 3600
+    os.utime(root / "killed" / "log.jsonl", (old, old))
+    for run in ("done", "starting", "halfway"):
+        os.utime(root / run / "log.jsonl")
+    runs = {r["name"]: r["training"] for r in TestClient(create_app(RunIndex([], root))).get("/api/runs").json()["runs"]}
+    assert runs == {"done": False, "starting": True, "halfway": True, "killed": False}
+
+
+def test_jobs_without_files_are_forgotten_first() -> None:
+    """The store keeps the files the page links to: a cancelled or failed job goes before them."""
+    import torch
+
+    from ddpm.errors import DdpmError
+    from ddpm.sampling.generate import Samples
+    from ddpm.ui.jobs import JobStore
+
+    def made(hook):
+        return Samples(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), nfe=1, steps=1)
+
+    def failed(hook):
+        raise DdpmError("no")
+
+    store = JobStore(keep=2)
+    kept = [store.start("tiny", made, stream=False) for _ in range(2)]
+    for work in (failed, failed):
+        kept[-1].thread.join(5)
+        store.start("tiny", work, stream=False).thread.join(5)
+    assert [store.get(j.id) for j in kept] == kept, "a job with files was dropped"
+
+
 def test_not_json_and_unknown_job(client: TestClient) -> None:
     r = client.post("/api/sample", content=b"{not json")
     assert r.status_code == 400 and "JSON" in r.json()["error"]

@@ -145,7 +145,7 @@ class Job:
 
 class JobStore:
     """The page's jobs by id; finished ones beyond ``keep`` are forgotten, oldest first (those
-    that left no files before those that did)."""
+    that left no files before those that did), at the start of the next."""
 
     def __init__(self, keep: int = 8, max_running: int = 4):
         self.keep, self.max_running = keep, max_running
@@ -165,7 +165,7 @@ class JobStore:
             # the cancelled and failed go first: their files were never there to link to
             done = sorted((k for k, j in self._jobs.items() if j.finished),
                           key=lambda k: self._jobs[k].samples is not None)
-            for k in done[: max(0, len(self._jobs) - self.keep)]:
+            for k in done[: max(0, len(done) - self.keep)]:  # the running ones are bounded by max_running
                 del self._jobs[k]
         job.start()
         return job
