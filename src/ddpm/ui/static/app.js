@@ -61,8 +61,10 @@ async function refreshRuns() {
   try { runs = (await api("/api/runs")).runs; } catch (err) { return; }  // the next poll tries again
   const names = rs => rs.map(r => r.name + ":" + r.checkpoint).join("|");
   const changed = names(runs) !== names(state.runs);
+  const picked = $("#run").value;
   state.runs = runs;
   if (changed) fillRunSelect();
+  if ($("#run").value !== picked) { onRunChange(); return; }  // the run picked is gone
   state.run = currentRun();
   showRunInfo(state.run);
 }
@@ -88,7 +90,8 @@ function onRunChange() {
   detachJob();  // the old run's sample must not go on drawing under the new run's name
   clearSample();
   $("#compare-out").innerHTML = "";
-  $("#fwd-img").removeAttribute("src");
+  for (const id of ["#fwd-img", "#edit-xt", "#edit-x0", "#edit-result"]) $(id).removeAttribute("src");
+  $("#edit-downloads").hidden = true; $("#edit-status").textContent = "";
   state.run = r;
   showRunInfo(r);
   setupConditional(r);
@@ -145,7 +148,8 @@ function sampleParams(form, extra) {
 async function runJob(params, onEvent, path = "/api/sample") {
   const ticket = {};
   state.job = ticket;
-  const job = await postJSON(path, params);
+  let job;
+  try { job = await postJSON(path, params); } finally { if (state.job === ticket && !job) state.job = null; }
   if (state.job !== ticket) { cancelJob(job.id); return {type: "detached"}; }
   return new Promise(resolve => {
     const es = new EventSource(`/api/jobs/${job.id}/events`);
