@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -137,8 +138,8 @@ def test_cancel_stops_the_thread(client: TestClient, monkeypatch: pytest.MonkeyP
     ({"bogus": 1}, 400, "unknown parameter"),
     ({"guiding_model": "/etc"}, 400, "unknown parameter"),  # the page guides with RUN/guide only
     ({"autoguidance": 1}, 400, "no guiding model"),
-    ({"autoguidance": -1}, 400, "autoguidance"),
-    ({"autoguidance_interval": [0, 1]}, 400, "needs --autoguidance"),
+    ({"autoguidance": -1}, 400, "Autoguidance must be"),  # the page's field, not the command's flag
+    ({"autoguidance_interval": [0, 1]}, 400, "needs Autoguidance"),
     ({"autoguidance_interval": "0,1"}, 400, "must be a list"),
     ({"classes": "sneaker"}, 400, "conditional"),
     ({"run": "nope"}, 404, "no run"),
@@ -149,6 +150,76 @@ def test_bad_parameters_are_4xx_with_a_message(client: TestClient, params: dict,
     r = client.post("/api/sample", json={"run": "tiny", "sampler": "ddim", "steps": 5, **params})
     assert r.status_code == status and message in r.json()["error"], r.text
     assert "Traceback" not in r.text
+
+
+def test_messages_speak_the_pages_words(client: TestClient, runs_dir: Path) -> None:
+    """The page's field labels for the command's flags, every quote kept, no path of the server's."""
+    def error(body: dict) -> str:
+        r = client.post("/api/sample", json={"sampler": "ddim", "steps": 5, **body})
+        assert r.status_code in (400, 404), r.text
+        return r.json()["error"]
+
+    assert error({"run": "tiny", "guidance": 2.0}) == "Guidance needs Class (what to guide towards)"
+    assert error({"run": "tiny", "classes": "bag"}) == "Class needs a class-conditional model; this one is unconditional"
+    assert error({"run": "nope"}) == "no run named 'nope'"
+    assert error({"run": "tiny", "steps": "x"}).endswith("got 'x'")
+    bad = client.post("/api/upload", content=b"not an image").json()["upload"]
+    msg = client.get(f"/api/runs/tiny/forward.png?upload={bad}").json()["error"]
+    assert msg.startswith("cannot read image the uploaded image") and "/" not in msg, msg
+    broken = runs_dir / "broken"
+    shutil.copytree(runs_dir / "tiny", broken)
+    try:
+        (broken / "checkpoints" / "step-00000002" / "ema.safetensors").write_bytes(b"junk")
+        msg = error({"run": "broken"})
+        assert msg.startswith("checkpoint broken/checkpoints/step-00000002 is damaged") and str(runs_dir) not in msg
+    finally:
+        shutil.rmtree(broken)
+
+
+def test_runs_say_whether_they_are_training(runs_dir: Path, tmp_path: Path) -> None:
+    """A log written lately and no final checkpoint yet: training; the step budget's checkpoint
+    written, or a log gone quiet: not (the page's header follows it)."""
+    from dataclasses import replace
+
+    from ddpm.config import RunConfig
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "tiny", root / "done")  # max_steps 2, checkpoint step 2
+    (root / "starting").mkdir()
+    for f in ("config.json", "log.jsonl"):
+        shutil.copy(runs_dir / "tiny" / f, root / "starting" / f)
+    shutil.copytree(runs_dir / "tiny", root / "halfway")  # a budget of 4 steps, checkpoint step 2
+    cfg = RunConfig.load(root / "halfway" / "config.json")
+    (root / "halfway" / "config.json").write_text(replace(cfg, train=replace(cfg.train, max_steps=4)).to_json())
+    shutil.copytree(root / "halfway", root / "killed")
+    old = time.time() - 3600
+    os.utime(root / "killed" / "log.jsonl", (old, old))
+    for run in ("done", "starting", "halfway"):
+        os.utime(root / run / "log.jsonl")
+    runs = {r["name"]: r["training"] for r in TestClient(create_app(RunIndex([], root))).get("/api/runs").json()["runs"]}
+    assert runs == {"done": False, "starting": True, "halfway": True, "killed": False}
+
+
+def test_jobs_without_files_are_forgotten_first() -> None:
+    """The store keeps the files the page links to: a cancelled or failed job goes before them."""
+    import torch
+
+    from ddpm.errors import DdpmError
+    from ddpm.sampling.generate import Samples
+    from ddpm.ui.jobs import JobStore
+
+    def made(hook):
+        return Samples(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), nfe=1, steps=1)
+
+    def failed(hook):
+        raise DdpmError("no")
+
+    store = JobStore(keep=2)
+    kept = [store.start("tiny", made, stream=False) for _ in range(2)]
+    for work in (failed, failed):
+        kept[-1].thread.join(5)
+        store.start("tiny", work, stream=False).thread.join(5)
+    assert [store.get(j.id) for j in kept] == kept, "a job with files was dropped"
 
 
 def test_not_json_and_unknown_job(client: TestClient) -> None:
@@ -310,12 +381,12 @@ def test_inpaint_and_edit(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"mode": "edit", "strength": 0}, "strength"),
-    ({"mode": "edit", "strength": 1.5}, "strength"),
+    ({"mode": "edit", "strength": 0}, "Strength"),
+    ({"mode": "edit", "strength": 1.5}, "Strength"),
     ({"mode": "edit", "strength": "a lot"}, "strength"),
     ({"mode": "inpaint", "keep": [1, 0]}, "8x8"),
     ({"mode": "inpaint", "keep": [1] * 64}, "keeps every pixel"),
-    ({"mode": "inpaint", "keep": [0] * 64, "resample": 0}, "resample"),
+    ({"mode": "inpaint", "keep": [0] * 64, "resample": 0}, "Resample r"),
     ({"mode": "paint"}, "unknown edit mode"),
     ({"mode": "edit", "strength": 0.5, "image": {"path": "/etc/passwd"}}, "image must be"),
     ({"mode": "edit", "strength": 0.5, "steps": 0}, "steps"),
@@ -353,7 +424,15 @@ def test_class_and_guidance_on_a_conditional_run(tmp_path: Path, image_dir: Path
     r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 6, "classes": "all"})
     evs = events(client, r.json()["id"])  # 3 of each class: frames and result in rows of 3, one per class
     assert evs[0]["width"] == decode_data_url(evs[-1]["grid"]).size[0] == 32 and evs[0]["height"] == 22
-    for bad, msg in (({"classes": "middle"}, "middle"), ({"guidance": -1.0}, "guidance")):
+    r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 5, "classes": "all"})
+    job = r.json()["id"]  # exactly the 5 asked for: 3 of the first class, 2 of the second, short row blank
+    assert events(client, job)[-1]["n"] == 5
+    assert np.load(io.BytesIO(client.get(f"/api/jobs/{job}/files/samples.npz").content))["images"].shape[0] == 5
+    assert Image.open(io.BytesIO(client.get(f"/api/jobs/{job}/files/grid.png").content)).size == (32, 22)
+    r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 16, "classes": "right"})
+    evs = events(client, r.json()["id"])  # one class: the square grid of an unconditional run, not a strip
+    assert evs[0]["width"] == evs[0]["height"] == decode_data_url(evs[-1]["grid"]).size[0] == 42
+    for bad, msg in (({"classes": "middle"}, "middle"), ({"guidance": -1.0}, "Guidance")):
         r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, **bad})
         assert r.status_code == 400 and msg in r.json()["error"], r.text
 
@@ -413,8 +492,6 @@ def test_generate_hook_counts_over_batches_and_stops(runs_dir: Path) -> None:
 def test_a_student_run_names_its_own_sampling(runs_dir: Path, tmp_path: Path) -> None:
     """A distilled run (distill.json beside its config) tells the page how it samples, and the
     page's request for it (the student's sampler, steps and trailing grid) runs."""
-    import shutil
-
     root = tmp_path / "runs"
     shutil.copytree(runs_dir / "tiny", root / "student")
     (root / "student" / "distill.json").write_text(json.dumps(

@@ -211,3 +211,171 @@ def test_autoguidance_where_the_run_kept_a_guide(page: Any) -> None:
     pg.wait_for_function("window.ddpmTimings.done !== undefined")
     assert "6 network evaluations" in pg.inner_text("#sample-status")
     assert pg.errors[errors_before:] == [], pg.errors
+
+
+def test_nothing_broken_before_the_first_picture(page: Any) -> None:
+    """A fresh page shows no broken-image icon in any panel: a picture appears once there is one."""
+    pg = page
+    errors_before = len(pg.errors)
+    pg.reload()
+    pg.wait_for_function("document.querySelector('#run').options.length > 0")
+    for tab in ("sample", "compare", "edit"):
+        pg.click(f"nav button[data-tab={tab}]")
+        assert [i for i in shown_images(pg, f"#panel-{tab}") if i["w"] == 0] == [], tab
+    assert pg.errors[errors_before:] == [], pg.errors
+
+
+def test_a_conditional_runs_default_view_is_a_grid_of_the_count_asked(page: Any, tmp_path: Path,
+                                                                        image_dir: Path) -> None:
+    """The form's defaults on a class-conditional run draw a square grid (not one long row), and
+    "all" draws exactly the number of images asked for, a row per class."""
+    from helpers import tiny_run
+
+    pg = page
+    errors_before = len(pg.errors)
+    shutil.copytree(tiny_run(tmp_path, image_dir, num_classes=3, max_steps=1), pg.runs_root / "cond")
+    pg.reload()
+    pg.wait_for_function("[...document.querySelector('#run').options].some(o => o.value === 'cond')")
+    pg.select_option("#run", "cond")
+    pg.click("nav button[data-tab=sample]")
+    set_form(pg, "#sample-form", sampler="ddim", steps=2)  # the rest as the page starts: 16 images
+    pg.click("#sample-go")
+    pg.wait_for_function("window.ddpmTimings.done !== undefined")
+    grid = pg.eval_on_selector("#img-x0", "i => [i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().width]")
+    assert grid[:2] == [42, 42] and grid[2] >= 3 * 42, grid  # 4 x 4 tiles of 8 px, enlarged
+    set_form(pg, "#sample-form", classes="all", n=16)
+    pg.click("#sample-go")
+    pg.wait_for_function("document.querySelector('#sample-status').textContent.startsWith('16 images')")
+    assert pg.eval_on_selector("#img-x0", "i => [i.naturalWidth, i.naturalHeight]") == [62, 32]  # 6 + 5 + 5
+    assert pg.errors[errors_before:] == [], pg.errors
+
+
+def test_switching_runs_mid_sample_stops_the_old_one(page: Any) -> None:
+    pg = page
+    errors_before = len(pg.errors)
+    if not (pg.runs_root / "tiny-copy").exists():
+        shutil.copytree(pg.runs_root / "tiny", pg.runs_root / "tiny-copy")
+    pg.reload()
+    pg.wait_for_function("[...document.querySelector('#run').options].some(o => o.value === 'tiny-copy')")
+    pg.select_option("#run", "tiny")
+    set_form(pg, "#sample-form", sampler="ddpm", steps=T, n=4)
+    pg.click("#sample-go")
+    pg.wait_for_function("state.frames.length >= 3")
+    old = pg.evaluate("state.job.id")
+    pg.select_option("#run", "tiny-copy")
+    pg.wait_for_timeout(500)  # long enough for many more of the old job's frames, were they still drawn
+    assert pg.evaluate("state.frames.length") == 0 and pg.evaluate("state.job") is None
+    assert pg.eval_on_selector("#img-xt", "i => i.hasAttribute('src')") is False
+    assert pg.is_enabled("#sample-go") and pg.is_hidden("#downloads")
+    last = pg.evaluate(f"fetch('/api/jobs/{old}/events').then(r => r.text())").strip().splitlines()[-1]
+    assert json.loads(last[len("data: "):])["type"] == "cancelled"  # the server stopped it too
+    assert pg.errors[errors_before:] == [], pg.errors
+
+
+def test_the_forward_slider_asks_only_for_the_latest_t(page: Any) -> None:
+    """A drag across 40 values of t sends a request or two, never two at once, and the picture
+    shown is the last t's."""
+    pg = page
+    errors_before = len(pg.errors)
+    pg.select_option("#run", "tiny")
+    pg.click("nav button[data-tab=forward]")
+    pg.wait_for_function("document.querySelector('#fwd-img').naturalWidth > 0")
+    pg.wait_for_timeout(300)
+    seen, flight = [], {"now": 0, "most": 0}
+
+    def started(req: Any) -> None:
+        if "forward.png" in req.url:
+            seen.append(req.url)
+            flight["now"] += 1
+            flight["most"] = max(flight["most"], flight["now"])
+
+    def ended(req: Any) -> None:
+        if "forward.png" in req.url:
+            flight["now"] -= 1
+
+    pg.on("request", started)
+    pg.on("requestfinished", ended)
+    pg.on("requestfailed", ended)
+    try:
+        for t in range(1, 41):  # a drag: one input event every 10 ms
+            pg.evaluate(f"(() => {{ const s = document.querySelector('#fwd-t'); s.value = {t * 20};"
+                        "s.dispatchEvent(new Event('input')); })()")
+            pg.wait_for_timeout(10)
+        pg.wait_for_function("document.querySelector('#fwd-readout').textContent.startsWith('t = 800')")
+        for _ in range(100):  # until the network has been quiet a while
+            pg.wait_for_timeout(300)
+            if flight["now"] == 0 and "t=800" in seen[-1]:
+                break
+    finally:
+        pg.remove_listener("request", started)
+        pg.remove_listener("requestfinished", ended)
+        pg.remove_listener("requestfailed", ended)
+    assert 1 <= len(seen) <= 4 and "t=800" in seen[-1], seen
+    assert flight["most"] == 1, flight
+    assert pg.errors[errors_before:] == [], pg.errors
+
+
+def test_downloads_of_a_dropped_sample_say_so(page: Any) -> None:
+    """A download works while the server keeps the sample; once later samples have pushed it out,
+    the link says so on the page instead of failing silently."""
+    pg = page
+    errors_before = len(pg.errors)
+    pg.select_option("#run", "tiny")
+    pg.click("nav button[data-tab=sample]")
+    set_form(pg, "#sample-form", sampler="ddim", steps=2, n=1)
+    pg.click("#sample-go")
+    pg.wait_for_selector("#downloads:not([hidden])")
+    with pg.expect_download() as got:
+        pg.click("#dl-grid")
+    assert Path(got.value.path()).read_bytes()[:4] == b"\x89PNG"
+    later = pg.evaluate("""async () => { const url = document.querySelector('#dl-grid').href;
+      for (let i = 1; i <= 20; i++) {  // later samples, as other tabs make, until the server drops this one
+        const job = await postJSON('/api/sample', {run: 'tiny', sampler: 'ddim', steps: 1, n: 1});
+        await new Promise(done => { const es = new EventSource(`/api/jobs/${job.id}/events`);
+          es.onmessage = m => { if (JSON.parse(m.data).type === 'done') { es.close(); done(); } }; });
+        if ((await fetch(url, {method: 'HEAD'})).status === 404) return i; } }""")
+    assert later is not None and later >= 8, later  # it outlived the eight the server keeps
+    pg.click("#dl-grid")
+    pg.wait_for_selector("#error:not([hidden])")
+    assert "no such sample" in pg.inner_text("#error") and "keeps the files of the latest" in pg.inner_text("#error")
+    assert pg.is_hidden("#downloads")
+    assert all("404" in e for e in pg.errors[errors_before:]), pg.errors
+
+
+def test_run_state_follows_the_run_folder(page: Any) -> None:
+    """A run that gets its checkpoint while the page is open: the header shows it, and says when
+    training has stopped, without a reload."""
+    pg = page
+    errors_before = len(pg.errors)
+    later, tiny = pg.runs_root / "later", pg.runs_root / "tiny"
+    later.mkdir()
+    shutil.copy(tiny / "config.json", later / "config.json")
+    shutil.copy(tiny / "log.jsonl", later / "log.jsonl")  # written just now: training
+    pg.reload()
+    pg.wait_for_function("[...document.querySelector('#run').options].some(o => o.value === 'later')")
+    pg.select_option("#run", "later")
+    info = pg.inner_text("#run-info")
+    assert "no checkpoint yet" in info and "training now" in info, info
+    shutil.copytree(tiny / "checkpoints", later / "checkpoints")
+    shutil.copy(tiny / "latest", later / "latest")  # the final checkpoint: training is over
+    pg.wait_for_function("document.querySelector('#run-info').textContent.includes('step-00000002')",
+                         timeout=10_000)
+    assert "training now" not in pg.inner_text("#run-info")
+    pg.click("nav button[data-tab=training]")
+    pg.wait_for_function("document.querySelector('#train-status').textContent.includes('not training now')")
+    assert pg.errors[errors_before:] == [], pg.errors
+
+
+def test_a_dead_server_is_named(page: Any) -> None:
+    """A server that does not answer: the page says so in words, not "Failed to fetch"."""
+    pg = page
+    errors_before = len(pg.errors)
+    pg.click("nav button[data-tab=sample]")
+    pg.route("**/api/**", lambda route: route.abort("connectionrefused"))
+    try:
+        pg.click("#sample-go")
+        pg.wait_for_selector("#error:not([hidden])")
+        assert pg.inner_text("#error") == "the ddpm ui server is not answering (stopped?)"
+    finally:
+        pg.unroute("**/api/**")
+    assert all("ERR_CONNECTION_REFUSED" in e for e in pg.errors[errors_before:]), pg.errors

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import math
 import typing
 import uuid
 from pathlib import Path
@@ -29,8 +28,9 @@ from ..samplers import SAMPLERS
 from ..sampling.generate import check_sample_config
 from ..sampling.guidance import resolve_classes
 from . import edits, panels
-from .jobs import Job, JobStore, gif_bytes, grid_png, npz_bytes, png_bytes, sampling
-from .runs import ModelCache, NotFound, Run, RunIndex, latest_checkpoint, run_config
+from .messages import page_message
+from .jobs import Job, JobStore, class_layout, gif_bytes, grid_png, npz_bytes, png_bytes, sampling
+from .runs import ModelCache, NotFound, Run, RunIndex, latest_checkpoint, run_config, training_now
 
 STATIC = Path(__file__).parent / "static"
 MAX_IMAGES = 64  # per request: the page shows one grid
@@ -67,7 +67,8 @@ async def meta(request: Request) -> JSONResponse:
 def _run_summary(run: Run) -> dict[str, Any]:
     cfg = run_config(run)
     ck = latest_checkpoint(run)
-    info: dict[str, Any] = {"name": run.name, "checkpoint": ck.name if ck else None, "config": cfg is not None}
+    info: dict[str, Any] = {"name": run.name, "checkpoint": ck.name if ck else None, "config": cfg is not None,
+                            "training": training_now(run, cfg)}
     if cfg is not None:
         info |= {"T": cfg.diffusion.timesteps, "schedule": cfg.diffusion.schedule, "preset": cfg.preset,
                  "image_size": cfg.data.image_size, "channels": cfg.data.channels,
@@ -124,8 +125,10 @@ async def start_sample(request: Request) -> JSONResponse:
     model = await run_in_threadpool(cache.get, run, cfg.use_ema)
     steps = check_sample_config(model, cfg)
     classes = resolve_classes(cfg.classes, model.config)
-    nrow = None if classes is None else math.ceil(cfg.n / len(classes))  # class_labels' images per class
-    job = request.app.state.jobs.start(run.name, sampling(model, cfg), stream, nrow=nrow)
+    layout = None if classes is None else class_layout(classes, cfg.n)  # exactly n images, a row per class
+    if layout is not None:
+        cfg = dataclasses.replace(cfg, classes=layout.classes)
+    job = request.app.state.jobs.start(run.name, sampling(model, cfg), stream, rows=layout and layout.rows)
     return JSONResponse({"id": job.id, "steps": steps, "checkpoint": model.source.name}, status_code=201)
 
 
@@ -166,7 +169,9 @@ async def source_image(request: Request) -> Response:
 def _job(request: Request) -> Job:
     job = request.app.state.jobs.get(request.path_params["job"])
     if job is None:
-        raise NotFound("no such sample (finished long ago, or the server restarted)")
+        keep = request.app.state.jobs.keep
+        raise NotFound(f"no such sample: the server keeps the files of the latest {keep} only (or it restarted); "
+                       "sample again")
     return job
 
 
@@ -297,7 +302,10 @@ async def _json(request: Request) -> Any:
 
 def _error(status: int):
     async def handler(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": str(exc).strip("'\"") or type(exc).__name__}, status_code=status)
+        # args[0], not str(exc): str() of a KeyError quotes it; the message keeps its own quotes
+        text = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+        runs = [(r.name, r.path) for r in request.app.state.index.runs()]
+        return JSONResponse({"error": page_message(text, runs) or type(exc).__name__}, status_code=status)
     return handler
 
 

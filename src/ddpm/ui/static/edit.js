@@ -52,8 +52,8 @@ function loadEditImage() {
   const r = currentRun();
   if (!r) return;
   const q = edit.upload ? `upload=${edit.upload}` : `index=${$("#edit-form").index.value || 0}`;
-  fetch(`/api/runs/${encodeURIComponent(r.name)}/source.png?${q}`)
-    .then(async res => { if (!res.ok) throw new Error((await res.json()).error); return res.blob(); })
+  request(`/api/runs/${encodeURIComponent(r.name)}/source.png?${q}`)
+    .then(res => res.blob())
     .then(blob => {
       const img = new Image();
       img.onload = () => { edit.img = img; drawEditCanvas(); };
