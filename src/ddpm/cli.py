@@ -273,10 +273,11 @@ def _save_edits(out: Path, s: Any, grid: Any, nrow: int, gif: bool, dt: float, w
 def cmd_inpaint(args: argparse.Namespace) -> int:
     from .files import check_writable_dir
     from .sampling.editing import RePaintConfig, check_repaint, comparison_grid, inpaint, load_mask
+    from .sampling.generate import check_sample_config
 
     model, scfg, image, out = _edit_request(args, "inpaint")
     rp = RePaintConfig(jump_length=args.jump_length, resample=args.resample)
-    check_repaint(rp)
+    check_repaint(rp, check_sample_config(model, scfg))  # its work bounded, before the first step
     mask = load_mask(args.mask, model.config.data.image_size)
     check_writable_dir(out)
     t0 = time.perf_counter()
@@ -427,7 +428,7 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
     rp = RePaintConfig(jump_length=args.jump_length, resample=args.resample)
     check_repaint(rp)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
-    check_sample_config(model, scfg)
+    check_repaint(rp, check_sample_config(model, scfg))
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
     images = fmnist_test_images(model, scfg.n, args.data)

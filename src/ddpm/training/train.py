@@ -34,6 +34,7 @@ from ..errors import DdpmError
 from ..nn import UNet, check_image_size, count_parameters
 from ..runtime.precision import (autocast_dtype, cuda_math_state, describe, fast_cuda_math, restore_cuda_math,
                                  under_autocast)
+from ..runtime.budget import check_training_memory
 from ..runtime.progress import BudgetBar
 from .runlog import LOG_NAME, JsonLog, TensorBoard, reset_log
 from ..config import SampleConfig
@@ -606,6 +607,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
     run_dir = Path(run_dir)
     dist, dev = from_env(resolve_device(device))
     autocast_dtype(cfg.train.precision, dev)  # fp16 without CUDA: refused before any file is touched
+    check_training_memory(cfg, dev, world=dist.world)  # a step the machine cannot hold: before the data loads
     caller_math = cuda_math_state()  # train.tf32 holds for this call; the caller's settings come back after
     fast_cuda_math(cfg.train.tf32)
     made: list[Path] = []
