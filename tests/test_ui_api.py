@@ -25,6 +25,17 @@ from ddpm.ui.runs import RunIndex  # noqa: E402
 from helpers import tiny_config, write_config  # noqa: E402
 
 
+
+def upload(client: TestClient, data: bytes, run: str = "tiny"):
+    """An image sent as the page sends one: the bytes as the body."""
+    return client.post(f"/api/upload?run={run}", content=data)
+
+
+def local_client(app, **kw) -> TestClient:
+    """A client that talks to the app as the page served at `ddpm ui`'s default address does
+    (its own Host, and the header the page's script sends with every request)."""
+    return TestClient(app, base_url="http://127.0.0.1:8000", headers={"X-DDPM-Token": ""}, **kw)
+
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("runs")
@@ -39,7 +50,7 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Path:
 
 @pytest.fixture()
 def client(runs_dir: Path) -> TestClient:
-    return TestClient(create_app(RunIndex([], runs_dir)))
+    return local_client(create_app(RunIndex([], runs_dir)))
 
 
 def events(client: TestClient, job: str) -> list[dict]:
@@ -163,9 +174,8 @@ def test_messages_speak_the_pages_words(client: TestClient, runs_dir: Path) -> N
     assert error({"run": "tiny", "classes": "bag"}) == "Class needs a class-conditional model; this one is unconditional"
     assert error({"run": "nope"}) == "no run named 'nope'"
     assert error({"run": "tiny", "steps": "x"}).endswith("got 'x'")
-    bad = client.post("/api/upload", content=b"not an image").json()["upload"]
-    msg = client.get(f"/api/runs/tiny/forward.png?upload={bad}").json()["error"]
-    assert msg.startswith("cannot read image the uploaded image") and "/" not in msg, msg
+    msg = upload(client, b"not an image").json()["error"]
+    assert msg.startswith("cannot read the uploaded image") and "/" not in msg, msg
     broken = runs_dir / "broken"
     shutil.copytree(runs_dir / "tiny", broken)
     try:
@@ -196,7 +206,7 @@ def test_runs_say_whether_they_are_training(runs_dir: Path, tmp_path: Path) -> N
     os.utime(root / "killed" / "log.jsonl", (old, old))
     for run in ("done", "starting", "halfway"):
         os.utime(root / run / "log.jsonl")
-    runs = {r["name"]: r["training"] for r in TestClient(create_app(RunIndex([], root))).get("/api/runs").json()["runs"]}
+    runs = {r["name"]: r["training"] for r in local_client(create_app(RunIndex([], root))).get("/api/runs").json()["runs"]}
     assert runs == {"done": False, "starting": True, "halfway": True, "killed": False}
 
 
@@ -264,14 +274,13 @@ def test_forward_and_schedules(client: TestClient, image_dir: Path) -> None:
     assert pics[0].shape == (12, 32)  # x0 | x_t | noise: three 8x8 tiles
     x0, xt0, xt19 = pics[0][2:10, 2:10], pics[0][2:10, 12:20], pics[1][2:10, 12:20]
     assert np.abs(x0.astype(int) - xt0).max() <= 8 < np.abs(x0.astype(int) - xt19).mean()  # t=0 barely noised
-    up = client.post("/api/upload", content=(image_dir / "img03.png").read_bytes()).json()["upload"]
+    up = upload(client, (image_dir / "img03.png").read_bytes()).json()["upload"]
     assert client.get(f"/api/runs/tiny/forward.png?t=5&upload={up}").status_code == 200
     for q, msg in (("t=20", "t must be"), ("t=-1", "t must be"), ("t=abc", "whole number")):
         r = client.get(f"/api/runs/tiny/forward.png?{q}")
         assert r.status_code == 400 and msg in r.json()["error"]
-    bad = client.post("/api/upload", content=b"not an image").json()["upload"]
-    r = client.get(f"/api/runs/tiny/forward.png?upload={bad}")
-    assert r.status_code == 400 and "cannot read image" in r.json()["error"]
+    r = upload(client, b"not an image")
+    assert r.status_code == 400 and "cannot read the uploaded image" in r.json()["error"]
 
 
 def test_training_log_polls_new_records(client: TestClient, runs_dir: Path) -> None:
@@ -320,7 +329,7 @@ def test_too_many_samples_at_once_is_a_400(runs_dir: Path, monkeypatch: pytest.M
     gate = threading.Event()
     real = jobs.Job._hook
     monkeypatch.setattr(jobs.Job, "_hook", lambda self, ev: gate.wait(10) and real(self, ev))
-    client = TestClient(create_app(RunIndex([], runs_dir), jobs=jobs.JobStore(max_running=1)))
+    client = local_client(create_app(RunIndex([], runs_dir), jobs=jobs.JobStore(max_running=1)))
     first = sample(client, sampler="ddim", steps=2, n=1)
     r = client.post("/api/sample", json={"run": "tiny", "sampler": "ddim", "steps": 2})
     assert r.status_code == 400 and "already running 1 at once" in r.json()["error"]
@@ -410,7 +419,7 @@ def test_class_and_guidance_on_a_conditional_run(tmp_path: Path, image_dir: Path
     runs = tmp_path / "runs"
     assert main(["train", "--config", str(write_config(tmp_path / "c.json", cfg)), "--out", str(runs / "cond"),
                  "--no-progress", "--no-tensorboard"]) == 0
-    client = TestClient(create_app(RunIndex([], runs)))
+    client = local_client(create_app(RunIndex([], runs)))
     info = client.get("/api/runs").json()["runs"][0]
     assert info["num_classes"] == 2 and info["class_names"] == ["left", "right"]
     assert {"classes", "guidance"} <= set(client.get("/api/meta").json()["fields"])
@@ -457,7 +466,7 @@ def test_a_bug_is_a_one_line_500(runs_dir: Path, monkeypatch: pytest.MonkeyPatch
         raise RuntimeError("schedules exploded")
 
     monkeypatch.setattr(panels, "schedule_curves", broken)
-    client = TestClient(create_app(RunIndex([], runs_dir)), raise_server_exceptions=False)
+    client = local_client(create_app(RunIndex([], runs_dir)), raise_server_exceptions=False)
     r = client.get("/api/runs/tiny/schedules")
     assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError: schedules exploded"}
 
@@ -499,7 +508,7 @@ def test_a_student_run_names_its_own_sampling(runs_dir: Path, tmp_path: Path) ->
     shutil.copytree(runs_dir / "tiny", root / "progressive")
     (root / "progressive" / "distill.json").write_text(json.dumps(
         {"teacher": "elsewhere", "method": "progressive", "teacher_steps": 8, "student_steps": 2}))
-    c = TestClient(create_app(RunIndex([], root)))
+    c = local_client(create_app(RunIndex([], root)))
     runs = {r["name"]: r for r in c.get("/api/runs").json()["runs"]}
     assert runs["student"]["student"] == {"method": "consistency", "sampler": "consistency", "spacing": "trailing",
                                           "eta": None, "steps": 2}

@@ -5,10 +5,13 @@ CI must run them, never skip them silently.
 """
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,10 +19,11 @@ from typing import Any, Iterator
 import pytest
 
 from ddpm.cli import main
-from ddpm.ui.browser import BrowserMissing, chromium, ui_server
+from browser import BrowserMissing, chromium, ui_server
 from helpers import tiny_config, write_config
 
 T = 1000  # diffusion steps of the tiny run: the ancestral sampler's 1000 steps take long enough to cancel
+REBOUND = "evil.example"
 SCREENSHOT = os.environ.get("DDPM_UI_SCREENSHOT")  # where to keep the sample panel's picture
 
 
@@ -37,7 +41,8 @@ def page(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Iterator[
     root = tmp_path_factory.mktemp("uiruns")
     training = ThreadPoolExecutor(1).submit(train_tiny, root, image_dir)
     try:
-        browser = chromium(tmp_path_factory.mktemp("profile"))
+        # evil.example resolves to this machine, as DNS rebinding makes a foreign name do
+        browser = chromium(tmp_path_factory.mktemp("profile"), args=(f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1",))
         ctx = browser.__enter__()
     except BrowserMissing as e:
         pytest.fail(f"the browser tests need a browser: {e}", pytrace=False)
@@ -379,3 +384,76 @@ def test_a_dead_server_is_named(page: Any) -> None:
     finally:
         pg.unroute("**/api/**")
     assert all("ERR_CONNECTION_REFUSED" in e for e in pg.errors[errors_before:]), pg.errors
+
+
+@contextmanager
+def site_elsewhere(html: str) -> Iterator[str]:
+    """Another web site: ``html`` served at http://127.0.0.2:PORT/ (another loopback address,
+    so another origin than the page's 127.0.0.1)."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.2:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+
+
+ATTACK = """<!doctype html><iframe id=f src="{ui}"></iframe><script>
+window.result = (async () => {{
+  const body = JSON.stringify({{run: "tiny", sampler: "ddpm", steps: 1000, n: 64}});
+  for (let i = 0; i < 4; i++)  // what a page can send anywhere without asking: no-cors, text/plain
+    await fetch("{ui}api/sample", {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}}, body}});
+  const read = await fetch("{ui}api/runs").then(r => r.text()).catch(e => "refused: " + e.name);
+  const json = await fetch("{ui}api/sample", {{method: "POST", headers: {{"Content-Type": "application/json"}}, body}})
+    .then(r => r.status).catch(e => "refused: " + e.name);
+  return {{read, json}};
+}})();
+</script>"""
+
+
+def test_a_page_on_another_site_can_neither_start_read_nor_frame(page: Any) -> None:
+    pg = page
+    ui = pg.url.split("?")[0].rsplit("/", 1)[0] + "/"
+    seen: list[tuple[str, str, int]] = []
+    with site_elsewhere(ATTACK.format(ui=ui)) as evil:
+        other = pg.context.new_page()
+        other.on("response", lambda r: r.url.startswith(ui) and seen.append((r.request.method, r.url, r.status)))
+        try:
+            other.goto(evil)
+            result = other.evaluate("window.result")
+            frame_text = other.frames[1].evaluate("document.body ? document.body.innerText : ''")
+        finally:
+            other.close()
+    assert result["read"].startswith("refused") and result["json"].startswith("refused"), result
+    posts = [status for method, url, status in seen if method == "POST" and url.endswith("/api/sample")]
+    assert len(posts) == 4 and set(posts) <= {403, 415}, seen
+    assert "Sample" not in frame_text  # the page refused to be framed
+    set_form(pg, "#sample-form", sampler="ddim", steps=3, n=4, seed=0)  # the user's own click still works
+    pg.click("nav button[data-tab=sample]")
+    pg.click("#sample-go")
+    pg.wait_for_function("window.ddpmTimings.done !== undefined && !document.querySelector('#sample-cancel:not([disabled])')")
+    assert "already running" not in pg.inner_text("#error")
+
+
+def test_a_foreign_name_resolving_to_this_machine_is_refused(page: Any) -> None:
+    """DNS rebinding: a foreign name that resolves to 127.0.0.1 loads nothing of the page."""
+    port = int(page.url.split(":")[2].split("/")[0])
+    pg = page.context.new_page()
+    try:
+        r = pg.goto(f"http://{REBOUND}:{port}/")
+        assert r.status == 421 and "does not answer to the name" in pg.inner_text("body")
+        assert pg.evaluate("fetch('/api/runs').then(r => r.status)") == 421
+    finally:
+        pg.close()

@@ -235,7 +235,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import serve
 
-    serve(args.runs_given, args.runs, host=args.host, port=args.port, device=args.device)
+    serve(args.runs_given, args.runs, host=args.host, port=args.port, device=args.device,
+          allow_hosts=args.allow_host)
     return 0
 
 
@@ -601,7 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the forward process, training curves (needs ddpm[ui])")
     ui.add_argument("runs_given", nargs="*", metavar="RUN", help="run folders to show (besides those under --runs)")
     ui.add_argument("--runs", default="runs", help="also list every run folder directly under DIR (default runs/)")
-    ui.add_argument("--host", default="127.0.0.1", help="address to bind: 127.0.0.1 (default) serves this machine only")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind: 127.0.0.1 (default) serves this machine "
+                                                        "only; any other address needs the token printed at start")
+    ui.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="a further host name the page answers to (as when reached through a proxy or a DNS name; "
+                         "repeat for more; '*': any). Other names are refused, against DNS rebinding")
     ui.add_argument("--port", type=int, default=8000)
     ui.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ui.set_defaults(fn=cmd_ui)

@@ -9,7 +9,6 @@ and is left out.
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -25,13 +24,12 @@ FIELD_LABELS = {
 }
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 _FLAG_HINT = re.compile(r"\s*\([^()]*--[a-z][^()]*\)")  # "(train one with --cond ...)"
-UPLOAD_NAME = "upload"  # the temporary file panels.uploaded_image reads an upload from
 _PATH = re.compile(r"""(['"]?)(/[^\s'":;,]+)\1""")  # an absolute path, quoted or not
 
 
 def page_message(text: str, runs: Iterable[tuple[str, Path]] = ()) -> str:
     """``text`` with flags named by the page's labels and server paths replaced: a path inside a
-    run by the run's name and the path within it, an upload's temporary file by "the uploaded image", any other by its last part."""
+    run by the run's name and the path within it, any other by its last part."""
     text = _FLAG.sub(lambda m: FIELD_LABELS.get(m.group(), m.group()), text)
     text = _FLAG_HINT.sub("", text)
     text = _FLAG.sub(lambda m: m.group()[2:].replace("-", " "), text)  # a flag no field has
@@ -43,6 +41,4 @@ def _shown_path(p: Path, runs: list[tuple[str, Path]]) -> str:
     for name, root in runs:
         if p.is_relative_to(root):
             return str(Path(name) / p.relative_to(root))
-    if p.name == UPLOAD_NAME and p.is_relative_to(tempfile.gettempdir()):
-        return "the uploaded image"
     return p.name  # a path the page never named: its last part only

@@ -51,8 +51,10 @@ class RunIndex:
         found = list(self.given)
         if self.runs_dir is not None and self.runs_dir.is_dir():
             for p in sorted(self.runs_dir.iterdir()):
-                # a symlink pointing out of --runs is not listed (nor reachable)
-                if is_run_folder(p) and p.resolve().parent == self.runs_dir and p.resolve() not in found:
+                # a symlink pointing out of --runs is not listed (nor reachable), nor a name that is
+                # not UTF-8 (no page or URL can name it)
+                if (_utf8(p.name) and is_run_folder(p) and p.resolve().parent == self.runs_dir
+                        and p.resolve() not in found):
                     found.append(p.resolve())
         if not found:  # nothing of the user's yet: the models that ship with the package
             found = [p.resolve() for p in shipped_runs()]
@@ -69,6 +71,14 @@ class RunIndex:
             if r.name == name:
                 return r
         raise NotFound(f"no run named {name!r}")
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept by Python as lone surrogates
+        return False
+    return True
 
 
 def inside(run: Run, relative: str) -> Path:

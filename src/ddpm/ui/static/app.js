@@ -9,12 +9,22 @@ const RUNS_EVERY_MS = 3000;  // the header's checkpoint and training state follo
 const FORWARD_WAIT_MS = 80;  // a slider drag asks for the picture of the t it rests at, not every t passed
 window.ddpmTimings = {};  // click -> first frame, read by the browser test and bench/ui_latency.py
 
+// The token `ddpm ui` printed at start (off loopback), from the address opened; sent as a header
+// on every request. The header also marks a request as the page's own: another site's page
+// cannot set it without the server's leave (it answers no CORS preflight).
+const TOKEN = (() => {
+  const given = new URLSearchParams(location.search).get("token");
+  if (given) sessionStorage.setItem("ddpm-token", given);
+  return given || sessionStorage.getItem("ddpm-token") || "";
+})();
+
 function showError(msg) { const e = $("#error"); e.textContent = msg; e.hidden = !msg; }
 
 // fetch, with the server's one-line message for an answer that is not ok, and a plain sentence
 // for a server that does not answer at all (fetch itself says only "Failed to fetch")
 async function request(path, opts) {
   let r;
+  opts = {...opts, headers: {...(opts?.headers || {}), "X-DDPM-Token": TOKEN}};
   try { r = await fetch(path, opts); } catch (err) {
     if (err.name === "AbortError") throw err;
     throw new Error(DEAD);
@@ -31,6 +41,11 @@ async function api(path, opts) {
 
 function postJSON(path, obj) {
   return api(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(obj)});
+}
+
+// an image for the run picked, decoded by the server once at the run's size
+function uploadImage(file, run) {
+  return api(`/api/upload?run=${encodeURIComponent(run?.name || "")}`, {method: "POST", body: file});
 }
 
 // ---- runs and tabs ----
@@ -382,7 +397,7 @@ function updateForward() {
 async function onUpload(file) {
   if (!file) return;
   try {
-    state.upload = (await api("/api/upload", {method: "POST", body: file})).upload;
+    state.upload = (await uploadImage(file, currentRun())).upload;
     updateForward();
   } catch (err) { showError(err.message); }
 }

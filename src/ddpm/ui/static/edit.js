@@ -13,7 +13,7 @@ function setupEdit() {
   $("#edit-file").addEventListener("change", async e => {
     const file = e.target.files[0];
     if (!file) return;
-    try { edit.upload = (await api("/api/upload", {method: "POST", body: file})).upload; loadEditImage(); }
+    try { edit.upload = (await uploadImage(file, currentRun())).upload; loadEditImage(); }
     catch (err) { showError(err.message); }
   });
   f.addEventListener("submit", onEdit);
