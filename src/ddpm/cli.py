@@ -684,7 +684,8 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     s.add_argument("--precision", default="fp32",
-                   help=f"{names_help(PRECISIONS)}: bf16 autocast pays only where native, fp16 needs CUDA")
+                   help=f"{names_help(PRECISIONS)}: auto times bf16 against fp32 on this CPU once (cached) and "
+                        "takes the faster; fp16 needs CUDA")
     s.add_argument("--device", default="auto")
     s.add_argument("--engine", default="torch", metavar="ENGINE",
                    help="what runs the network: torch (eager PyTorch, the default); openvino (fp32) or "

@@ -31,7 +31,7 @@ from ..runtime.budget import check_steps
 from ..runtime.precision import autocast_dtype, describe
 from ..samplers import SamplerOptions, SamplerSpec, StepCallback, get_sampler, grid
 from ..samplers.base import ImageGenerators, t_batch
-from .generate import LoadedModel, Samples, StepHook, _with_hook, check_sample_config
+from .generate import LoadedModel, Samples, StepHook, _with_hook, check_sample_config, with_precision_resolved
 from .guidance import class_labels, resolve_classes
 
 MaskShape = Literal["right", "center"]
@@ -205,8 +205,8 @@ class _Request:
     """An edit of ``images`` in batches: labels, the sampler's grid, one generator per image."""
 
     def __init__(self, model: LoadedModel, cfg: SampleConfig, image: torch.Tensor):
-        self.model, self.cfg = model, cfg
         self.steps = check_sample_config(model, cfg)
+        self.model, self.cfg = model, cfg = with_precision_resolved(model, cfg)
         self.images = _as_batch(image, cfg.n)
         _check_image(model, self.images)
         classes = resolve_classes(cfg.classes, model.config)

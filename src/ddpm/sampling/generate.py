@@ -1,6 +1,7 @@
 """From a checkpoint to images: load the model, run a sampler in batches, record frames."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
@@ -15,7 +16,7 @@ from ..core.diffusion import Denoiser
 from ..errors import DdpmError
 from ..nn import UNet
 from ..runtime.device import resolve_device
-from ..runtime.precision import autocast_dtype, describe, under_autocast
+from ..runtime.precision import Trial, autocast_dtype, describe, resolve_precision, under_autocast
 from ..runtime.budget import MARGIN, Need, available_memory, check_fits, check_steps, network_peak, smaller_batch
 from ..runtime.progress import StepBar, chain_hooks
 from ..samplers.base import ImageGenerators
@@ -172,6 +173,17 @@ def check_sampling_memory(model: LoadedModel, cfg: SampleConfig, *, frames: bool
     check_fits(needs, have, advice=advice)
 
 
+def with_precision_resolved(model: LoadedModel, cfg: SampleConfig) -> SampleConfig:
+    """``cfg`` with its precision resolved once: ``auto`` by a trial of this very network at this
+    request's batch (twice the images under classifier-free guidance), cached per machine."""
+    mc = model.config
+    size = mc.data.image_size
+    batch = min(cfg.batch_size, cfg.n) * (2 if cfg.guidance and cfg.classes is not None else 1)
+    trial = Trial(model.net, (batch, mc.model.channels, size, size), training=False,
+                  num_classes=mc.model.num_classes, channels_last=mc.train.channels_last)
+    return dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, model.schedule.alpha_bar.device, trial))
+
+
 MAX_FRAMES = 100  # GIF frames recorded by default
 
 
@@ -185,6 +197,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
     ``on_step(StepEvent)`` is called after every sampler step of every batch; returning False
     (or raising SamplingCancelled) stops the loop and raises SamplingCancelled out of here."""
     steps = check_sample_config(model, cfg, frames=frames != "none")
+    cfg = with_precision_resolved(model, cfg)
     spec = get_sampler(cfg.sampler)
     dev = model.schedule.alpha_bar.device
     classes = resolve_classes(cfg.classes, model.config)
