@@ -23,7 +23,7 @@ from ..config import ModelConfig, RunConfig
 from ..errors import DdpmError
 
 ENV = "DDPM_MEMORY_LIMIT"  # bytes (or 512M, 4G, 1.5GiB) this process may use; overrides what the machine says
-MARGIN = 2.0  # traced peak -> the estimate: a real CPU step measures about 0.5x to 1.5x of the trace
+MARGIN = 2.0  # traced peak -> the estimate: room for what the trace does not see (allocator, threads)
 GIB = 2**30
 MAX_STEPS = 1_000_000  # sampler steps (network evaluations of one batch) one request may take
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}

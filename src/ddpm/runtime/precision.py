@@ -2,14 +2,21 @@
 
 ``fp32`` runs the network's function exactly (the default). ``bf16`` runs convolutions and
 matrix products in bfloat16 under ``torch.autocast`` with fp32 weights and fp32 loss and sampler
-math. It runs natively on GPUs since Ampere and on CPUs with AVX512-BF16 or AMX, where it is
-faster (sampling the seed's network 1.79x the seed's loop against 1.16x in fp32 on a 2-core
-AVX-512 EPYC: BENCHMARKS.md, "Engines and precision"); elsewhere it is emulated and slower. ``fp16`` (CUDA only) adds a gradient
-scaler. ``auto`` is bf16 where the hardware runs it natively, else fp32.
+math. It runs natively on GPUs since Ampere and on CPUs with AVX512-BF16 or AMX; elsewhere it
+is emulated and much slower. Native is not the same as faster: on some CPUs with AVX512-BF16 and
+no AMX the bf16 kernels are slower than fp32's. ``fp16`` (CUDA only) adds a gradient scaler.
+
+``auto`` therefore decides by measurement on a CPU (:func:`resolve_precision`): where bf16 is
+native it times the very network and batch shape of the work to come in both arithmetics, in
+turns, and takes bf16 only if it is clearly faster (:data:`TRIAL_MARGIN`); the verdict is kept
+per CPU model, torch version, thread count, kernel caps and shape in a small JSON cache
+(``$DDPM_CACHE_DIR`` or ``$XDG_CACHE_HOME/ddpm``, default ``~/.cache/ddpm``), so the trial runs
+once per machine and shape. Where bf16 is not native (or the kernels are capped below it) auto is
+fp32 without a trial; on CUDA it is bf16 where the GPU has it.
 
 An explicit ``bf16`` where it is emulated runs (it is the same bf16 arithmetic, and a run's
 config may carry it from a machine that has it) after one ``warning:`` line per process
-quoting the measured slowdown.
+quoting the slowdown measured on such a CPU.
 """
 from __future__ import annotations
 
@@ -256,7 +263,7 @@ def under_autocast(net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], de
 
 
 def fast_cuda_math(enabled: bool) -> None:
-    """TF32 for fp32 matrix products and convolutions on CUDA (Ampere and later): about 8x the
+    """TF32 for fp32 matrix products and convolutions on CUDA (Ampere and later): several times the
     fp32 rate with a 10-bit mantissa, which diffusion training tolerates."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = enabled
