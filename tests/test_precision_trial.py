@@ -31,7 +31,6 @@ class Net(torch.nn.Module):
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(P, "native_bf16", lambda device: True)  # a CPU with bf16 in hardware
-    monkeypatch.setattr(P, "_decided", {})
     return tmp_path / "precision.json"
 
 
@@ -79,9 +78,7 @@ def test_auto_is_fp32_where_bf16_is_measured_slower_and_bf16_where_faster(cache)
     lines: list[str] = []
     assert P.resolve_precision("auto", CPU, trial(), measure=fake(0.68, calls), say=lines.append) == "fp32"
     assert lines == ["precision auto: fp32 (bf16 measured 0.68x fp32's speed here; bf16 needs 1.10x)"]
-    assert P.autocast_dtype("auto", CPU) is None  # the verdict holds for the rest of the process
     assert P.resolve_precision("auto", CPU, trial((32, 3, 8, 8)), measure=fake(1.5, calls), say=lines.append) == "bf16"
-    assert P.autocast_dtype("auto", CPU) is torch.bfloat16
     assert P.resolve_precision("auto", CPU, trial((32, 3, 16, 16)), measure=fake(1.05, calls),
                                say=lines.append) == "fp32"  # faster, but not clearly
     assert len(calls) == 3

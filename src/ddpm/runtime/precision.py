@@ -84,9 +84,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None for plain fp32."""
     if precision not in PRECISIONS:
         raise DdpmError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if precision == "auto":  # the verdict this process reached by a trial, else the hardware's rule
-        return None if _decided.get(device.type, "bf16" if native_bf16(device) else "fp32") == "fp32" \
-            else torch.bfloat16
+    if precision == "auto":  # without a trial (see resolve_precision): the hardware's rule
+        return torch.bfloat16 if native_bf16(device) else None
     if precision == "bf16" and not native_bf16(device):
         warn_emulated_bf16(device)
     if precision == "fp16" and device.type != "cuda":
@@ -105,7 +104,6 @@ class Trial(NamedTuple):
 
 
 Timer = Callable[[], float]
-_decided: dict[str, str] = {}  # device type -> the last verdict of a trial in this process
 
 
 def resolve_precision(precision: str, device: torch.device, trial: Trial | None = None, *,
@@ -129,7 +127,6 @@ def resolve_precision(precision: str, device: torch.device, trial: Trial | None 
         (say or (lambda line: print(line, file=sys.stderr)))(
             f"precision auto: {verdict['choice']} (bf16 measured {ratio:.2f}x fp32's speed here; "
             f"bf16 needs {TRIAL_MARGIN:.2f}x)")
-    _decided[device.type] = verdict["choice"]
     return verdict["choice"]
 
 

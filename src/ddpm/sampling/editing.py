@@ -206,7 +206,8 @@ class _Request:
 
     def __init__(self, model: LoadedModel, cfg: SampleConfig, image: torch.Tensor):
         self.steps = check_sample_config(model, cfg)
-        self.model, self.cfg = model, cfg = with_precision_resolved(model, cfg)
+        cfg = with_precision_resolved(model, cfg)
+        self.model, self.cfg = model, cfg
         self.images = _as_batch(image, cfg.n)
         _check_image(model, self.images)
         classes = resolve_classes(cfg.classes, model.config)
