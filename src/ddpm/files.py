@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 from .errors import DdpmError
 
 MAX_SHOWN = 80  # characters of a user's value quoted in a message
+LOCK_NAME = ".lock"  # RUN/.lock: held while a command writes the run (run_lock)
 
 
 def shorten(value: object, limit: int = MAX_SHOWN) -> str:
@@ -122,13 +123,43 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
+# What a run folder holds for itself: an output there would corrupt the run, or be deleted with it
+# (a checkpoint folder pruned, `latest` overwritten). RUN/samples and other outputs are not among them.
+RUN_OWN = frozenset({"checkpoints", "latest", "config.json", "log.jsonl", "guide", "distill.json", LOCK_NAME})
+
+
+def is_run(folder: Path) -> bool:
+    """A run folder: one written by `ddpm train` or `ddpm distill` (its config or checkpoints)."""
+    return (folder / "config.json").is_file() or (folder / "checkpoints").is_dir()
+
+
+def run_files_under(path: str | Path) -> tuple[Path, str] | None:
+    """(run, own name) when ``path`` is, or lies inside, one of a run's own files (RUN_OWN)."""
+    p = Path(os.path.realpath(path))  # symlinks resolved, a missing tail kept as given
+    for part in (p, *p.parents):
+        if part.name in RUN_OWN and is_run(part.parent):
+            return part.parent, part.name
+    return None
+
+
+def check_outside_run_files(path: str | Path, shown: str | Path | None = None) -> None:
+    """Refuse, in one line, an output that would land on a run's own files."""
+    hit = run_files_under(path)
+    if hit is not None:
+        run, name = hit
+        raise DdpmError(f"{shown or path} lies on the run {run}'s own {name}: write outside it "
+                        f"(the run's outputs go to {run / 'samples'} or any folder you name)")
+
+
 def check_writable_dir(path: str | Path, what: str = "output folder", shown: str | Path | None = None) -> Path:
-    """Refuse, in one line, a folder that cannot be written (or made) before any long work starts.
+    """Refuse, in one line, a folder that cannot be written (or made) before any long work starts,
+    or one that lies on a run's own files (:func:`check_outside_run_files`).
 
     Nothing is created: a probe file in the nearest existing folder is written and removed.
     ``shown`` is the path the message names (the output file whose folder this is)."""
     path = Path(path)
     shown = path if shown is None else shown
+    check_outside_run_files(path, shown)
     if path.exists() and not path.is_dir():
         what_ = "it is" if Path(shown) == path else f"{path} is"
         raise WriteError(shown, f"{what_} a file, not a folder", errno.ENOTDIR)
@@ -150,10 +181,75 @@ def check_writable_file(path: str | Path, what: str = "output file") -> Path:
     """Refuse, in one line, an output file that cannot be written: a folder in its place, an
     unwritable or impossible parent, a full disk. Nothing is created."""
     path = Path(path)
+    check_outside_run_files(path)
     if path.is_dir():
         raise WriteError(path, f"it is a folder; give a file name for the {what}", errno.EISDIR)
     check_writable_dir(path.parent, shown=path)
     return path
+
+
+# ------------------------------------------------------------------ run-folder lock
+
+
+@contextmanager
+def run_lock(run: Path, command: Sequence[str] | None = None) -> Iterator[Path]:
+    """Hold ``run``'s advisory lock (``RUN/.lock``, fcntl.flock) while it is written, so that a
+    second command writing the same run fails at once, in one line naming who holds it. The
+    kernel releases the lock when the process dies, however it dies; the file stays, naming
+    the last holder. Where flock does not exist (not POSIX) no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        yield run / LOCK_NAME
+        return
+    import json
+    import socket
+    import sys
+    import time
+
+    path = run / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DdpmError(f"run {run} is being written by another ddpm ({_holder(fd)}); wait for it to "
+                            "finish or stop it") from None
+        who = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(command or sys.argv),
+               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(who) + "\n").encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_unlocked(run: Path) -> None:
+    """Refuse at once, before any work, a run another command is writing now (its lock held);
+    nothing is created. The lock itself is taken later, at the first write (:func:`run_lock`)."""
+    try:
+        import fcntl
+        fd = os.open(run / LOCK_NAME, os.O_RDWR)
+    except (ImportError, OSError):  # not POSIX, or never locked: nobody writes it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise DdpmError(f"run {run} is being written by another ddpm ({_holder(fd)}); wait for it to "
+                        "finish or stop it") from None
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, from the lock file (as much as can be read)."""
+    import json
+
+    try:
+        who = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"pid {who['pid']} on {who['host']}, {shorten(who['command'], 240)}, since {who['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its pid is not recorded"
 
 
 # ------------------------------------------------------------------ signals

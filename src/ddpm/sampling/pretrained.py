@@ -31,9 +31,17 @@ def resolve_run(path: str | Path) -> Path:
 
 
 def output_root(source: Path) -> Path:
-    """Where a command writes beside a checkpoint ``source``: its run folder, except for a shipped
-    model, whose outputs go to ``runs/NAME`` under the current folder."""
-    run = source.parent.parent
+    """Where a command writes beside a checkpoint ``source``: its run folder when it really is
+    one of a run's (``RUN/checkpoints/step-N``, ``RUN/guide``), else the checkpoint folder itself
+    (one copied elsewhere: never the folders above it); a shipped model's outputs go to
+    ``runs/NAME`` under the current folder."""
+    from ..files import is_run
+
+    inside = ((source.parent.name == "checkpoints" and is_run(source.parent.parent))
+              or (source.name == "guide" and is_run(source.parent)))
+    run = source.parent.parent if source.parent.name == "checkpoints" else source.parent
+    if not inside:
+        return source
     try:
         rel = run.resolve().relative_to(ASSETS)
     except ValueError:

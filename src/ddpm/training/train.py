@@ -7,6 +7,7 @@ schedule, step, data order, the noise generator and torch's global RNG).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..checkpoint import (GUIDE, Checkpoint, checkpoint_path, last_good_checkpoint, load_checkpoint, load_into,
                          has_guide, save_checkpoint, save_snapshot)
-from ..files import atomic_write_text, shorten
+from ..files import atomic_write_text, check_outside_run_files, check_unlocked, run_lock, shorten
 from ..config import RunConfig, check_model_config, check_seed
 from ..data.readers import Batches, to_model_range
 from ..data.sources import class_names, load_dataset, load_labeled_dataset
@@ -444,6 +445,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> list[Path]:
         raise DdpmError(f"{run_dir} already holds a run; use --resume to continue it or pick another --name/--out")
     if resume and not (run_dir / "latest").exists() and not any((run_dir / "checkpoints").glob("step-*")):
         raise DdpmError(f"--resume: {run_dir} has no checkpoint to resume from")
+    check_outside_run_files(run_dir)  # e.g. inside another run's checkpoints/: pruned with them
     made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     probe = run_dir / f".write-test{os.getpid()}"
     try:
@@ -620,6 +622,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
         if cfg.train.batch_size % dist.world:
             raise DdpmError(f"the batch size {cfg.train.batch_size} (the global batch) does not split evenly "
                             f"over {dist.world} processes")
+        check_unlocked(run_dir)  # another command writing this run: refused before any work
         made = prepare_run_dir(run_dir, cfg, resume)
         ck = load_checkpoint(run_dir, with_state=True) if resume else None
         if ck is not None:
@@ -638,14 +641,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
         say(f"training {count_parameters(tr.model):,} parameters on {len(data):,} images ({dev}, "
             f"{describe(tr.amp)}{procs}), "
             f"run folder {run_dir}")
+        # from the first write on, the run is this command's: a second one writing it fails at once
+        lock = run_lock(run_dir) if dist.main else contextlib.nullcontext()
         try:
-            if dist.main and ck is None:
-                atomic_write_text(run_dir / "config.json", cfg.to_json())
-            tr.config_pending = dist.main and ck is not None  # never a bad --resume value on disk
-            if dist.main:
-                reset_log(run_dir / LOG_NAME, tr.step)
-            tb = TensorBoard(run_dir / "tb", tr.step + 1, tensorboard and dist.main)
-            return _loop(tr, progress and dist.main, tb)
+            with lock:
+                if dist.main and ck is None:
+                    atomic_write_text(run_dir / "config.json", cfg.to_json())
+                tr.config_pending = dist.main and ck is not None  # never a bad --resume value on disk
+                if dist.main:
+                    reset_log(run_dir / LOG_NAME, tr.step)
+                tb = TensorBoard(run_dir / "tb", tr.step + 1, tensorboard and dist.main)
+                return _loop(tr, progress and dist.main, tb)
         except OSError as e:  # the log, a sample grid or TensorBoard: checkpoints report their own
             raise DdpmError(f"cannot write {e.filename or run_dir}: {e.strerror or e}; "
                             f"the last good checkpoint is {last_good_checkpoint(run_dir)}") from None
