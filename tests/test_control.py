@@ -401,7 +401,7 @@ def test_cli_conditional_train_sample_eval(tmp_path: Path, capsys: pytest.Captur
     before = sorted(p for p in tmp_path.rglob("*"))
     bad = [["sample", str(run), "--class", "boots"], ["sample", str(run), "--class", "7"],
            ["sample", str(run), "--class", "bag", "--guidance", "-1"],
-           ["sample", str(run), "--guidance", "2"],
+           ["sample", str(run), "--class", "none", "--guidance", "2"],  # the null class: nothing to guide to
            ["sample", str(run), "--class", "bag", "--guidance", "1", "--guidance-interval", "3,1"],
            ["eval", str(run), "--class", "all", "--guidance", "0,-1", "--n", "8"],
            ["train", "--config", str(conf), "--cond", "--cond-drop", "1.5", "--out", str(tmp_path / "r2")]]

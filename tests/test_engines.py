@@ -105,14 +105,17 @@ def test_conditional_model_under_guidance(tmp_path: Path, image_dir: Path) -> No
     assert got.shape == ref.shape and torch.isfinite(got.float()).all()
 
 
-def test_conditional_model_without_classes(tmp_path: Path, image_dir: Path) -> None:
-    """A conditional model sampled with no --class (the network's null class, as eager reads a
-    missing label): the same images as eager, and calibration records the null class."""
+@pytest.mark.parametrize("classes, seen", [("none", {3}), (None, {0, 1, 2})])
+def test_conditional_model_without_classes(tmp_path: Path, image_dir: Path, classes, seen) -> None:
+    """A conditional model sampled with --class none (the network's null class) or with no
+    --class (labels drawn per image): the same images as eager, and calibration records the
+    labels the request uses."""
     run = _run(tmp_path, image_dir, num_classes=3)
-    cfg = SampleConfig(sampler="dpm++2m", steps=4, n=5, batch_size=5, seed=2)
+    cfg = SampleConfig(sampler="dpm++2m", steps=4, n=5, batch_size=5, seed=2, classes=classes)
     model = load_model(run, device="cpu")
     feeds = calibration_inputs(model, cfg)
-    assert len(feeds[0]) == 3 and set(np.concatenate([f[2] for f in feeds]).tolist()) == {3}
+    assert len(feeds[0]) == 3 and set(np.concatenate([f[2] for f in feeds]).tolist()) <= seen
+    assert classes is not None or len(set(np.concatenate([f[2] for f in feeds]).tolist())) > 1
     ref = generate(model, cfg).images
     assert (generate(with_engine(model, "openvino", cfg), cfg).images.int() - ref.int()).abs().max() <= 1
     assert generate(with_engine(model, "openvino-int8", cfg), cfg).images.shape == ref.shape

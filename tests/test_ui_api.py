@@ -170,7 +170,7 @@ def test_messages_speak_the_pages_words(client: TestClient, runs_dir: Path) -> N
         assert r.status_code in (400, 404), r.text
         return r.json()["error"]
 
-    assert error({"run": "tiny", "guidance": 2.0}) == "Guidance needs Class (what to guide towards)"
+    assert error({"run": "tiny", "guidance": 2.0}) == "Guidance needs a class-conditional model"
     assert error({"run": "tiny", "classes": "bag"}) == "Class needs a class-conditional model; this one is unconditional"
     assert error({"run": "nope"}) == "no run named 'nope'"
     assert error({"run": "tiny", "steps": "x"}).endswith("got 'x'")

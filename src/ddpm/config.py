@@ -87,6 +87,8 @@ class DataConfig:
     flip: bool = _f(True, "random horizontal flips")
     data_dir: str | None = _f(None, "folder holding the Fashion-MNIST IDX files")
     class_names: tuple[str, ...] = _f((), "a conditional run's classes, by index (filled in from the data)")
+    class_counts: tuple[int, ...] = _f((), "a conditional run's training images per class (filled in from the "
+                                           "data): the proportions its default draw of labels follows")
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,9 @@ class SampleConfig:
     precision: Precision = _f("fp32", "fp32 | bf16 (autocast) | fp16 (CUDA) | auto (on a CPU: bf16 "
                                  "only where a short timed trial finds it faster)")
     classes: str | None = _f(None, "conditional models: a class name or index, a comma list, or 'all' "
-                                   "(one grid row per class; several classes share --n evenly, rounded up)")
+                                   "(one grid row per class; several classes share --n evenly, rounded up), "
+                                   "or 'none' (the null class: no label); unset, each image's label is drawn "
+                                   "in the training set's class proportions")
     guidance: float = _f(0.0, "classifier-free guidance w >= 0: eps = eps_c + w (eps_c - eps_u); 0 is the "
                               "plain conditional model; Ho & Salimans' w; diffusers' guidance_scale = w + 1")
     guidance_interval: tuple[float, ...] | None = _f(

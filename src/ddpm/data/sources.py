@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DdpmError
-from .readers import (FASHION_MNIST_CLASSES, Labeled, _check_shape_args, folder_classes, load_fashion_mnist,
-                      load_fashion_mnist_labels, load_image_folder, load_image_folder_labeled)
+from .readers import (FASHION_MNIST_CLASSES, Labeled, _check_shape_args, _image_files, folder_classes,
+                      load_fashion_mnist, load_fashion_mnist_labels, load_image_folder, load_image_folder_labeled)
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = ("train", "test")
@@ -94,6 +94,19 @@ def class_names(source: str, data_dir: str | Path | None = None) -> tuple[str, .
     first-level subfolders (root/<class>/...)."""
     src = named_source(source)
     return src.classes if src is not None else folder_classes(source)
+
+
+def class_counts(source: str, data_dir: str | Path | None = None) -> tuple[int, ...]:
+    """Training images per class of a data source, by label index, read without decoding an
+    image: a named source's label file, or the files in each of a folder's class subfolders."""
+    src = named_source(source)
+    if src is not None:
+        labels = src.labels("train", data_dir, False)
+        return tuple(int(c) for c in torch.bincount(labels, minlength=len(src.classes)))
+    names = folder_classes(source)
+    root = Path(source)
+    found = [f.relative_to(root).parts[0] for f in _image_files(root) if len(f.relative_to(root).parts) > 1]
+    return tuple(found.count(n) for n in names)
 
 
 def load_images_file(path: str | Path) -> torch.Tensor:

@@ -43,11 +43,14 @@ def _splitmix64(x: int) -> int:
     return z ^ (z >> 31)
 
 
-def image_seed(seed: int, i: int) -> int:
+def image_seed(seed: int, i: int, stream: int = 0) -> int:
     """The generator seed of image i of a request seeded ``seed``: a hash of the pair (a
     non-negative int64). Not ``seed + i``, under which seed 1 would be seed 0's images shifted
-    by one; hashed, nearby seeds and indices give unrelated noise."""
-    return _splitmix64((_splitmix64(seed) + i) & _MASK64) >> 1
+    by one; hashed, nearby seeds and indices give unrelated noise. ``stream`` > 0 names another
+    independent stream of the same image (its drawn class label: 1), leaving stream 0 (x_T and
+    the sampler's noise) as it is."""
+    h = _splitmix64((_splitmix64(seed) + i) & _MASK64)
+    return (_splitmix64(h ^ stream) if stream else h) >> 1
 
 
 class ImageGenerators:

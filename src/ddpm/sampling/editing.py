@@ -32,7 +32,7 @@ from ..runtime.precision import autocast_dtype, describe
 from ..samplers import SamplerOptions, SamplerSpec, StepCallback, get_sampler, grid
 from ..samplers.base import ImageGenerators, t_batch
 from .generate import LoadedModel, Samples, StepHook, _with_hook, check_sample_config, with_precision_resolved
-from .guidance import class_labels, resolve_classes
+from .guidance import request_labels
 
 MaskShape = Literal["right", "center"]
 MASK_SHAPES: tuple[str, ...] = ("right", "center")
@@ -210,8 +210,8 @@ class _Request:
         self.model, self.cfg = model, cfg
         self.images = _as_batch(image, cfg.n)
         _check_image(model, self.images)
-        classes = resolve_classes(cfg.classes, model.config)
-        self.labels = None if classes is None else class_labels(classes, len(self.images))[: len(self.images)]
+        labels, _ = request_labels(cfg, model.config, len(self.images))  # asked for, drawn, or none
+        self.labels = None if labels is None else labels[: len(self.images)]
         self.device = model.schedule.alpha_bar.device
         self.timesteps = grid(cfg.sampler, model.schedule.T, self.steps, cfg.spacing)
         self.denoiser = model.denoiser(cfg.clip, cfg.precision)

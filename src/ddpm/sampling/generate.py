@@ -23,7 +23,7 @@ from ..samplers.base import ImageGenerators
 from ..samplers import SamplerOptions, StepCallback, check_options, get_sampler, grid
 from ..core.schedules import NoiseSchedule, make_schedule
 from ..pictures.viz import make_grid
-from .guidance import check_guidance, class_labels, resolve_classes
+from .guidance import check_guidance, has_labels, request_labels
 from .pretrained import output_root, resolve_run
 
 
@@ -150,7 +150,7 @@ def sampling_needs(model: LoadedModel, cfg: SampleConfig, batch: int, *, frames:
     mc = model.config
     size, c = mc.data.image_size, mc.model.channels
     image = c * size * size  # bytes of one uint8 image
-    passes = 2 if cfg.guidance and cfg.classes is not None else 1
+    passes = 2 if cfg.guidance and has_labels(cfg, mc) else 1
     net = int(MARGIN * network_peak(mc.model, size, batch * passes, train=False))
     held = (batch + min(cfg.n, 64)) * image if stream else 3 * cfg.n * image
     gif = (MAX_FRAMES + 1) * batch * c * (size + 2) ** 2 * (1 + 4) if frames else 0  # frames, then at scale 2
@@ -178,7 +178,7 @@ def with_precision_resolved(model: LoadedModel, cfg: SampleConfig) -> SampleConf
     request's batch (twice the images under classifier-free guidance), cached per machine."""
     mc = model.config
     size = mc.data.image_size
-    batch = min(cfg.batch_size, cfg.n) * (2 if cfg.guidance and cfg.classes is not None else 1)
+    batch = min(cfg.batch_size, cfg.n) * (2 if cfg.guidance and has_labels(cfg, mc) else 1)
     trial = Trial(model.net, (batch, mc.model.channels, size, size), training=False,
                   num_classes=mc.model.num_classes, channels_last=mc.train.channels_last)
     return dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, model.schedule.alpha_bar.device, trial))
@@ -200,8 +200,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
     cfg = with_precision_resolved(model, cfg)
     spec = get_sampler(cfg.sampler)
     dev = model.schedule.alpha_bar.device
-    classes = resolve_classes(cfg.classes, model.config)
-    labels = None if classes is None else class_labels(classes, cfg.n)
+    labels, classes = request_labels(cfg, model.config, cfg.n)  # asked for, drawn, or none
     n = cfg.n if labels is None else len(labels)
     timesteps = grid(cfg.sampler, model.schedule.T, steps, cfg.spacing)  # spacing None: the sampler's own
     mc = model.config

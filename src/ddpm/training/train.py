@@ -218,6 +218,19 @@ def with_class_names(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, class_names=names))
 
 
+def with_class_counts(cfg: RunConfig, labels: torch.Tensor | None, ck: Checkpoint | None = None) -> RunConfig:
+    """A conditional config with its training images per class (the proportions sampling's
+    default draw of labels follows); a resumed run keeps what its checkpoint recorded, so that
+    an older run without them resumes as it was."""
+    if labels is None or cfg.model.num_classes == 0:
+        return cfg
+    if ck is not None:
+        counts = ck.config.data.class_counts
+    else:
+        counts = tuple(int(c) for c in torch.bincount(labels, minlength=cfg.model.num_classes))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, class_counts=counts))
+
+
 def drop_labels(y: torch.Tensor, p: float, null: int, gen: torch.Generator) -> torch.Tensor:
     """Classifier-free guidance training (Ho & Salimans 2022, Algorithm 1): each label becomes
     the null class with probability p."""
@@ -497,6 +510,8 @@ def dry_run(tr: Trainer, data: torch.Tensor) -> None:
 
 def check_resume_config(ck: Checkpoint, cfg: RunConfig) -> None:
     """Only the training section may change on --resume; the network and data must stay."""
+    # the class counts are the data's, filled in by training: not a setting a flag changes
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, class_counts=ck.config.data.class_counts))
     diff = [k for k in ("model", "diffusion", "data") if getattr(ck.config, k) != getattr(cfg, k)]
     if diff:
         raise DdpmError(f"--resume with a different {diff[0]} config than the checkpoint {ck.path}; "
@@ -631,6 +646,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
             data, labels = _load_data(cfg)
         _check_data(cfg, data)
         _check_labels(cfg, data, labels)
+        cfg = with_class_counts(cfg, labels, ck)
         tr = Trainer(cfg, run_dir, data, dev, dist, labels)
         dry_run(tr, data)
         say = log if dist.main else (lambda _: None)

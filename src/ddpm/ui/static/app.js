@@ -129,9 +129,11 @@ function setupConditional(r) {
   cond.hidden = !ok;
   f.classes.innerHTML = "";
   if (!ok) return;
+  f.classes.add(new Option("any (drawn as in training)", ""));  // the default: labels in the data's proportions
   (r.class_names.length ? r.class_names : [...Array(r.num_classes).keys()].map(String))
     .forEach(name => f.classes.add(new Option(name, name)));
   f.classes.add(new Option("all (a row each)", "all"));
+  f.classes.add(new Option("none (the null class)", "none"));
 }
 
 function switchTab(name) {
@@ -152,7 +154,7 @@ function sampleParams(form, extra) {
     const st = state.run && state.run.student;
     if (st && p.sampler === st.sampler) Object.assign(p, {spacing: st.spacing, eta: st.eta});
     if (!form.querySelector(".cond").hidden)
-      Object.assign(p, {classes: form.classes.value, guidance: num("guidance")});
+      Object.assign(p, {classes: form.classes.value || null, guidance: num("guidance")});
     if (!form.querySelector(".ag").hidden) p.autoguidance = num("autoguidance") || 0;
   }
   return p;
