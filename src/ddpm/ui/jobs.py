@@ -186,9 +186,12 @@ def gif_bytes(job: Job) -> bytes:
 
 
 def npz_bytes(job: Job) -> bytes:
+    """The images (and each image's class, when it has one), as `ddpm sample` writes samples.npz."""
     assert job.samples is not None
     buf = io.BytesIO()
-    np.savez_compressed(buf, images=job.samples.images.numpy())
+    labels = job.samples.labels
+    np.savez_compressed(buf, images=job.samples.images.numpy(),
+                        **({} if labels is None else {"labels": labels.numpy()}))
     return buf.getvalue()
 
 
