@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import DdpmError
+from .interrupts import Interrupts
 
 NO_PROGRESS = "no progress bar (it is off anyway when stderr is not a terminal)"
 BUDGET = ("epochs", "max_steps", "minutes")  # a budget flag replaces the preset's budget
@@ -689,16 +690,11 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .runtime.env import apply_command_defaults, command_cuda_math
-
-    apply_command_defaults()  # before torch loads (this module imports none): ddpm.runtime.env
-    args = build_parser().parse_args(argv)
-    fn: Callable[[argparse.Namespace], int] = args.fn
-    if getattr(args, "device", None) is not None:
-        command_cuda_math(True)  # the command's own process only; `ddpm train` then follows train.tf32
-    with _sigterm_raises():
+    with Interrupts() as interrupts:  # first of all: a signal during the imports below waits for them
         try:
-            return fn(args)
+            code = _run(argv)
+            interrupts.check()  # a signal that came during the last import
+            return code
         except DdpmError as e:
             return _fail(str(e))
         except KeyboardInterrupt as e:
@@ -711,6 +707,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(f"out of memory{': ' + str(e) if str(e) else ''} (try a smaller --batch-size or size)")
 
 
+def _run(argv: Sequence[str] | None) -> int:
+    from .runtime.env import apply_command_defaults, command_cuda_math
+
+    apply_command_defaults()  # before torch loads (this module imports none): ddpm.runtime.env
+    args = build_parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    if getattr(args, "device", None) is not None:
+        command_cuda_math(True)  # the command's own process only; `ddpm train` then follows train.tf32
+    return fn(args)
+
+
 def _fail(message: str) -> int:
     print(_one_line(f"error: {message}"), file=sys.stderr)
     return 2
@@ -720,27 +727,6 @@ def _one_line(text: str, limit: int = 2000) -> str:
     """A message is one line, and never a 50 MB one."""
     text = " ".join(text.split("\n"))
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
-
-
-def _sigterm_raises() -> Any:
-    """SIGTERM raises (as Ctrl-C does), so that every command cleans up and says so in one line."""
-    import contextlib
-    import signal
-
-    from .files import raise_stopped
-
-    @contextlib.contextmanager
-    def installed() -> Any:
-        try:
-            old = signal.signal(signal.SIGTERM, raise_stopped)
-        except ValueError:  # not the main thread: leave signals alone
-            yield
-            return
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, old)
-    return installed()
 
 
 if __name__ == "__main__":
