@@ -712,10 +712,31 @@ def _run(argv: Sequence[str] | None) -> int:
 
     apply_command_defaults()  # before torch loads (this module imports none): ddpm.runtime.env
     args = build_parser().parse_args(argv)
+    _check_utf8(args)
     fn: Callable[[argparse.Namespace], int] = args.fn
     if getattr(args, "device", None) is not None:
         command_cuda_math(True)  # the command's own process only; `ddpm train` then follows train.tf32
     return fn(args)
+
+
+def _check_utf8(args: argparse.Namespace) -> None:
+    """Every name given, input or output, is UTF-8: a run written under bytes that are not could
+    never be read back, listed or printed by a strict UTF-8 terminal."""
+    import os
+
+    for value in vars(args).values():
+        for text in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(text, str) and not _encodes(text):
+                raise DdpmError(f"the name {os.fsencode(text)!r} is not UTF-8; ddpm reads and writes names "
+                                "in UTF-8 only: rename it or choose another")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates (PEP 383)
+        return False
 
 
 def _fail(message: str) -> int:
@@ -725,7 +746,7 @@ def _fail(message: str) -> int:
 
 def _one_line(text: str, limit: int = 2000) -> str:
     """A message is one line, and never a 50 MB one."""
-    text = " ".join(text.split("\n"))
+    text = " ".join(text.split("\n")).encode("utf-8", "backslashreplace").decode("utf-8")  # printable by any UTF-8 stream
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 

@@ -1,0 +1,67 @@
+"""Faults that used to end in a traceback or a run no command could use: names that are not
+UTF-8, a decompression-bomb mask, an ONNX opset outside the exporter's range, a hand-edited
+distill.json, flags given with distill --resume."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddpm.cli import main
+from helpers import tiny_run, write_config
+from helpers import tiny_config as tiny
+
+BAD = os.fsdecode(b"\xff-name")  # bytes that are not UTF-8, as Python hands them over (PEP 383)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Path:
+    return tiny_run(tmp_path_factory.mktemp("faults"), image_dir)
+
+
+def files_of(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+NOT_UTF8 = [
+    ["train", "--config", "{cfg}", "--out", "{bad}"],
+    ["train", "--config", "{cfg}", "--name", BAD],
+    ["sample", "{run}", "--n", "2", "--out", "{bad}"],
+    ["sample", "{bad}"],
+    ["eval", "--samples", "{bad}/s.npz"],
+    ["export", "{run}", "--onnx", "--out", "{bad}/m.onnx"],
+    ["noise", "--image", "{bad}.png", "--out", "{tmp}/n.png"],
+    ["plot", "{run}", "--out", "{bad}.png"],
+    ["distill", "{run}", "--out", "{bad}"],
+    ["inpaint", "{run}", "--image", "{bad}.png", "--mask", "{tmp}/m.png"],
+    ["edit", "{run}", "--image", "{tmp}/i.png", "--strength", "0.5", "--out", "{bad}"],
+    ["ui", "{bad}"],
+]
+
+
+@pytest.mark.parametrize("argv", NOT_UTF8, ids=lambda a: " ".join(a[:1] + a[-2:-1]))
+def test_names_that_are_not_utf8_are_refused_first(argv: list[str], run: Path, image_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    cfg = write_config(tmp_path / "cfg.json", tiny(image_dir))
+    before = files_of(run)
+    args = [a.format(cfg=cfg, run=run, bad=tmp_path / BAD, tmp=tmp_path) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the name b'") and "\\xff-name" in err and err.endswith(
+        "' is not UTF-8; ddpm reads and writes names in UTF-8 only: rename it or choose another"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json"]  # nothing made
+    assert files_of(run) == before
+
+
+def test_not_utf8_under_a_strict_utf8_terminal(run: Path, tmp_path: Path) -> None:
+    """One line, no traceback, even where printing the name itself would fail."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_NUM_THREADS": "1"}
+    out = os.fsencode(tmp_path) + b"/\xff"
+    res = subprocess.run([os.fsencode(sys.executable), b"-m", b"ddpm.cli", b"sample", os.fsencode(run), b"--n",
+                          b"2", b"--out", out], env=env, capture_output=True)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith(b"error: the name "), res.stderr
+    assert not os.path.exists(out)
