@@ -65,3 +65,55 @@ def test_not_utf8_under_a_strict_utf8_terminal(run: Path, tmp_path: Path) -> Non
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith(b"error: the name "), res.stderr
     assert not os.path.exists(out)
+
+
+def bomb_png(path: Path, side: int = 20_000) -> Path:
+    """A PNG header of side x side 1-bit pixels and almost no data: Pillow refuses it as a
+    decompression bomb when it opens the file."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("flag", ["--mask", "--image"])
+def test_a_decompression_bomb_mask_or_image_is_one_line(flag: str, run: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    good = tmp_path / "good.png"
+    Image.new("L", (8, 8), 255).save(good)
+    files = {"--mask": good, "--image": good, flag: bomb_png(tmp_path / "bomb.png")}
+    assert main(["inpaint", str(run), "--image", str(files["--image"]), "--mask", str(files["--mask"]),
+                 "--out", str(tmp_path / "out"), "--n", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot read {'mask' if flag == '--mask' else 'image'} {tmp_path / 'bomb.png'}: "
+                          "Image size (400000000 pixels) exceeds limit"), err
+    assert "\n" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_decompression_bomb_for_the_noise_figure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["noise", "--image", str(bomb_png(tmp_path / "bomb.png")), "--out", str(tmp_path / "n.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot read image {tmp_path / 'bomb.png'}: Image size"), err
+    assert not (tmp_path / "n.png").exists()
+
+
+@pytest.mark.parametrize("opset", ["-1", "0", "13", "24", "1000"])
+def test_an_opset_the_exporter_cannot_write_is_one_line(opset: str, run: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("onnx")
+    from ddpm.export import MIN_OPSET, max_opset
+
+    top = max_opset()
+    argv = ["export", str(run), "--onnx", "--out", str(tmp_path / "m.onnx")]
+    assert main([*argv, "--opset", str(top + 1 if opset == "24" else opset)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --opset must be between {MIN_OPSET} and {top} "), err
+    assert "\n" not in err and not (tmp_path / "m.onnx").exists()
