@@ -3,6 +3,7 @@ UTF-8, a decompression-bomb mask, an ONNX opset outside the exporter's range, a 
 distill.json, flags given with distill --resume."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,92 @@ def test_an_opset_the_exporter_cannot_write_is_one_line(opset: str, run: Path, t
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --opset must be between {MIN_OPSET} and {top} "), err
     assert "\n" not in err and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def student(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ddpm.training.distill import DistillConfig, distill
+
+    out = tmp_path_factory.mktemp("student") / "s"
+    d = DistillConfig(str(run), teacher_steps=4, student_steps=2, steps_per_round=2)
+    distill(d, out, device="cpu", progress=False, log=lambda s: None)
+    return out
+
+
+def student_copy(student: Path, tmp_path: Path, distill_json: str) -> Path:
+    import shutil
+
+    s = Path(shutil.copytree(student, tmp_path / "s"))
+    (s / "distill.json").write_text(distill_json)
+    return s
+
+
+HAND_EDITED = [
+    ("{", "Expecting property name"),
+    ("[]", "a config must be a JSON object, got list"),
+    ('{"method": "consistency"}', "missing 1 required positional argument: 'teacher'"),
+    ('{"teacher": 5}', "teacher must be a string, got 5"),
+    ('{"teacher": "t", "student_steps": "4"}', "student_steps must be an integer, got '4'"),
+    ('{"teacher": "t", "student_steps": null}', "student_steps must be an integer, got None"),
+    ('{"teacher": "t", "method": "fast"}', "unknown method 'fast'; choose one of: progressive, consistency"),
+    ('{"teacher": "t", "extra": 1}', "unknown config key extra"),
+    ("[" * 100_000 + "]" * 100_000, "recursion"),
+]
+
+
+@pytest.mark.parametrize("text,message", HAND_EDITED, ids=[m[:24] for _, m in HAND_EDITED])
+def test_a_hand_edited_distill_json_is_one_line_everywhere(text: str, message: str, student: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """sample, eval, distill --resume and what the web page's run list reads (student_in)."""
+    from ddpm.errors import DdpmError
+    from ddpm.training.distill import student_in
+
+    s = student_copy(student, tmp_path, text)
+    before = files_of(s)
+    with pytest.raises(DdpmError, match="is not a distillation run") as e:
+        student_in(s)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    for argv in (["sample", str(s), "--n", "2", "--out", str(tmp_path / "o")],
+                 ["eval", str(s), "--n", "2", "--out", str(tmp_path / "o")],
+                 ["distill", str(student.parent), "--out", str(s), "--resume"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and (message in err or "teacher" in err), (argv, err)
+    assert files_of(s) == before and not (tmp_path / "o").exists()
+
+
+def test_a_bad_value_in_distill_json_is_one_line(student: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = (student / "distill.json").read_text()
+    s = student_copy(student, tmp_path, text.replace('"student_steps": 2', '"student_steps": -3'))
+    assert main(["sample", str(s), "--n", "2", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: steps must be between 1 and T=20, got -3"
+    s2 = student_copy(student, tmp_path / "b", text.replace('"lr": 0.0001', '"lr": NaN'))
+    assert main(["distill", json.loads(text)["teacher"], "--out", str(s2), "--resume"]) == 2
+    assert "--steps-per-round, --lr and --batch-size must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--lr", "0.5"], "--lr (the run has 0.0001)"),
+    (["--method", "progressive", "--student-steps", "1"], "--method (the run has 'consistency'), --student-steps "
+                                                          "(the run has 2)"),
+    (["--batch-size", "4"], "--batch-size (the run has None)"),
+])
+def test_distill_resume_refuses_flags_it_would_ignore(flags: list[str], named: str, student: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    s = student_copy(student, tmp_path, (student / "distill.json").read_text())
+    teacher = json.loads((s / "distill.json").read_text())["teacher"]
+    before = files_of(s)
+    assert main(["distill", teacher, "--out", str(s), "--resume", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --resume continues the distillation as it began; it cannot change {named}: drop "
+                   f"{'them' if ', ' in named else 'it'} or distil into a new --out"), err
+    assert files_of(s) == before
+
+
+def test_distill_resume_takes_the_same_flags_and_another_spelling_of_the_teacher(
+        student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    s = student_copy(student, tmp_path, (student / "distill.json").read_text())
+    teacher = Path(json.loads((s / "distill.json").read_text())["teacher"])
+    monkeypatch.chdir(teacher.parent)
+    assert main(["distill", teacher.name, "--out", str(s), "--resume", "--lr", "1e-4", "--student-steps", "2",
+                 "--no-progress", "--device", "cpu"]) == 0, capsys.readouterr().err

@@ -217,16 +217,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from .sampling.pretrained import resolve_run
-    from .training.distill import DEFAULT_STEPS, DistillConfig, distill
+    from .training.distill import DEFAULT_STEPS, DistillConfig, check_resume_flags, distill, load_distill_config
 
-    if args.target_decay is not None and args.method != "consistency":
-        raise DdpmError(f"--target-decay applies to --method consistency only; {args.method} would ignore it")
-    decay = {} if args.target_decay is None else {"target_decay": args.target_decay}
-    d = DistillConfig(str(resolve_run(args.teacher)), method=args.method, teacher_steps=args.teacher_steps,
-                      student_steps=args.student_steps,
-                      steps_per_round=(args.steps_per_round if args.steps_per_round is not None
-                                       else DEFAULT_STEPS.get(args.method, DEFAULT_STEPS["consistency"])),
-                      batch_size=args.batch_size, lr=args.lr, cond_drop=args.cond_drop, **decay)
+    given = {k: getattr(args, k) for k in ("method", "teacher_steps", "student_steps", "steps_per_round",
+                                           "batch_size", "lr", "cond_drop", "target_decay")}
+    teacher = str(resolve_run(args.teacher))
+    if args.resume:  # the run's own settings; a flag that would change one is refused
+        d = load_distill_config(Path(args.out))
+        check_resume_flags(d, {"teacher": teacher, **given})
+    else:
+        method = args.method or "consistency"
+        if args.target_decay is not None and method != "consistency":
+            raise DdpmError(f"--target-decay applies to --method consistency only; {method} would ignore it")
+        steps = {"steps_per_round": DEFAULT_STEPS.get(method, DEFAULT_STEPS["consistency"])}
+        d = DistillConfig(teacher, **{**steps, **{k: v for k, v in given.items() if v is not None}})
     res = distill(d, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
     print(f"done: step {res.step}; checkpoint {res.checkpoint}")
     print(f"sample with: ddpm sample {args.out} --steps {d.student_steps}")
@@ -574,13 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("teacher", help="the teacher's run or checkpoint folder, or a shipped model's name "
                     "(fashion-mnist)")
     di.add_argument("--out", required=True, help="the student's run folder")
-    di.add_argument("--method", default="consistency",
+    di.add_argument("--method",
                     help="consistency (default): the end of the teacher's ODE in one evaluation, sampled with "
                     "--sampler consistency at 1, 2 or 4 steps; progressive: DDIM steps halved round by round")
-    di.add_argument("--teacher-steps", type=int, default=16,
+    di.add_argument("--teacher-steps", type=int,
                     help="progressive: DDIM steps of the first round's teacher; consistency: levels of the "
                     "teacher's DDIM ODE (default 16)")
-    di.add_argument("--student-steps", type=int, default=4,
+    di.add_argument("--student-steps", type=int,
                     help="progressive: steps of the final student (halved each round); consistency: the steps "
                     "it samples with by default (default 4)")
     di.add_argument("--steps-per-round", type=int,
@@ -588,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--target-decay", type=float,
                     help="consistency: moving-average decay of the target network (default 0.95)")
     di.add_argument("--batch-size", type=int, help="default: the teacher's")
-    di.add_argument("--lr", type=float, default=1e-4)
+    di.add_argument("--lr", type=float, help="default 1e-4")
     di.add_argument("--cond-drop", type=float,
                     help="conditional teachers: the share of the student's batches whose labels become the null "
                     "class, which trains its unconditional output (default: the teacher's training rate)")

@@ -95,7 +95,7 @@ def check_distill_config(d: DistillConfig, T: int) -> None:
                         f"power of two, at most T={T}")
     if d.cond_drop is not None and not 0 <= d.cond_drop <= 1:
         raise DdpmError(f"--cond-drop must be in [0, 1], got {d.cond_drop}")
-    if d.steps_per_round < 1 or d.lr <= 0 or (d.batch_size is not None and d.batch_size < 1):
+    if d.steps_per_round < 1 or not d.lr > 0 or (d.batch_size is not None and d.batch_size < 1):
         raise DdpmError("--steps-per-round, --lr and --batch-size must be positive")
 
 
@@ -304,10 +304,32 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
 
 
 def load_distill_config(run_dir: Path) -> DistillConfig:
+    """The run's distill.json with every value's type checked, so that a hand edit is one line
+    here, not a traceback in whichever command reads it next."""
+    from ..config import from_dict
+
+    path = Path(run_dir) / DISTILL_NAME
     try:
-        return DistillConfig(**json.loads((Path(run_dir) / DISTILL_NAME).read_text()))
-    except (OSError, ValueError, TypeError) as e:
+        return from_dict(DistillConfig, json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, RecursionError) as e:  # TypeError: a key missing
         raise DdpmError(f"{run_dir} is not a distillation run ({DISTILL_NAME}: {e})") from None
+    except DdpmError as e:
+        raise DdpmError(f"{run_dir} is not a distillation run ({DISTILL_NAME}: {e})") from None
+
+
+def check_resume_flags(stored: DistillConfig, given: dict[str, Any]) -> None:
+    """A resumed distillation continues as its distill.json says: a setting given that differs
+    is refused, naming its flag, rather than silently ignored."""
+    def differs(k: str, v: Any) -> bool:  # the teacher by where it is, however the path is spelled
+        was = getattr(stored, k)
+        return Path(v).resolve() != Path(was).resolve() if k == "teacher" else v != was
+
+    changed = [k for k, v in given.items() if v is not None and differs(k, v)]
+    if changed:
+        flags = ", ".join(f"{'the teacher' if k == 'teacher' else '--' + k.replace('_', '-')} (the run has "
+                          f"{getattr(stored, k)!r})" for k in changed)
+        raise DdpmError(f"--resume continues the distillation as it began; it cannot change {flags}: drop "
+                        f"{'it' if len(changed) == 1 else 'them'} or distil into a new --out")
 
 
 def student_sampling(d: DistillConfig) -> dict[str, Any]:
