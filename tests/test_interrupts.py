@@ -121,3 +121,42 @@ def test_ctrl_c_and_sigterm_at_any_moment_of_train_and_sample(tmp_path: Path, im
         elif out.exists():
             assert {p.name for p in out.iterdir()} >= {"grid.png", "samples.npz"}, where
     assert ran >= len(cases) - 2
+
+
+def _signal_at(monkeypatch: pytest.MonkeyPatch, module: str, name: str, sig: int) -> None:
+    """SIG arrives when module.name is called (after a new run's first files, before its loop)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    real = getattr(mod, name)
+
+    def signalled(*args: object, **kwargs: object) -> object:
+        os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, name, signalled)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_none_of_its_files(
+        tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from ddpm.cli import main
+
+    _signal_at(monkeypatch, "ddpm.training.train", "reset_log", signal.SIGTERM)
+    cfg = write_config(tmp_path / "cfg.json", tiny(image_dir))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "new" / "run"), "--no-progress"]) == 143
+    assert capsys.readouterr().err.strip().endswith("interrupted: stopped by SIGTERM")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_student_stopped_before_its_first_checkpoint_leaves_none_of_its_files(
+        tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from ddpm.cli import main
+
+    (tmp_path / "t").mkdir()
+    teacher = tiny_run(tmp_path / "t", image_dir)
+    _signal_at(monkeypatch, "ddpm.training.runlog", "reset_log", signal.SIGINT)
+    student = tmp_path / "s"
+    assert main(["distill", str(teacher), "--out", str(student), "--teacher-steps", "4", "--student-steps", "2",
+                 "--steps-per-round", "2", "--device", "cpu", "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted: stopped by SIGINT")
+    assert not student.exists() or not list(student.iterdir())

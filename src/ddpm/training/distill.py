@@ -267,8 +267,8 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
     """Distil ``d.teacher`` into a student run at ``out`` (Salimans & Ho 2022); returns the
     training result of the student's run."""
     from ..sampling.generate import resolve_device
-    from .runlog import LOG_NAME, TensorBoard, reset_log
-    from .train import _check_data, _load_data, _loop, prepare_run_dir, validate
+    from .runlog import LOG_NAME
+    from .train import _check_data, _load_data, forget_unused_run, prepare_run_dir, validate
 
     run_dir = Path(out)
     if resume:
@@ -290,7 +290,23 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
     if ck is not None:
         tr.restore(ck)
         log(f"resumed {run_dir} at step {tr.step} (round {tr.round + 1} of {d.rounds})")
-    else:
+    new_files = [] if ck is not None else [p for p in (run_dir / "config.json", run_dir / DISTILL_NAME,
+                                                       run_dir / LOG_NAME) if not p.exists()]
+    try:
+        return _start(tr, d, cfg, progress, log, fresh=ck is None)
+    except KeyboardInterrupt:  # before the first checkpoint: no student that could never be used
+        forget_unused_run(run_dir, new_files)
+        raise
+
+
+def _start(tr: Distiller, d: DistillConfig, cfg: RunConfig, progress: bool, log: Callable[[str], None],
+           fresh: bool) -> Any:
+    """A student's first files (a new run), then the training loop."""
+    from .runlog import LOG_NAME, TensorBoard, reset_log
+    from .train import _loop
+
+    run_dir = tr.run_dir
+    if fresh:
         atomic_write_text(run_dir / "config.json", cfg.to_json())
         atomic_write_text(run_dir / DISTILL_NAME, json.dumps(asdict(d), indent=2))
     if d.method == "consistency":
@@ -311,9 +327,7 @@ def load_distill_config(run_dir: Path) -> DistillConfig:
     path = Path(run_dir) / DISTILL_NAME
     try:
         return from_dict(DistillConfig, json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, RecursionError) as e:  # TypeError: a key missing
-        raise DdpmError(f"{run_dir} is not a distillation run ({DISTILL_NAME}: {e})") from None
-    except DdpmError as e:
+    except (OSError, ValueError, TypeError, RecursionError, DdpmError) as e:  # TypeError: a key missing
         raise DdpmError(f"{run_dir} is not a distillation run ({DISTILL_NAME}: {e})") from None
 
 
