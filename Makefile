@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser demo test bench clean
+.PHONY: setup data browser demo test bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,docs]"
 	touch $@
 
 # Debian's Fashion-MNIST package, where this machine can install it (root and apt-get);
@@ -39,5 +39,14 @@ demo: setup data
 test: setup data browser
 	$(PY) -m pytest -q
 
+# The quick benchmark suite (the speed ratios against the seed's code, the sampler oracle) into
+# bench/out/bench-TIME/, never into the committed bench/results/; `bench/run.py --list` for more.
+bench: setup data
+	$(PY) bench/run.py quick
+
+# The documentation site, offline and strict (a broken link is an error), into site/.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs bench/out .pytest_cache
+	rm -rf $(VENV) runs bench/out site .pytest_cache

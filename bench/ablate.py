@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import OUT, RESULTS, choose, cpu_info, read_json
+from harness import OUT, RESULTS, choose, cpu_info, read_json, write_record
 
 from ddpm.config import RunConfig, override, preset
 from ddpm.evaluation.control import guidance_sweep
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
     ap.add_argument("--out", type=Path, default=OUT, help="run folders and grids (default bench/out)")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of NAME.json (default bench/results)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of NAME.json (default bench/out/results/quality)")
     ap.add_argument("--name", default="ablate", help="NAME.json and OUT/NAME-runs/ (default ablate); run "
                                                       "variants side by side as separate invocations with one name")
     a = ap.parse_args()
@@ -159,7 +159,7 @@ def main() -> None:
                                                      **{k: v for k, v in row.items() if k != "key"}}
         result = {"command": "python " + " ".join(sys.argv), "threads": a.threads, "machine": cpu_info(),
                   "sampling": "dpm++2m, 20 steps, clip, seed 0", "variants": rows}
-        path.write_text(json.dumps(result, indent=2, default=list) + "\n")
+        write_record(path, result)
     print("| variant | steps | FD-FMNIST |\n|---|---|---|")
     for k, r in rows.items():
         print(f"| {k} | {r['steps']:,} | {r['fd_fmnist']:.2f} |")

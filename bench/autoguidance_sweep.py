@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 
 import torch
-from harness import RESULTS, cpu_info
+from harness import RESULTS, cpu_info, write_record
 
 from ddpm.config import SampleConfig
 from ddpm.evaluation.control import guidance_sweep
@@ -67,10 +67,10 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     out = RESULTS / f"{a.name}.json"
-    out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "run": a.run, "train_step": model.step,
+    write_record(out, {"command": "python " + " ".join(sys.argv), "run": a.run, "train_step": model.step,
                                "weights": "raw" if a.raw else "ema",
                                "n": a.n, "seed": a.seed, "machine": {"threads": a.threads, **cpu_info()},
-                               "rows": rows}, indent=2) + "\n")
+                               "rows": rows})
     print(f"wrote {out}")
 
 

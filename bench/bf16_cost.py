@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from harness import RESULTS, interleave, median, ratio
+from harness import RESULTS, interleave, median, ratio, write_record
 from throughput import machine, our_sampler
 
 from ddpm import preset
@@ -65,8 +65,7 @@ def bench_sample(name: str, rounds: int, iters: int, warmup: int) -> dict:
 
 def save(result: dict, t0: float) -> None:
     result["seconds"] = time.perf_counter() - t0
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bf16_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_record(RESULTS / "bf16_cost.json", result)
     print(f"{result['seconds']:.0f}s: {', '.join(k for k in result if k.startswith(('train', 'sample')))}", flush=True)
 
 

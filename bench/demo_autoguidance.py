@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 
 import torch
-from harness import OUT, RESULTS, cpu_info
+from harness import OUT, RESULTS, cpu_info, write_record
 
 from ddpm.config import SampleConfig
 from ddpm.demo import run_demo
@@ -80,13 +80,13 @@ def main() -> None:
         rows.append(row)
     cfg = model.config
     out = RESULTS / f"{a.name}.json"
-    out.write_text(json.dumps({
+    write_record(out, {
         "command": "python " + " ".join(sys.argv), "preset": cfg.preset, "run": str(run),
         "train_minutes": cfg.train.minutes, "demo_seconds_with_its_grid": train_s, "train_step": model.step,
         "batch_size": cfg.train.batch_size, "images_seen": model.step * cfg.train.batch_size,
         "guide_step": json.loads((run / "guide" / "meta.json").read_text()).get("step"),
         "sampler": "dpm++2m", "steps": 20, "n": a.n, "seed": a.seed,
-        "machine": {"threads": a.threads, **cpu_info()}, "rows": rows}, indent=2) + "\n")
+        "machine": {"threads": a.threads, **cpu_info()}, "rows": rows})
     print(f"wrote {out}")
 
 

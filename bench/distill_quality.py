@@ -27,10 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import cpu_info
+from harness import RESULTS, cpu_info, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 
 
 def ddpm(*argv: str) -> float:
@@ -121,8 +120,7 @@ def main() -> None:
                             "--device", "cpu")
                 res[name]["by_guidance"] = {**fd_by_guidance(out), "eval_seconds": secs}
     res["loadavg_end"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_record(RESULTS / f"{a.name}.json", res)
     print(json.dumps(res, indent=2))
 
 

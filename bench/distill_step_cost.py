@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import RESULTS, cpu_info
+from harness import RESULTS, cpu_info, write_record
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.training.distill import ConsistencyDistiller, DistillConfig, Distiller, student_config
@@ -56,8 +56,7 @@ def main() -> None:
            "seconds_per_step": {k: statistics.median(v) for k, v in times.items()},
            "rounds": {k: [round(x, 4) for x in v] for k, v in times.items()}}
     res["over_training_step"] = {k: v / res["seconds_per_step"]["training"] for k, v in res["seconds_per_step"].items()}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distill_step_cost.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_record(RESULTS / "distill_step_cost.json", res)
     print(json.dumps(res, indent=2))
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 
 import torch
-from harness import RESULTS, cpu_info
+from harness import RESULTS, cpu_info, write_record
 
 from ddpm.config import SampleConfig
 from ddpm.engines import ENGINES, with_engine
@@ -59,10 +59,10 @@ def main() -> None:
     for name in wanted:
         rows[name]["fd_over_eager_fp32"] = round(rows[name]["fd_fmnist"] / rows["eager_fp32"]["fd_fmnist"], 4)
     out = RESULTS / f"{a.name}.json"
-    out.write_text(json.dumps({"command": "python bench/engine_fd.py " + " ".join(sys.argv[1:]), "run": a.run,
+    write_record(out, {"command": "python bench/engine_fd.py " + " ".join(sys.argv[1:]), "run": a.run,
                                "train_step": lm.step, "sampler": a.sampler, "steps": a.steps, "n": a.n,
                                "seed": a.seed, "machine": {"threads": a.threads, **cpu_info()},
-                               "rows": rows}, indent=2) + "\n")
+                               "rows": rows})
     print(f"wrote {out}")
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import RESULTS, interleave, load_reference, median, ratio
+from harness import RESULTS, interleave, load_reference, median, ratio, write_record
 from throughput import machine, matmul, our_sampler, reference_sampler
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -300,8 +300,7 @@ def main() -> None:
     res["seconds"] = {k: [round(x, 4) for x in v] for k, v in times.items()}
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["wall_seconds"] = time.perf_counter() - t0
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{a.out}.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_record(RESULTS / f"{a.out}.json", res)
     print(json.dumps({k: v for k, v in res.items() if k != "seconds"}, indent=2))
 
 

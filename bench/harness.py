@@ -1,7 +1,14 @@
-"""Shared helpers of the benchmarks: the seed reference by path, interleaved timing, peak memory.
+"""Shared helpers of the benchmarks: the seed reference by path, interleaved timing, peak memory,
+and where and in what shape a benchmark writes its record.
 
 Every figure the benchmarks report is a ratio of contenders timed in one process, in turns
 (A, B, A, B, ...), so that load from other processes on the machine hits both alike.
+
+Every record a benchmark writes carries a ``record`` object of one schema (:func:`stamp`): the
+suite, the script, the commit, the command, the machine kind and the date. Records go to
+``bench/out/results/SUITE/`` (:data:`RESULTS`, not committed), so a re-run never overwrites the
+committed evidence in ``bench/results/SUITE/``; ``DDPM_BENCH_PUBLISH=1`` writes there instead
+(a record meant to be committed and quoted), ``DDPM_BENCH_RESULTS=DIR`` anywhere else.
 """
 from __future__ import annotations
 
@@ -14,13 +21,71 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "out"  # run folders, grids, caches (not committed)
-RESULTS = Path(__file__).resolve().parent / "results"  # the small JSON each quoted figure comes from (committed)
+PUBLISHED = Path(__file__).resolve().parent / "results"  # the small JSON each quoted figure comes from (committed)
 REFERENCE = Path(os.environ.get("SEED_REFERENCE", ROOT.parent / "shared" / "bench" / "seed_reference.py"))
+SCHEMA = "ddpm-bench/1"
+
+# script -> the suite (folder of results) its records belong to
+SUITE_OF = {
+    "throughput": "speed", "levers": "speed", "profile_step": "speed", "sample_gap": "speed",
+    "guidance_cost": "speed", "ui_latency": "speed", "scale": "speed", "ddp": "speed", "precision_trial": "speed",
+    "engines": "engines", "engine_fd": "engines", "bf16_cost": "engines", "int8_schemes": "engines",
+    "sampler_oracle": "samplers", "sampler_defaults_fd": "samplers", "spacing_fd": "samplers",
+    "control": "control", "guided_rows": "control", "autoguidance_sweep": "control",
+    "inpaint": "editing", "distill_quality": "distillation", "distill_step_cost": "distillation",
+    "quality": "quality", "nfe_sweep": "quality", "ablate": "quality", "demo_autoguidance": "quality",
+    "learned_variance": "quality", "eval_floor": "shipped", "ship_model": "shipped", "fit_features": "shipped",
+}
+
+
+def suite_of(script: str | None = None) -> str:
+    """The suite of a script (by default the one running), ``misc`` for one not in SUITE_OF."""
+    return SUITE_OF.get(Path(script or sys.argv[0]).stem, "misc")
+
+
+def results_dir(script: str | None = None) -> Path:
+    """The folder a script's records go to (see the module's docstring)."""
+    if os.environ.get("DDPM_BENCH_PUBLISH") == "1":
+        base = PUBLISHED
+    else:
+        base = Path(os.environ.get("DDPM_BENCH_RESULTS", OUT / "results"))
+    return base / suite_of(script)
+
+
+RESULTS = results_dir()
+
+
+def git_commit() -> dict:
+    """The commit the code ran at, and whether the work tree had changes beside it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD") or None
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "src", "bench")) if commit else None
+    return {"commit": commit, "dirty": dirty}
+
+
+def stamp(result: dict, command: list[str] | None = None) -> dict:
+    """``result`` with the ``record`` object of the one schema first (suite, script, commit,
+    command, machine kind, CPU, threads, torch, date); an existing ``record`` is replaced."""
+    import torch
+
+    cpu = cpu_info()
+    record = {"schema": SCHEMA, "suite": suite_of(), "script": f"bench/{Path(sys.argv[0]).name}",
+              **git_commit(), "command": " ".join(["python", f"bench/{Path(sys.argv[0]).name}",
+                                                   *(sys.argv[1:] if command is None else command)]),
+              "machine": {"kind": cpu["kind"], "cpu_model": cpu["cpu_model"], "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, **({"kernel_caps": cpu["kernel_caps"]} if "kernel_caps" in cpu else {})},
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    return {"record": record, **{k: v for k, v in result.items() if k != "record"}}
 
 
 def load_reference() -> ModuleType:
@@ -123,10 +188,18 @@ def choose(csv: str, table: dict, what: str) -> list[str]:
     return names
 
 
-def save(name: str, result: dict, folder: Path = RESULTS) -> Path:
-    """Write ``result`` as ``folder/name.json`` (bench/results/ by default) and print it."""
-    path = folder / f"{name}.json"
+def save(name: str, result: dict, folder: Path | None = None) -> Path:
+    """Write ``result``, stamped, as ``folder/name.json`` (:data:`RESULTS` by default) and print it."""
+    return write_record((folder or RESULTS) / f"{name}.json", result)
+
+
+def write_record(path: Path, result: dict, indent: int = 2) -> Path:
+    """Write ``result`` stamped with the record schema at ``path`` (its folder made), atomically."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    text = json.dumps(stamp(result), indent=indent, default=list) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"wrote {path}")
     return path

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from engines import OvNet, calibration_inputs, output_error
-from harness import RESULTS, cpu_info
+from harness import RESULTS, cpu_info, write_record
 
 from ddpm import engines as E
 from ddpm import preset
@@ -86,10 +86,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     out = RESULTS / f"{a.name}.json"
-    out.write_text(json.dumps({"command": "python bench/int8_schemes.py " + " ".join(sys.argv[1:]), "run": a.run,
+    write_record(out, {"command": "python bench/int8_schemes.py " + " ".join(sys.argv[1:]), "run": a.run,
                                "train_step": lm.step, "machine": {"threads": a.threads, **cpu_info()},
                                "onednn_max_cpu_isa": __import__("os").environ.get("ONEDNN_MAX_CPU_ISA"),
-                               "rows": rows}, indent=2) + "\n")
+                               "rows": rows})
     print(f"wrote {out}")
 
 

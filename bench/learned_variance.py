@@ -32,10 +32,8 @@ from ddpm.evaluation.likelihood import format_nll, nll_bits_per_dim
 from ddpm.sampling import SampleConfig, generate, load_model
 from ddpm.training.train import train
 from ddpm.pictures.viz import save_grid
+from harness import OUT, RESULTS, write_record
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out"  # runs and grids
-RESULTS = ROOT / "bench" / "results"  # the JSON (committed)
 MODELS = {"fixed": False, "learned": True}  # name -> learn_sigma
 
 
@@ -178,11 +176,9 @@ def rescore(args: argparse.Namespace) -> None:
 
 
 def _finish(out: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "learned_variance.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_record(RESULTS / "learned_variance.json", out)
     print(table(out["models"]))
     print(f"test-set pixels (first 1000): {out['test_pixels']}")
-    print(f"wrote {RESULTS / 'learned_variance.json'}")
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import OUT, RESULTS, cpu_info, load_reference
+from harness import OUT, RESULTS, cpu_info, load_reference, write_record
 
 from ddpm.pictures import plots
 from ddpm.evaluation.evaluate import evaluate_images
@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds of the time-to-quality pair")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see quality.py)")
     ap.add_argument("--out", type=Path, default=OUT, help="the cache and the plot (default bench/out)")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of NAME.json (default bench/results)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of NAME.json (default bench/out/results/quality)")
     ap.add_argument("--name", default="nfe_sweep", help="the JSON's and the plot's name (default nfe_sweep)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -251,7 +251,7 @@ def main() -> None:
         "time_to_quality": ttq,
     }
     a.results.mkdir(parents=True, exist_ok=True)
-    _write_json(a.results / f"{a.name}.json", result)
+    write_record(a.results / f"{a.name}.json", result)
     png = figure(rows, floor, a.n, "Sample quality against network evaluations", figure_note(result),
                  a.out / f"{a.name}.png")
     print("\n".join(table))

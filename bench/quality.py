@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 from ablate import VARIANTS, with_changes
-from harness import OUT, REFERENCE, RESULTS, choose, cpu_info, read_json
+from harness import OUT, REFERENCE, RESULTS, choose, cpu_info, read_json, write_record
 
 from ddpm.checkpoint import GUIDE, resolve_checkpoint
 from ddpm.config import RunConfig, override, preset
@@ -235,7 +235,7 @@ def main() -> None:
                     help="stop after training (to train contenders side by side in separate invocations, "
                          "then evaluate them all with --only '')")
     ap.add_argument("--out", type=Path, default=OUT, help="run folders and grids (default bench/out)")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of quality.json (default bench/results)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of quality.json (default bench/out/results/quality)")
     ap.add_argument("--name", default="quality", help="the JSON's name in --results (default quality)")
     ap.add_argument("--autoguidance", type=float, default=0.0,
                     help="sample with autoguidance W, each run guided by its own RUN/guide (runs without one: "
@@ -299,7 +299,7 @@ def main() -> None:
     }
     a.results.mkdir(parents=True, exist_ok=True)
     path = a.results / f"{a.name}.json"
-    _write_json(path, result)
+    write_record(path, result)
     print(markdown(rows))
     print(json.dumps(ratios, indent=2))
     print(f"wrote {path}")

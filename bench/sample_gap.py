@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 
 import torch
-from harness import RESULTS, interleave
+from harness import RESULTS, interleave, write_record
 from throughput import machine, matmul, our_sampler
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -185,7 +185,7 @@ def main() -> None:
     res["hooked_forward_seconds"] = total / reps
     res["seconds"] = {k: [round(s, 4) for s in v] for k, v in times.items()}
     res["machine"]["loadavg_end"] = os.getloadavg()
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_record(RESULTS / f"{a.name}.json", res)
     print(json.dumps({k: v for k, v in res.items() if k not in ("seconds", "machine")}, indent=2))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import OUT, RESULTS  # noqa: E402
+from harness import OUT, RESULTS, write_record  # noqa: E402
 
 from ddpm.cli import main as ddpm_main  # noqa: E402
 from ddpm.samplers import SAMPLERS, dpmpp_2m  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> None:
         r = run_row(a.run, flags, a.n, out)
         doc["rows"][name] = {"what": what, **r}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=1))  # after every row: a long run keeps what it measured
+        write_record(path, doc, indent=1)  # after every row: a long run keeps what it measured
         print(f"{name}: FD {r['report'].get('fd')} ({r['seconds']} s)", flush=True)
 
 

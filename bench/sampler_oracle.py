@@ -12,8 +12,9 @@ exactly (no Monte Carlo error); ddpm is stochastic and is measured on ``--n`` dr
 from the exact marginal q(x_T) = N(m_T, s_T^2), so the prior mismatch of a schedule whose
 alpha_bar_T is not ~0 (linear T = 200: 0.13) does not enter: the figures are the sampler's alone.
 
-    python bench/sampler_oracle.py            # ~15 minutes on two shared cores
-Writes bench/results/sampler_oracle.json and bench/out/sampler_oracle.png.
+    python bench/sampler_oracle.py                      # every T: the committed record
+    python bench/sampler_oracle.py --T 200 --n 2000     # the quick suite's share
+Writes sampler_oracle.json (harness.RESULTS) and bench/out/sampler_oracle.png.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import OUT, RESULTS  # noqa: E402
+from harness import OUT, RESULTS, write_record  # noqa: E402
 
 from ddpm.core.diffusion import Denoiser  # noqa: E402
 from ddpm.core.schedules import SPACINGS, NoiseSchedule, space_timesteps  # noqa: E402
@@ -88,9 +89,9 @@ def default_steps(name: str, T: int) -> int:
     return min(SAMPLERS[name.split("/")[0]].default_steps or T, T)
 
 
-def sweep(mu: float, sd: float, n: int) -> list[dict]:
+def sweep(mu: float, sd: float, n: int, ts: tuple[int, ...] = TS) -> list[dict]:
     rows = []
-    for T in TS:
+    for T in ts:
         for sched in SCHEDULES:
             s = NoiseSchedule.create(sched, T)
             for name, (fn, stochastic) in VARIANTS.items():
@@ -138,24 +139,25 @@ def worst(tab: dict) -> dict:
 
 def plot(tab: dict, path: Path) -> None:
     """std error against steps, one panel per sampler variant, the three spacings in colour,
-    the four schedules at T = 1000 as four lines each (x: log10 of the steps)."""
+    the four schedules at the largest T measured as four lines each (x: log10 of the steps)."""
     import numpy as np
 
     from ddpm.pictures.plots import Panel, Series, render
 
     colours = {"uniform": "#1f77b4", "quadratic": "#ff7f0e", "trailing": "#2ca02c"}
+    big = max(int(k.split()[1]) for by_spacing in tab.values() for by_sched in by_spacing.values() for k in by_sched)
     panels = []
     for name, by_spacing in tab.items():
         series = []
         for spacing, by_sched in by_spacing.items():
             for k, sched in enumerate(SCHEDULES):
-                pts = sorted((int(st), v[1]) for st, v in by_sched[f"{sched} 1000"].items() if int(st) > 1)
+                pts = sorted((int(st), v[1]) for st, v in by_sched[f"{sched} {big}"].items() if int(st) > 1)
                 x = np.log10([p[0] for p in pts])
                 y = np.clip(100 * np.array([p[1] for p in pts]), -40, 40)
                 series.append(Series(x, y, spacing if k == 0 else None, colours[spacing], 1.5))
         panels.append(Panel(name, "log10(steps)", "std error, % (clipped to +-40)", series, hline=0.0))
     img = render(panels, columns=3, size=(1500, 900),
-                 title="Samplers on the Gaussian oracle: std error against steps (T = 1000, four schedules)")
+                 title=f"Samplers on the Gaussian oracle: std error against steps (T = {big}, four schedules)")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
@@ -165,6 +167,7 @@ def main() -> None:
     p.add_argument("--mu", type=float, default=0.3)
     p.add_argument("--sd", type=float, default=0.5)
     p.add_argument("--n", type=int, default=20_000, help="ddpm's draws per setting (Monte Carlo)")
+    p.add_argument("--T", default=",".join(map(str, TS)), help="chain lengths, comma-separated")
     p.add_argument("--out", default=str(RESULTS / "sampler_oracle.json"))
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out's JSON")
     a = p.parse_args()
@@ -174,16 +177,16 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    tab = table(sweep(a.mu, a.sd, a.n))
+    tab = table(sweep(a.mu, a.sd, a.n, tuple(int(t) for t in a.T.split(","))))
     doc = {"what": "sampler error on the Gaussian oracle N(mu, sd^2): table[sampler][spacing]['schedule T']"
                    "[steps] = [mean_err, std_err], mean_err = (mean - mu)/sd, std_err = std/sd - 1; "
                    "deterministic samplers exact (affine fit), ddpm Monte Carlo; '/lof': lower_order_final",
            "command": "python " + " ".join(sys.argv), "mu": a.mu, "sd": a.sd, "ddpm_n": a.n,
-           "ddpm_std_se": 1 / math.sqrt(2 * a.n), "objective": "eps", "clip": "none", "x_T": "exact q(x_T)",
+           "ddpm_std_se": 1 / math.sqrt(2 * a.n), "T": a.T, "objective": "eps", "clip": "none", "x_T": "exact q(x_T)",
            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "seconds": round(time.perf_counter() - t0, 1), "worst_over_schedules": worst(tab), "table": tab}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(doc, indent=1))
+    write_record(Path(a.out), doc, indent=1)
     plot(tab, png)
     print(f"wrote {a.out} and {png} in {doc['seconds']} s")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import OUT, RESULTS, cpu_info  # noqa: E402
+from harness import OUT, RESULTS, cpu_info, write_record  # noqa: E402
 
 from ddpm.cli import main as ddpm_main  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
             if "results" in rep:
                 r["agreement"] = rep["results"][0].get("agreement")
             doc["rows"].append(r)
-            path.write_text(json.dumps(doc, indent=1) + "\n")
+            write_record(path, doc, indent=1)
             print(json.dumps({k: r[k] for k in ("sampler", "steps", "spacing", "fd", "seconds")}), flush=True)
     print(f"wrote {path}")
 

@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "DDPM_CACHE_DIR" not in os.environ:  # `--precision auto`'s verdicts: never the user's cache
+    import tempfile
+    os.environ["DDPM_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -99,3 +99,41 @@ def fill_disk(folder: Path, leave: int = 0) -> Path:
         except OSError:  # ENOSPC: full, as asked
             pass
     return filler
+
+
+SEED_REFERENCE_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "bench" / "seed_reference.py"
+SEED_REFERENCE_REQUIRED = "DDPM_REQUIRE_SEED_REFERENCE"  # set by .ci/run, where the file must be
+
+
+def seed_reference_path() -> Path:
+    """Where the seed's script is: $SEED_REFERENCE, else the developers' ../shared/bench/."""
+    return Path(os.environ.get("SEED_REFERENCE") or SEED_REFERENCE_DEFAULT)
+
+
+def load_seed_reference() -> Any:
+    """The seed's own code, imported by path. Missing: a loud failure where $DDPM_REQUIRE_SEED_REFERENCE
+    is 1 (CI, which provides it), a skip with the reason everywhere else (a user's fresh clone has
+    no ../shared). einops missing is always a failure: the test extras install it."""
+    import importlib.util
+    import sys
+
+    path = seed_reference_path()
+    if not path.is_file():
+        why = (f"the seed reference is missing: expected {path} (the developers' "
+               "../shared/bench/seed_reference.py; set SEED_REFERENCE to point elsewhere)")
+        if os.environ.get(SEED_REFERENCE_REQUIRED) == "1":
+            pytest.fail(why + f"; ${SEED_REFERENCE_REQUIRED}=1 says it must be here")
+        pytest.skip(why)
+    try:
+        import einops  # noqa: F401
+    except ImportError:
+        pytest.fail("seed_reference.py needs einops: pip install -e '.[test]'")
+    name = "seed_reference"
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -523,7 +523,7 @@ def affine_moments(name: str, s: NoiseSchedule, cfg) -> tuple[float, float]:
 
 
 # The tolerances on std / SD - 1 at each sampler's defaults, from bench/sampler_oracle.py
-# (bench/results/sampler_oracle.json; exact for the deterministic samplers). Measured at the
+# (bench/results/samplers/sampler_oracle.json; exact for the deterministic samplers). Measured at the
 # defaults over the cases below (worst over the 12 of four schedules x T = 200, 500, 1000):
 # - ddim 50 uniform: -1.8% ... -5.6% (linear 1000); quadratic, the oracle's best, -3.6%;
 # - dpm++2m 20 uniform, last step first order: -4.7% (linear 1000), within 1.3% elsewhere;

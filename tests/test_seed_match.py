@@ -1,14 +1,12 @@
 """Our `--preset seed` network is the seed's network: the same outputs and the same gradients of
 the seed's own training loss, with the same weights, at initialisation and after training.
 
-The yardstick is the seed document's code, ../shared/bench/seed_reference.py (every developer
-and CI run has it; DESIGN.md, "Measuring"). BENCHMARKS.md quotes the tolerances checked here.
+The yardstick is the seed document's code, ../shared/bench/seed_reference.py (or $SEED_REFERENCE):
+every developer and CI run has it, and CI fails without it; a user's clone skips these tests.
+BENCHMARKS.md quotes the tolerances checked here.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -16,28 +14,12 @@ import torch
 
 from ddpm import preset
 from ddpm.nn import UNet
+from helpers import load_seed_reference
 
-REFERENCE = Path(os.environ.get("SEED_REFERENCE",
-                                Path(__file__).resolve().parents[2] / "shared" / "bench" / "seed_reference.py"))
 # Measured on an AVX2 EPYC (float32, one thread): outputs agree to about 1e-6 and the input's and
 # every parameter's gradient to about 2e-6 of the tensor's norm; the bounds leave 10x for other kernels.
 OUTPUT_TOL = 1e-5
 GRAD_TOL = 2e-5
-
-
-def load_reference() -> ModuleType:
-    """The seed's module, imported by path; a missing file or einops fails loudly, never skips."""
-    if not REFERENCE.is_file():
-        pytest.fail(f"the seed reference is missing: expected {REFERENCE} (the repository's "
-                    "../shared/bench/seed_reference.py; set SEED_REFERENCE to point elsewhere)")
-    try:
-        import einops  # noqa: F401
-    except ImportError:
-        pytest.fail("seed_reference.py needs einops: pip install -e '.[test]'")
-    spec = importlib.util.spec_from_file_location("seed_reference", REFERENCE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def map_state_dict(seed_net: torch.nn.Module, ours: UNet) -> dict[str, torch.Tensor]:
@@ -107,7 +89,7 @@ def compare(ref: ModuleType, seed_net: torch.nn.Module, channels_last: bool) -> 
 
 @pytest.fixture(scope="module")
 def ref() -> ModuleType:
-    return load_reference()
+    return load_seed_reference()
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +128,28 @@ def test_a_different_network_is_caught(seed_nets: dict) -> None:
     x, t = torch.randn(2, 1, 28, 28, generator=g), torch.tensor([5, 150])
     with torch.no_grad():
         assert rel_err(ours(x, t), seed_net(x, t)) > 10 * OUTPUT_TOL
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_a_missing_reference_skips_for_users_and_fails_where_required(tmp_path, required) -> None:
+    """A fresh clone without ../shared passes `make test` (skips, with the reason); CI, which sets
+    DDPM_REQUIRE_SEED_REFERENCE=1, fails loudly instead of skipping."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "SEED_REFERENCE": str(tmp_path / "nowhere.py")}
+    env.pop("DDPM_REQUIRE_SEED_REFERENCE", None)
+    if required:
+        env["DDPM_REQUIRE_SEED_REFERENCE"] = "1"
+    tests = Path(__file__).parent
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        f"{tests / 'test_unet.py'}::test_same_function_as_seed"],
+                       cwd=tests.parent, env=env, capture_output=True, text=True, timeout=120)
+    assert "the seed reference is missing" in r.stdout, r.stdout[-2000:]
+    assert str(tmp_path / "nowhere.py") in r.stdout  # SEED_REFERENCE is honoured
+    if required:
+        assert r.returncode == 1 and "1 failed" in r.stdout, r.stdout[-2000:]
+    else:
+        assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout[-2000:]

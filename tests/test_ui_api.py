@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -24,6 +25,17 @@ from ddpm.ui.runs import RunIndex  # noqa: E402
 from helpers import tiny_config, write_config  # noqa: E402
 
 
+
+def upload(client: TestClient, data: bytes, run: str = "tiny"):
+    """An image sent as the page sends one: the bytes as the body."""
+    return client.post(f"/api/upload?run={run}", content=data)
+
+
+def local_client(app, **kw) -> TestClient:
+    """A client that talks to the app as the page served at `ddpm ui`'s default address does
+    (its own Host, and the header the page's script sends with every request)."""
+    return TestClient(app, base_url="http://127.0.0.1:8000", headers={"X-DDPM-Token": ""}, **kw)
+
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("runs")
@@ -38,7 +50,7 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Path:
 
 @pytest.fixture()
 def client(runs_dir: Path) -> TestClient:
-    return TestClient(create_app(RunIndex([], runs_dir)))
+    return local_client(create_app(RunIndex([], runs_dir)))
 
 
 def events(client: TestClient, job: str) -> list[dict]:
@@ -137,8 +149,8 @@ def test_cancel_stops_the_thread(client: TestClient, monkeypatch: pytest.MonkeyP
     ({"bogus": 1}, 400, "unknown parameter"),
     ({"guiding_model": "/etc"}, 400, "unknown parameter"),  # the page guides with RUN/guide only
     ({"autoguidance": 1}, 400, "no guiding model"),
-    ({"autoguidance": -1}, 400, "autoguidance"),
-    ({"autoguidance_interval": [0, 1]}, 400, "needs --autoguidance"),
+    ({"autoguidance": -1}, 400, "Autoguidance must be"),  # the page's field, not the command's flag
+    ({"autoguidance_interval": [0, 1]}, 400, "needs Autoguidance"),
     ({"autoguidance_interval": "0,1"}, 400, "must be a list"),
     ({"classes": "sneaker"}, 400, "conditional"),
     ({"run": "nope"}, 404, "no run"),
@@ -149,6 +161,75 @@ def test_bad_parameters_are_4xx_with_a_message(client: TestClient, params: dict,
     r = client.post("/api/sample", json={"run": "tiny", "sampler": "ddim", "steps": 5, **params})
     assert r.status_code == status and message in r.json()["error"], r.text
     assert "Traceback" not in r.text
+
+
+def test_messages_speak_the_pages_words(client: TestClient, runs_dir: Path) -> None:
+    """The page's field labels for the command's flags, every quote kept, no path of the server's."""
+    def error(body: dict) -> str:
+        r = client.post("/api/sample", json={"sampler": "ddim", "steps": 5, **body})
+        assert r.status_code in (400, 404), r.text
+        return r.json()["error"]
+
+    assert error({"run": "tiny", "guidance": 2.0}) == "Guidance needs Class (what to guide towards)"
+    assert error({"run": "tiny", "classes": "bag"}) == "Class needs a class-conditional model; this one is unconditional"
+    assert error({"run": "nope"}) == "no run named 'nope'"
+    assert error({"run": "tiny", "steps": "x"}).endswith("got 'x'")
+    msg = upload(client, b"not an image").json()["error"]
+    assert msg.startswith("cannot read the uploaded image") and "/" not in msg, msg
+    broken = runs_dir / "broken"
+    shutil.copytree(runs_dir / "tiny", broken)
+    try:
+        (broken / "checkpoints" / "step-00000002" / "ema.safetensors").write_bytes(b"junk")
+        msg = error({"run": "broken"})
+        assert msg.startswith("checkpoint broken/checkpoints/step-00000002 is damaged") and str(runs_dir) not in msg
+    finally:
+        shutil.rmtree(broken)
+
+
+def test_runs_say_whether_they_are_training(runs_dir: Path, tmp_path: Path) -> None:
+    """A log written lately and no final checkpoint yet: training; the step budget's checkpoint
+    written, or a log gone quiet: not (the page's header follows it)."""
+    from dataclasses import replace
+
+    from ddpm.config import RunConfig
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "tiny", root / "done")  # max_steps 2, checkpoint step 2
+    (root / "starting").mkdir()
+    for f in ("config.json", "log.jsonl"):
+        shutil.copy(runs_dir / "tiny" / f, root / "starting" / f)
+    shutil.copytree(runs_dir / "tiny", root / "halfway")  # a budget of 4 steps, checkpoint step 2
+    cfg = RunConfig.load(root / "halfway" / "config.json")
+    (root / "halfway" / "config.json").write_text(replace(cfg, train=replace(cfg.train, max_steps=4)).to_json())
+    shutil.copytree(root / "halfway", root / "killed")
+    old = time.time() - 3600
+    os.utime(root / "killed" / "log.jsonl", (old, old))
+    for run in ("done", "starting", "halfway"):
+        os.utime(root / run / "log.jsonl")
+    runs = {r["name"]: r["training"] for r in local_client(create_app(RunIndex([], root))).get("/api/runs").json()["runs"]}
+    assert runs == {"done": False, "starting": True, "halfway": True, "killed": False}
+
+
+def test_jobs_without_files_are_forgotten_first() -> None:
+    """The store keeps the files the page links to: a cancelled or failed job goes before them."""
+    import torch
+
+    from ddpm.errors import DdpmError
+    from ddpm.sampling.generate import Samples
+    from ddpm.ui.jobs import JobStore
+
+    def made(hook):
+        return Samples(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), nfe=1, steps=1)
+
+    def failed(hook):
+        raise DdpmError("no")
+
+    store = JobStore(keep=2)
+    kept = [store.start("tiny", made, stream=False) for _ in range(2)]
+    for work in (failed, failed):
+        kept[-1].thread.join(5)
+        store.start("tiny", work, stream=False).thread.join(5)
+    assert [store.get(j.id) for j in kept] == kept, "a job with files was dropped"
 
 
 def test_not_json_and_unknown_job(client: TestClient) -> None:
@@ -193,14 +274,13 @@ def test_forward_and_schedules(client: TestClient, image_dir: Path) -> None:
     assert pics[0].shape == (12, 32)  # x0 | x_t | noise: three 8x8 tiles
     x0, xt0, xt19 = pics[0][2:10, 2:10], pics[0][2:10, 12:20], pics[1][2:10, 12:20]
     assert np.abs(x0.astype(int) - xt0).max() <= 8 < np.abs(x0.astype(int) - xt19).mean()  # t=0 barely noised
-    up = client.post("/api/upload", content=(image_dir / "img03.png").read_bytes()).json()["upload"]
+    up = upload(client, (image_dir / "img03.png").read_bytes()).json()["upload"]
     assert client.get(f"/api/runs/tiny/forward.png?t=5&upload={up}").status_code == 200
     for q, msg in (("t=20", "t must be"), ("t=-1", "t must be"), ("t=abc", "whole number")):
         r = client.get(f"/api/runs/tiny/forward.png?{q}")
         assert r.status_code == 400 and msg in r.json()["error"]
-    bad = client.post("/api/upload", content=b"not an image").json()["upload"]
-    r = client.get(f"/api/runs/tiny/forward.png?upload={bad}")
-    assert r.status_code == 400 and "cannot read image" in r.json()["error"]
+    r = upload(client, b"not an image")
+    assert r.status_code == 400 and "cannot read the uploaded image" in r.json()["error"]
 
 
 def test_training_log_polls_new_records(client: TestClient, runs_dir: Path) -> None:
@@ -249,7 +329,7 @@ def test_too_many_samples_at_once_is_a_400(runs_dir: Path, monkeypatch: pytest.M
     gate = threading.Event()
     real = jobs.Job._hook
     monkeypatch.setattr(jobs.Job, "_hook", lambda self, ev: gate.wait(10) and real(self, ev))
-    client = TestClient(create_app(RunIndex([], runs_dir), jobs=jobs.JobStore(max_running=1)))
+    client = local_client(create_app(RunIndex([], runs_dir), jobs=jobs.JobStore(max_running=1)))
     first = sample(client, sampler="ddim", steps=2, n=1)
     r = client.post("/api/sample", json={"run": "tiny", "sampler": "ddim", "steps": 2})
     assert r.status_code == 400 and "already running 1 at once" in r.json()["error"]
@@ -310,12 +390,12 @@ def test_inpaint_and_edit(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"mode": "edit", "strength": 0}, "strength"),
-    ({"mode": "edit", "strength": 1.5}, "strength"),
+    ({"mode": "edit", "strength": 0}, "Strength"),
+    ({"mode": "edit", "strength": 1.5}, "Strength"),
     ({"mode": "edit", "strength": "a lot"}, "strength"),
     ({"mode": "inpaint", "keep": [1, 0]}, "8x8"),
     ({"mode": "inpaint", "keep": [1] * 64}, "keeps every pixel"),
-    ({"mode": "inpaint", "keep": [0] * 64, "resample": 0}, "resample"),
+    ({"mode": "inpaint", "keep": [0] * 64, "resample": 0}, "Resample r"),
     ({"mode": "paint"}, "unknown edit mode"),
     ({"mode": "edit", "strength": 0.5, "image": {"path": "/etc/passwd"}}, "image must be"),
     ({"mode": "edit", "strength": 0.5, "steps": 0}, "steps"),
@@ -339,7 +419,7 @@ def test_class_and_guidance_on_a_conditional_run(tmp_path: Path, image_dir: Path
     runs = tmp_path / "runs"
     assert main(["train", "--config", str(write_config(tmp_path / "c.json", cfg)), "--out", str(runs / "cond"),
                  "--no-progress", "--no-tensorboard"]) == 0
-    client = TestClient(create_app(RunIndex([], runs)))
+    client = local_client(create_app(RunIndex([], runs)))
     info = client.get("/api/runs").json()["runs"][0]
     assert info["num_classes"] == 2 and info["class_names"] == ["left", "right"]
     assert {"classes", "guidance"} <= set(client.get("/api/meta").json()["fields"])
@@ -353,7 +433,15 @@ def test_class_and_guidance_on_a_conditional_run(tmp_path: Path, image_dir: Path
     r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 6, "classes": "all"})
     evs = events(client, r.json()["id"])  # 3 of each class: frames and result in rows of 3, one per class
     assert evs[0]["width"] == decode_data_url(evs[-1]["grid"]).size[0] == 32 and evs[0]["height"] == 22
-    for bad, msg in (({"classes": "middle"}, "middle"), ({"guidance": -1.0}, "guidance")):
+    r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 5, "classes": "all"})
+    job = r.json()["id"]  # exactly the 5 asked for: 3 of the first class, 2 of the second, short row blank
+    assert events(client, job)[-1]["n"] == 5
+    assert np.load(io.BytesIO(client.get(f"/api/jobs/{job}/files/samples.npz").content))["images"].shape[0] == 5
+    assert Image.open(io.BytesIO(client.get(f"/api/jobs/{job}/files/grid.png").content)).size == (32, 22)
+    r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, "n": 16, "classes": "right"})
+    evs = events(client, r.json()["id"])  # one class: the square grid of an unconditional run, not a strip
+    assert evs[0]["width"] == evs[0]["height"] == decode_data_url(evs[-1]["grid"]).size[0] == 42
+    for bad, msg in (({"classes": "middle"}, "middle"), ({"guidance": -1.0}, "Guidance")):
         r = client.post("/api/sample", json={"run": "cond", "sampler": "ddim", "steps": 3, **bad})
         assert r.status_code == 400 and msg in r.json()["error"], r.text
 
@@ -378,7 +466,7 @@ def test_a_bug_is_a_one_line_500(runs_dir: Path, monkeypatch: pytest.MonkeyPatch
         raise RuntimeError("schedules exploded")
 
     monkeypatch.setattr(panels, "schedule_curves", broken)
-    client = TestClient(create_app(RunIndex([], runs_dir)), raise_server_exceptions=False)
+    client = local_client(create_app(RunIndex([], runs_dir)), raise_server_exceptions=False)
     r = client.get("/api/runs/tiny/schedules")
     assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError: schedules exploded"}
 
@@ -413,8 +501,6 @@ def test_generate_hook_counts_over_batches_and_stops(runs_dir: Path) -> None:
 def test_a_student_run_names_its_own_sampling(runs_dir: Path, tmp_path: Path) -> None:
     """A distilled run (distill.json beside its config) tells the page how it samples, and the
     page's request for it (the student's sampler, steps and trailing grid) runs."""
-    import shutil
-
     root = tmp_path / "runs"
     shutil.copytree(runs_dir / "tiny", root / "student")
     (root / "student" / "distill.json").write_text(json.dumps(
@@ -422,7 +508,7 @@ def test_a_student_run_names_its_own_sampling(runs_dir: Path, tmp_path: Path) ->
     shutil.copytree(runs_dir / "tiny", root / "progressive")
     (root / "progressive" / "distill.json").write_text(json.dumps(
         {"teacher": "elsewhere", "method": "progressive", "teacher_steps": 8, "student_steps": 2}))
-    c = TestClient(create_app(RunIndex([], root)))
+    c = local_client(create_app(RunIndex([], root)))
     runs = {r["name"]: r for r in c.get("/api/runs").json()["runs"]}
     assert runs["student"]["student"] == {"method": "consistency", "sampler": "consistency", "spacing": "trailing",
                                           "eta": None, "steps": 2}

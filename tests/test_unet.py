@@ -4,11 +4,8 @@ checkpointing."""
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,23 +15,9 @@ from ddpm.errors import DdpmError
 from ddpm.nn import UNet, check_image_size, count_parameters, resolved_out_channels
 from ddpm.nn import unet as unet_mod
 from ddpm.nn.layers import SinusoidalTimeEmbedding
+from helpers import load_seed_reference
 
-BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
 TINY = ModelConfig(dim=8, attn_heads=2, attn_dim_head=8)
-
-
-def seed_reference():
-    """The seed's module; a missing file or einops fails loudly (CI has both), never skips."""
-    if not (BENCH / "seed_reference.py").exists():
-        pytest.fail(f"the seed reference is missing: expected {BENCH / 'seed_reference.py'} "
-                    "(the repository's ../shared/bench/)")
-    try:
-        import einops  # noqa: F401
-    except ImportError:
-        pytest.fail("seed_reference.py needs einops: pip install -e '.[test]'")
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module("seed_reference")
 
 
 def copy_weights_in_order(src: torch.nn.Module, dst: torch.nn.Module) -> None:
@@ -56,7 +39,7 @@ def test_seed_preset_parameter_count() -> None:
 
 
 def test_same_function_as_seed() -> None:
-    ref = seed_reference()
+    ref = load_seed_reference()
     torch.manual_seed(0)
     seed_model = ref.make_model().eval()
     ours = UNet(ModelConfig()).eval()
@@ -70,7 +53,7 @@ def test_same_function_as_seed() -> None:
 
 
 def test_same_function_as_seed_resnet_blocks() -> None:
-    ref = seed_reference()
+    ref = load_seed_reference()
     torch.manual_seed(0)
     seed_model = ref.Unet(dim=16, channels=3, dim_mults=(1, 2), use_convnext=False).eval()
     ours = UNet(ModelConfig(dim=16, channels=3, dim_mults=(1, 2), use_convnext=False)).eval()

@@ -240,7 +240,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import serve
 
-    serve(args.runs_given, args.runs, host=args.host, port=args.port, device=args.device)
+    serve(args.runs_given, args.runs, host=args.host, port=args.port, device=args.device,
+          allow_hosts=args.allow_host)
     return 0
 
 
@@ -278,10 +279,11 @@ def _save_edits(out: Path, s: Any, grid: Any, nrow: int, gif: bool, dt: float, w
 def cmd_inpaint(args: argparse.Namespace) -> int:
     from .files import check_writable_dir
     from .sampling.editing import RePaintConfig, check_repaint, comparison_grid, inpaint, load_mask
+    from .sampling.generate import check_sample_config
 
     model, scfg, image, out = _edit_request(args, "inpaint")
     rp = RePaintConfig(jump_length=args.jump_length, resample=args.resample)
-    check_repaint(rp)
+    check_repaint(rp, check_sample_config(model, scfg))  # its work bounded, before the first step
     mask = load_mask(args.mask, model.config.data.image_size)
     check_writable_dir(out)
     t0 = time.perf_counter()
@@ -432,7 +434,7 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
     rp = RePaintConfig(jump_length=args.jump_length, resample=args.resample)
     check_repaint(rp)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
-    check_sample_config(model, scfg)
+    check_repaint(rp, check_sample_config(model, scfg))
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
     images = fmnist_test_images(model, scfg.n, args.data)
@@ -605,7 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the forward process, training curves (needs ddpm[ui])")
     ui.add_argument("runs_given", nargs="*", metavar="RUN", help="run folders to show (besides those under --runs)")
     ui.add_argument("--runs", default="runs", help="also list every run folder directly under DIR (default runs/)")
-    ui.add_argument("--host", default="127.0.0.1", help="address to bind: 127.0.0.1 (default) serves this machine only")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind: 127.0.0.1 (default) serves this machine "
+                                                        "only; any other address needs the token printed at start")
+    ui.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="a further host name the page answers to (as when reached through a proxy or a DNS name; "
+                         "repeat for more; '*': any). Other names are refused, against DNS rebinding")
     ui.add_argument("--port", type=int, default=8000)
     ui.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ui.set_defaults(fn=cmd_ui)
@@ -683,7 +689,8 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     s.add_argument("--precision", default="fp32",
-                   help=f"{names_help(PRECISIONS)}: bf16 autocast pays only where native, fp16 needs CUDA")
+                   help=f"{names_help(PRECISIONS)}: auto times bf16 against fp32 on this CPU once (cached) and "
+                        "takes the faster; fp16 needs CUDA")
     s.add_argument("--device", default="auto")
     s.add_argument("--engine", default="torch", metavar="ENGINE",
                    help="what runs the network: torch (eager PyTorch, the default); openvino (fp32) or "

@@ -25,7 +25,7 @@ Objective = Literal["eps", "x0", "v"]
 LossWeighting = Literal["uniform", "min_snr"]
 TimestepSampling = Literal["uniform", "lognormal"]
 LrSchedule = Literal["constant", "cosine"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]  # see ddpm.precision
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # see ddpm.runtime.precision
 
 
 def _f(default: Any, help: str) -> Any:
@@ -112,7 +112,8 @@ class TrainConfig:
     seed: int = _f(0, "seed of the initial weights, the batches and the noise")
     channels_last: bool = _f(True, "channels-last memory layout (1.2x faster convolutions on CPU)")
     compile: bool = _f(False, "torch.compile the network")
-    precision: Precision = _f("fp32", "fp32 (exact) | bf16 (autocast; pays only where native) | fp16 (CUDA) | auto")
+    precision: Precision = _f("fp32", "fp32 (exact) | bf16 (autocast) | fp16 (CUDA) | auto (on a CPU: "
+                                 "bf16 only where a short timed trial finds it faster)")
     tf32: bool = _f(True, "CUDA: TF32 matrix products and convolutions in fp32")
     cond_drop: float = _f(0.1, "conditional runs: P(label -> null class), Ho & Salimans 2022's p_uncond")
     guide_at: float = _f(0.0, "keep the EMA weights at this fraction of the budget in RUN/guide: the guiding "
@@ -141,7 +142,8 @@ class SampleConfig:
     batch_size: int = _f(256, "images per batch")
     seed: int = _f(0, "seed of the noise")
     use_ema: bool = _f(True, "the EMA weights (else the raw weights)")
-    precision: Precision = _f("fp32", "fp32 | bf16 (autocast; pays only where native) | fp16 (CUDA) | auto")
+    precision: Precision = _f("fp32", "fp32 | bf16 (autocast) | fp16 (CUDA) | auto (on a CPU: bf16 "
+                                 "only where a short timed trial finds it faster)")
     classes: str | None = _f(None, "conditional models: a class name or index, a comma list, or 'all' "
                                    "(one grid row per class; several classes share --n evenly, rounded up)")
     guidance: float = _f(0.0, "classifier-free guidance w >= 0: eps = eps_c + w (eps_c - eps_u); 0 is the "

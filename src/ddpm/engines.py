@@ -5,17 +5,17 @@ exported to ONNX (:func:`ddpm.export.to_onnx`) and compiled by OpenVINO's CPU pl
 network moves, the sampler, the schedule, guidance and the per-image seeds stay the library's.
 
 - ``openvino``: fp32 (inference precision f32), the same function as eager fp32 to about 1e-6.
-  It is no faster than eager channels-last fp32 (BENCHMARKS.md, "Engines"), so it is there to
+  It is no faster than eager channels-last fp32 (``bench/engines.py``), so it is there to
   check the export path and as the base of the next one.
 - ``openvino-int8``: the graph quantised to int8 by NNCF's post-training quantisation,
   calibrated on **the model's own inputs in this very sampling**: the requested sampler is first
   run for ``CALIBRATION_IMAGES`` images in eager fp32 (one batch, on a grid of at most
   ``CALIBRATION_CALLS`` steps, so the cost is fixed), and the network's inputs there (x_t, t and
   the class, guidance's null class included), shuffled across steps into as many batches, are
-  the calibration set. Export, calibration and quantisation take about 10 seconds on two cores
-  for the `fast` preset's network, so it pays on large requests. It wins where the CPU has fast
-  int8 dot products but no native bfloat16 (AVX-512 VNNI without AVX-512-BF16: 1.45x eager fp32,
-  FD 1.03-1.05x fp32's at 100 ancestral steps; BENCHMARKS.md). Where bfloat16 is native,
+  the calibration set. Export, calibration and quantisation are a fixed cost of seconds, so it
+  pays on large requests. It wins where the CPU has fast int8 dot products but no native
+  bfloat16 (AVX-512 VNNI without AVX-512-BF16), at an FD close to fp32's (``bench/engines.py``,
+  ``bench/engine_fd.py``; the figures are on the results page). Where bfloat16 is native,
   ``--precision bf16`` on the eager engine is faster and closer to fp32.
 
 Both need the optional extra ``pip install 'ddpm[openvino]'`` (openvino, nncf, onnx) and run on
@@ -89,8 +89,9 @@ def _import(name: str, engine: str) -> Any:
         raise DdpmError(f"--engine {engine} needs the {name} package: pip install 'ddpm[openvino]'") from None
 
 
-# FD of OpenVINO int8 over eager fp32 where the CPU has no VNNI (AVX2 kernels, OpenVINO and oneDNN
-# both capped): bench/results/engine_fd_int8_ddpm100_avx2emu.json (100 ancestral steps, n = 1,000)
+# FD of OpenVINO int8 over eager fp32 where the CPU has no VNNI, as `bench/engine_fd.py` measured it
+# with OpenVINO and oneDNN capped to AVX2 (its record: bench/results/engines/engine_fd_int8_ddpm100_avx2emu.json);
+# quoted by the warning below
 INT8_FD_WITHOUT_VNNI = 1.71
 
 
@@ -107,7 +108,7 @@ def cpu_has_vnni() -> bool | None:
 def warn_int8_without_vnni() -> None:
     """One ``warning:`` line: int8 without VNNI measured far from fp32's FD."""
     print(f"warning: this CPU has no VNNI int8 dot products; there --engine openvino-int8 measured an FD "
-          f"{INT8_FD_WITHOUT_VNNI:.2f}x eager fp32's (BENCHMARKS.md, \"Engines and precision\"); "
+          f"{INT8_FD_WITHOUT_VNNI:.2f}x eager fp32's; "
           f"--engine torch is the safe choice", file=sys.stderr)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import math
 import os
@@ -13,7 +14,7 @@ import warnings
 import zlib
 from http.client import HTTPException
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import BinaryIO, Literal, NamedTuple
 from urllib.request import urlopen
 
 import numpy as np
@@ -194,17 +195,22 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 MAX_ASPECT = 64  # a thinner image has no square worth cropping (and its resize can ask for gigabytes)
 MAX_RESIZED_PIXELS = 1 << 26  # the resized image before the crop: 64 M pixels
+MAX_SOURCE_PIXELS = 1 << 27  # an image file's own pixels, read from its header before decoding: 128 M
 
 
-def _check_dimensions(path: Path, w: int, h: int, size: int) -> None:
-    """Refuse a decompression bomb by aspect ratio (Pillow's check counts pixels only): a
-    1 x 10,000,000 PNG of 19 KB would be resized to 28 x 280,000,000 before its crop."""
+def _check_dimensions(what: str, w: int, h: int, size: int, max_pixels: int = MAX_SOURCE_PIXELS) -> None:
+    """Refuse a decompression bomb from the header: by pixel count (a small 1-bit PNG can hold
+    over a hundred million pixels, all decoded before any resize) and by aspect ratio (a
+    1 x 10,000,000 PNG would be resized to 28 x 280,000,000 before its crop)."""
+    if w * h > max_pixels:
+        raise DdpmError(f"cannot read {what}: it is {w:,} x {h:,} pixels, more than the "
+                        f"{max_pixels:,} read here")
     if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
-        raise DdpmError(f"cannot read image {path}: it is {w:,} x {h:,} pixels, too thin to crop a square from "
+        raise DdpmError(f"cannot read {what}: it is {w:,} x {h:,} pixels, too thin to crop a square from "
                         f"(aspect ratio above {MAX_ASPECT}:1)")
     scale = size / min(w, h)
     if max(size, round(w * scale)) * max(size, round(h * scale)) > MAX_RESIZED_PIXELS:
-        raise DdpmError(f"cannot read image {path}: resizing its {w:,} x {h:,} pixels to size {size} needs more "
+        raise DdpmError(f"cannot read {what}: resizing its {w:,} x {h:,} pixels to size {size} needs more "
                         f"than {MAX_RESIZED_PIXELS:,} pixels")
 
 
@@ -224,15 +230,18 @@ def read_image_header(path: str | Path, what: str = "image") -> ImageHeader:
         raise DdpmError(f"cannot read {what} {path}: {e}") from None
 
 
-def _decode(path: Path, size: int, channels: int) -> np.ndarray:
-    """One image file -> uint8 (C, size, size): shorter side resized to `size`, centre-cropped."""
+def _decode(source: Path | BinaryIO, size: int, channels: int, *, name: str | None = None,
+            max_pixels: int = MAX_SOURCE_PIXELS) -> np.ndarray:
+    """One image (a file, or bytes in a stream) -> uint8 (C, size, size): shorter side resized to
+    `size`, centre-cropped. ``name`` is what messages call it (default: "image PATH")."""
+    what = name or f"image {source}"
     try:
-        with Image.open(path) as img:
-            _check_dimensions(path, *img.size, size)  # from the header, before any pixel is decoded
+        with Image.open(source) as img:
+            _check_dimensions(what, *img.size, size, max_pixels)  # from the header, before any pixel is decoded
             img = ImageOps.exif_transpose(img)  # phones store rotation in EXIF, not pixels
             img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
     except (*_DECODE_ERRORS, MemoryError) as e:
-        raise DdpmError(f"cannot read image {path}: {e}") from None
+        raise DdpmError(f"cannot read {what}: {e}") from None
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -246,6 +255,15 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     """One image as uint8 (C, size, size)."""
     _check_shape_args(size, channels)
     return torch.from_numpy(np.ascontiguousarray(_decode(Path(path), size, channels)))
+
+
+def decode_image(data: bytes, size: int, channels: int, *, name: str = "the image",
+                 max_pixels: int = MAX_SOURCE_PIXELS) -> torch.Tensor:
+    """Image bytes (PNG, JPEG, ...) as uint8 (C, size, size), read as a data folder's files are;
+    at most ``max_pixels`` in the file, checked from its header before anything is decoded."""
+    _check_shape_args(size, channels)
+    return torch.from_numpy(np.ascontiguousarray(_decode(io.BytesIO(data), size, channels, name=name,
+                                                         max_pixels=max_pixels)))
 
 
 def _image_files(root: Path) -> list[Path]:

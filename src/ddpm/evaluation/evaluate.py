@@ -163,6 +163,8 @@ def real_images(n: int, net: FeatureNet, *, reference: str = DEFAULT_REFERENCE, 
     """(pool, n real images) drawn (seeded by seed + 1, without replacement) from the training split
     of the reference's source (the default reference's for a folder): what ``ddpm eval --real``
     scores, the floor any model is measured against."""
+    if n < 1:  # a negative n would slice all but the last images
+        raise DdpmError(f"--n must be at least 1, got {n}")
     pool = default_floor(reference) or default_floor(DEFAULT_REFERENCE)
     images = resolve_images(pool, net, data_dir)[1]
     return pool, images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))[:n]]

@@ -109,7 +109,7 @@ def _poly_mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
 def kid(feats_a, feats_b, *, subsets: int = 100, subset_size: int = 1000,
         generator: torch.Generator | None = None) -> KidResult:
     """Kernel Inception Distance: mean and std of unbiased MMD^2 over random subsets (Binkowski et al. 2018)."""
-    # float32 kernels, float64 sums: 2x faster than float64 throughout, error ~1e-7 << KID's std.
+    # float32 kernels, float64 sums: faster than float64 throughout, and the error stays far below KID's std
     a, b = _features(feats_a, "feats_a", torch.float32), _features(feats_b, "feats_b", torch.float32)
     if a.shape[1] != b.shape[1]:
         raise DdpmError(f"KID: feature widths differ ({a.shape[1]} vs {b.shape[1]})")

@@ -4,7 +4,7 @@
 (:func:`ddpm.cli.main`) calls :func:`apply_command_defaults` before torch loads:
 
 - ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning, which keeps
-  training 3-4x faster when anything else shares the CPU (BENCHMARKS.md, "Levers"). libgomp
+  training several times faster when anything else shares the CPU (``bench/levers.py``). libgomp
   reads the variable once, when torch loads it, so it is set only if torch is not loaded yet.
   The user's own ``OMP_WAIT_POLICY`` always wins; ``DDPM_OMP_WAIT_POLICY=off`` leaves libgomp's
   default, any other value of it is used instead of PASSIVE.
@@ -12,8 +12,7 @@
   hands every block over about 32 MB back to the kernel when it is freed and maps it afresh,
   zero-filled page by page, the next time, so a network pass whose activations pass that size
   (a guided pass of 2B rows, a large sampling batch) spends a growing share of its time in page
-  faults. On the 2-core AVX2 machine a 400-row forward took 3.47 instead of 2.29 ms per row,
-  and guidance cost 2.20x instead of 1.83x (BENCHMARKS.md, section 9). ``DDPM_MALLOC=off``,
+  faults (``bench/guidance_cost.py`` measures it). ``DDPM_MALLOC=off``,
   or any ``MALLOC_*`` variable of the user's own, or a preloaded allocator, leaves it alone.
 - TF32 matrix products and cuDNN's autotuner on CUDA, for the command's sampling and
   evaluation (:func:`command_cuda_math`); training follows ``train.tf32``.

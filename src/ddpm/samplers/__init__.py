@@ -1,9 +1,8 @@
 """Samplers: one file each, one signature, an explicit name -> sampler table (rule 5).
 
 Each sampler's default steps and final-step order were chosen from the Gaussian oracle's error
-against steps, spacing and schedule (bench/sampler_oracle.py, BENCHMARKS.md "Sampler defaults,
-measured on the oracle"); the deterministic samplers' default spacing from FD-FMNIST on trained
-models (BENCHMARKS.md "Sampler spacing on trained models")."""
+against steps, spacing and schedule (``bench/sampler_oracle.py``); the deterministic samplers'
+default spacing from FD-FMNIST on trained models (``bench/spacing_fd.py``)."""
 from __future__ import annotations
 
 from functools import partial
@@ -31,17 +30,14 @@ def _one_per_step(alpha_bar: torch.Tensor, timesteps: list[int]) -> int:
     return len(timesteps)
 
 
-# Defaults. Steps and each sampler's final-step order come from the oracle (N(0.3, 0.5^2), four
-# schedules x T = 200, 500, 1000; worst |std error| at the default steps,
-# bench/results/sampler_oracle.json). Spacing for the deterministic samplers comes from trained
-# networks: on the oracle (the sampler's error alone) quadratic is best for ddim (3.6% against
-# uniform's 5.6%) and dpm++2m (2.0% against 4.7%), but on three trained models uniform scored the
-# better FD-FMNIST at every step count measured (dpm++2m 20: 0.85x quadratic's; 10: 0.69x; ddim
-# 20: 0.87x; BENCHMARKS.md "Sampler spacing on trained models"): quadratic crowds the steps near
-# t = 0, where the network's own error, not the solver's, dominates. heun uniform, second order
-# into t = 0, 8.7% (trailing 13%, quadratic 19%; uniform also the better FD); ddpm quadratic (at
-# --steps 50: 6.7% against uniform's 11%; FD equal at 100 steps; at its default, all T, every
-# spacing is the same grid).
+# Defaults. Steps and each sampler's final-step order come from the oracle (the worst std error
+# over four schedules and three T at the default steps: bench/sampler_oracle.py). Spacing for the
+# deterministic samplers comes from trained networks: on the oracle (the sampler's error alone)
+# quadratic is best for ddim and dpm++2m, but on trained models uniform scored the better FD-FMNIST
+# at every step count (bench/spacing_fd.py): quadratic crowds the steps near t = 0, where the
+# network's own error, not the solver's, dominates. heun: uniform, second order into t = 0 (the
+# smallest oracle error of its spacings, and the better FD); ddpm: quadratic (the smaller oracle
+# error below T steps; at its default, all T, every spacing is the same grid).
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(ddpm.sample, _one_per_step, None, "quadratic", ("variance",),
                         "ancestral, DDPM Algorithm 2 (respaced)"),

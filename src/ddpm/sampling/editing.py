@@ -27,10 +27,11 @@ from ..core.schedules import NoiseSchedule
 from ..data.readers import from_model_range, load_image, read_image_header, to_model_range
 from ..errors import DdpmError
 from ..pictures.viz import make_grid
+from ..runtime.budget import check_steps
 from ..runtime.precision import autocast_dtype, describe
 from ..samplers import SamplerOptions, SamplerSpec, StepCallback, get_sampler, grid
 from ..samplers.base import ImageGenerators, t_batch
-from .generate import LoadedModel, Samples, StepHook, _with_hook, check_sample_config
+from .generate import LoadedModel, Samples, StepHook, _with_hook, check_sample_config, with_precision_resolved
 from .guidance import class_labels, resolve_classes
 
 MaskShape = Literal["right", "center"]
@@ -45,9 +46,14 @@ class RePaintConfig:
     resample: int = 10  # r: passes over each jump point; 1 = no resampling (plain replacement)
 
 
-def check_repaint(cfg: RePaintConfig) -> None:
+def check_repaint(cfg: RePaintConfig, steps: int | None = None) -> None:
+    """j and r of at least 1; given the sampler's ``steps``, a jump schedule of bounded work
+    (counted, never built: an absurd r would fill memory with the schedule alone)."""
     if cfg.jump_length < 1 or cfg.resample < 1:
         raise DdpmError(f"--jump-length and --resample must be at least 1, got {cfg.jump_length} and {cfg.resample}")
+    if steps is not None:
+        check_steps(repaint_steps(steps, cfg), f"RePaint over {steps} steps with --jump-length {cfg.jump_length} "
+                                               f"and --resample {cfg.resample}")
 
 
 def check_strength(strength: float) -> None:
@@ -162,9 +168,11 @@ def repaint(run: _Run, schedule: NoiseSchedule, x_T: torch.Tensor, cfg: RePaintC
 
 
 def repaint_steps(steps: int, cfg: RePaintConfig) -> int:
-    """Sampler steps (on_step calls) per batch of an inpainting over ``steps`` grid levels."""
-    levels = jump_schedule(steps, cfg.jump_length, cfg.resample)
-    return sum(1 for a, b in zip(levels, levels[1:]) if b < a)
+    """Sampler steps (on_step calls) per batch of an inpainting over ``steps`` grid levels: each
+    level once, and j more for each of the r - 1 passes back up at every jump point of
+    :func:`jump_schedule` (counted without building it)."""
+    jumps = len(range(0, steps - cfg.jump_length, cfg.jump_length))
+    return steps + jumps * (cfg.resample - 1) * cfg.jump_length
 
 
 # ---------------------------------------------------------------- the public calls
@@ -197,8 +205,9 @@ class _Request:
     """An edit of ``images`` in batches: labels, the sampler's grid, one generator per image."""
 
     def __init__(self, model: LoadedModel, cfg: SampleConfig, image: torch.Tensor):
-        self.model, self.cfg = model, cfg
         self.steps = check_sample_config(model, cfg)
+        cfg = with_precision_resolved(model, cfg)
+        self.model, self.cfg = model, cfg
         self.images = _as_batch(image, cfg.n)
         _check_image(model, self.images)
         classes = resolve_classes(cfg.classes, model.config)
@@ -252,7 +261,7 @@ def inpaint(model: LoadedModel, image: torch.Tensor, mask: torch.Tensor, cfg: Sa
     the first batch's x_t in ``Samples.frames``.
     """
     req = _Request(model, cfg, image)
-    check_repaint(repaint_cfg)
+    check_repaint(repaint_cfg, req.steps)
     keep = _as_mask(mask, req.images)
     steps = repaint_steps(req.steps, repaint_cfg)
     out, frames, nfe = [], [], 0

@@ -1,6 +1,7 @@
 """From a checkpoint to images: load the model, run a sampler in batches, record frames."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
@@ -15,7 +16,8 @@ from ..core.diffusion import Denoiser
 from ..errors import DdpmError
 from ..nn import UNet
 from ..runtime.device import resolve_device
-from ..runtime.precision import autocast_dtype, describe, under_autocast
+from ..runtime.precision import Trial, autocast_dtype, describe, resolve_precision, under_autocast
+from ..runtime.budget import MARGIN, Need, available_memory, check_fits, check_steps, network_peak, smaller_batch
 from ..runtime.progress import StepBar, chain_hooks
 from ..samplers.base import ImageGenerators
 from ..samplers import SamplerOptions, StepCallback, check_options, get_sampler, grid
@@ -122,8 +124,10 @@ class Samples:
         return self.images.reshape(-1, self.per_class, *self.images.shape[1:])[:, :keep].flatten(0, 1), keep
 
 
-def check_sample_config(model: LoadedModel, cfg: SampleConfig) -> int:
-    """Validate against the model; return the number of steps to run."""
+def check_sample_config(model: LoadedModel, cfg: SampleConfig, *, frames: bool = False, stream: bool = False) -> int:
+    """Validate against the model, and the memory of the request against the machine's
+    (``frames``: a GIF of the first batch is recorded; ``stream``: the images go to disk batch
+    by batch, not held); return the number of steps to run."""
     spec = get_sampler(cfg.sampler)
     check_config(cfg)
     T = model.schedule.T
@@ -134,19 +138,66 @@ def check_sample_config(model: LoadedModel, cfg: SampleConfig) -> int:
     check_guidance(cfg, model.config)
     if cfg.autoguidance:
         model.guide(cfg.guiding_model, cfg.precision)  # found and of the same kind, or one line
+    check_steps(steps, f"--steps {steps}")
+    check_sampling_memory(model, cfg, frames=frames, stream=stream)
     return steps
+
+
+def sampling_needs(model: LoadedModel, cfg: SampleConfig, batch: int, *, frames: bool, stream: bool) -> list[Need]:
+    """The memory of drawing ``cfg.n`` images ``batch`` at a time: the network's peak (twice the
+    images under classifier-free guidance), the sampler's own tensors, the images held (all of
+    them, with their copies while the file is encoded, unless streamed), the GIF's frames."""
+    mc = model.config
+    size, c = mc.data.image_size, mc.model.channels
+    image = c * size * size  # bytes of one uint8 image
+    passes = 2 if cfg.guidance and cfg.classes is not None else 1
+    net = int(MARGIN * network_peak(mc.model, size, batch * passes, train=False))
+    held = (batch + min(cfg.n, 64)) * image if stream else 3 * cfg.n * image
+    gif = (MAX_FRAMES + 1) * batch * c * (size + 2) ** 2 * (1 + 4) if frames else 0  # frames, then at scale 2
+    return [Need(f"the network at batch size {batch}", net), Need("the sampler's tensors", 8 * 4 * batch * image),
+            Need(f"{'a batch and the grid' if stream else f'{cfg.n:,} images'}", held), Need("the GIF's frames", gif)]
+
+
+def check_sampling_memory(model: LoadedModel, cfg: SampleConfig, *, frames: bool, stream: bool) -> None:
+    """One line, before the first step, when the request cannot fit in the memory left."""
+    have = available_memory(model.schedule.alpha_bar.device)
+    batch = min(cfg.batch_size, cfg.n)
+    needs = sampling_needs(model, cfg, batch, frames=frames, stream=stream)
+    total = sum(n.bytes for n in needs)
+    if total <= have.bytes:
+        return
+    fits = lambda b: sum(n.bytes for n in sampling_needs(model, cfg, b, frames=frames, stream=stream)) <= have.bytes
+    b = smaller_batch(fits, batch, have.bytes / total)
+    advice = (f"try --batch-size {b}" if b else "not even at --batch-size 1; try a smaller --n" if needs[2].bytes
+              > have.bytes / 2 else "the network does not fit one image at a time")
+    check_fits(needs, have, advice=advice)
+
+
+def with_precision_resolved(model: LoadedModel, cfg: SampleConfig) -> SampleConfig:
+    """``cfg`` with its precision resolved once: ``auto`` by a trial of this very network at this
+    request's batch (twice the images under classifier-free guidance), cached per machine."""
+    mc = model.config
+    size = mc.data.image_size
+    batch = min(cfg.batch_size, cfg.n) * (2 if cfg.guidance and cfg.classes is not None else 1)
+    trial = Trial(model.net, (batch, mc.model.channels, size, size), training=False,
+                  num_classes=mc.model.num_classes, channels_last=mc.train.channels_last)
+    return dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, model.schedule.alpha_bar.device, trial))
+
+
+MAX_FRAMES = 100  # GIF frames recorded by default
 
 
 @torch.inference_mode()
 def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "x_t", "x0"] = "none",
-             frame_index: int | None = None, max_frames: int = 100, progress: bool = False,
+             frame_index: int | None = None, max_frames: int = MAX_FRAMES, progress: bool = False,
              on_step: StepHook | None = None) -> Samples:
     """Draw ``cfg.n`` images in batches; optionally record grids of the first batch's denoising.
     ``progress``: a bar with the time left on stderr (when it is a terminal).
 
     ``on_step(StepEvent)`` is called after every sampler step of every batch; returning False
     (or raising SamplingCancelled) stops the loop and raises SamplingCancelled out of here."""
-    steps = check_sample_config(model, cfg)
+    steps = check_sample_config(model, cfg, frames=frames != "none")
+    cfg = with_precision_resolved(model, cfg)
     spec = get_sampler(cfg.sampler)
     dev = model.schedule.alpha_bar.device
     classes = resolve_classes(cfg.classes, model.config)

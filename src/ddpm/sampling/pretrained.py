@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
-# name -> folder under ddpm/assets/models (made by bench/ship_model.py from a `ddpm train` run)
+# name -> folder under ddpm/assets/models (made by tools/ship_model.py from a `ddpm train` run)
 PRETRAINED: dict[str, str] = {"fashion-mnist": "fashion-mnist"}
 
 

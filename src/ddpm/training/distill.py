@@ -42,6 +42,7 @@ from ..core.schedules import space_timesteps
 from ..errors import DdpmError
 from ..files import atomic_write_text
 from ..nn import UNet
+from ..runtime.budget import check_training_memory
 from .train import StepOut, Skipped, Trainer
 
 DISTILL_NAME = "distill.json"
@@ -280,6 +281,7 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
     cfg = student_config(tck.config, d)
     validate(cfg)
     dev = resolve_device(device)
+    check_training_memory(cfg, dev, frozen_nets=2)  # the teacher and the target beside the student
     prepare_run_dir(run_dir, cfg, resume)
     ck = load_checkpoint(run_dir, with_state=True) if resume else None
     if data is None:

@@ -32,8 +32,10 @@ from ..core.diffusion import sample_noise, sample_timesteps, training_losses
 from ..runtime.distributed import Dist, from_env, shutdown
 from ..errors import DdpmError
 from ..nn import UNet, check_image_size, count_parameters
-from ..runtime.precision import (autocast_dtype, cuda_math_state, describe, fast_cuda_math, restore_cuda_math,
+from ..runtime.precision import (Trial, autocast_dtype, cuda_math_state, describe, fast_cuda_math, resolve_precision,
+                                 restore_cuda_math,
                                  under_autocast)
+from ..runtime.budget import check_training_memory
 from ..runtime.progress import BudgetBar
 from .runlog import LOG_NAME, JsonLog, TensorBoard, reset_log
 from ..config import SampleConfig
@@ -281,7 +283,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
             net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
         self.forward = torch.compile(net) if cfg.train.compile else net
-        self.amp = autocast_dtype(cfg.train.precision, device)
+        # auto: the faster arithmetic for this network and this process's share of the batch
+        trial = Trial(self.model, (max(1, cfg.train.batch_size // dist.world), cfg.model.channels,
+                                   cfg.data.image_size, cfg.data.image_size), training=True,
+                      num_classes=cfg.model.num_classes, channels_last=cfg.train.channels_last)
+        self.amp = autocast_dtype(resolve_precision(cfg.train.precision, device, trial), device)
         self.net_fn = under_autocast(self.forward, device, self.amp)
         # fp16's narrow range needs the loss scaled up (and the gradients back down); bf16 does not
         self.scaler = torch.amp.GradScaler(device.type) if self.amp is torch.float16 else None
@@ -621,6 +627,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
     run_dir = Path(run_dir)
     dist, dev = from_env(resolve_device(device))
     autocast_dtype(cfg.train.precision, dev)  # fp16 without CUDA: refused before any file is touched
+    check_training_memory(cfg, dev, world=dist.world)  # a step the machine cannot hold: before the data loads
     caller_math = cuda_math_state()  # train.tf32 holds for this call; the caller's settings come back after
     fast_cuda_math(cfg.train.tf32)
     made: list[Path] = []

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import math
 import typing
 import uuid
 from pathlib import Path
@@ -17,24 +15,26 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..checkpoint import has_guide
-from ..config import SampleConfig, override
+from ..config import SampleConfig, check_seed, override
 from ..errors import DdpmError
 from ..samplers import SAMPLERS
 from ..sampling.generate import check_sample_config
 from ..sampling.guidance import resolve_classes
 from . import edits, panels
-from .jobs import Job, JobStore, gif_bytes, grid_png, npz_bytes, png_bytes, sampling
-from .runs import ModelCache, NotFound, Run, RunIndex, latest_checkpoint, run_config
+from .guard import Access, Guard, access_for
+from .jobs import Job, JobStore, class_layout, gif_bytes, grid_png, npz_bytes, png_bytes, sampling
+from .limits import MAX_IMAGES, MAX_JSON, MAX_UPLOAD, TooLarge, check_images, check_work, parse_json, read_body
+from .messages import page_message
+from .runs import ModelCache, NotFound, Run, RunIndex, latest_checkpoint, run_config, training_now
 
 STATIC = Path(__file__).parent / "static"
-MAX_IMAGES = 64  # per request: the page shows one grid
-MAX_UPLOAD = 8 * 1024 * 1024
 # SampleConfig fields the page may set (the rest are the server's: batch size = n, EMA weights)
 # (and no guiding_model path: a page guides only with the run's own RUN/guide, never a path it names)
 PAGE_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig)
@@ -67,7 +67,8 @@ async def meta(request: Request) -> JSONResponse:
 def _run_summary(run: Run) -> dict[str, Any]:
     cfg = run_config(run)
     ck = latest_checkpoint(run)
-    info: dict[str, Any] = {"name": run.name, "checkpoint": ck.name if ck else None, "config": cfg is not None}
+    info: dict[str, Any] = {"name": run.name, "checkpoint": ck.name if ck else None, "config": cfg is not None,
+                            "training": training_now(run, cfg)}
     if cfg is not None:
         info |= {"T": cfg.diffusion.timesteps, "schedule": cfg.diffusion.schedule, "preset": cfg.preset,
                  "image_size": cfg.data.image_size, "channels": cfg.data.channels,
@@ -124,8 +125,11 @@ async def start_sample(request: Request) -> JSONResponse:
     model = await run_in_threadpool(cache.get, run, cfg.use_ema)
     steps = check_sample_config(model, cfg)
     classes = resolve_classes(cfg.classes, model.config)
-    nrow = None if classes is None else math.ceil(cfg.n / len(classes))  # class_labels' images per class
-    job = request.app.state.jobs.start(run.name, sampling(model, cfg), stream, nrow=nrow)
+    check_work(model, cfg, steps, check_images(cfg.n, classes))
+    layout = None if classes is None else class_layout(classes, cfg.n)  # exactly n images, a row per class
+    if layout is not None:
+        cfg = dataclasses.replace(cfg, classes=layout.classes)
+    job = request.app.state.jobs.start(run.name, sampling(model, cfg), stream, rows=layout and layout.rows)
     return JSONResponse({"id": job.id, "steps": steps, "checkpoint": model.source.name}, status_code=201)
 
 
@@ -138,7 +142,9 @@ async def start_edit(request: Request) -> JSONResponse:
     run_name, cfg, stream = _sample_request(body)
     run, rcfg = _run_and_config(request, run_name)
     model = await run_in_threadpool(request.app.state.cache.get, run, cfg.use_ema)
-    check_sample_config(model, cfg)
+    steps = check_sample_config(model, cfg)
+    images = check_images(cfg.n, resolve_classes(cfg.classes, model.config))
+    check_work(model, cfg, steps, images, edits.descents(req, steps))
     image = await run_in_threadpool(_image, request, rcfg, req.source)
     work, shown, final = edits.edit_work(model, cfg, req, image)
     job = request.app.state.jobs.start(run.name, work, stream, shown, final)
@@ -147,10 +153,7 @@ async def start_edit(request: Request) -> JSONResponse:
 
 def _image(request: Request, cfg: Any, source: dict[str, Any]) -> Any:
     if "upload" in source:
-        uploads: dict[str, bytes] = request.app.state.uploads
-        if source["upload"] not in uploads:
-            raise NotFound("no such uploaded image (the server restarted?)")
-        return panels.uploaded_image(uploads[source["upload"]], cfg)
+        return panels.upload_for(request.app.state.uploads.get(source["upload"]), cfg)
     return panels.data_image(cfg, source["index"])
 
 
@@ -166,7 +169,9 @@ async def source_image(request: Request) -> Response:
 def _job(request: Request) -> Job:
     job = request.app.state.jobs.get(request.path_params["job"])
     if job is None:
-        raise NotFound("no such sample (finished long ago, or the server restarted)")
+        keep = request.app.state.jobs.keep
+        raise NotFound(f"no such sample: the server keeps the files of the latest {keep} only (or it restarted); "
+                       "sample again")
     return job
 
 
@@ -243,25 +248,26 @@ async def forward(request: Request) -> Response:
     """x0 | x_t | noise as a PNG, for t and an image of the run's data (or an uploaded one)."""
     _, cfg = _run_and_config(request)
     t, seed, index = (_int_param(request, k, d) for k, d in (("t", 0), ("seed", 0), ("index", 0)))
+    check_seed(seed, "seed")
     upload = request.query_params.get("upload")
-    uploads: dict[str, bytes] = request.app.state.uploads
-    if upload is not None and upload not in uploads:
-        raise NotFound("no such uploaded image (the server restarted?)")
+    source = {"upload": upload} if upload is not None else {"index": index}
 
     def make() -> bytes:
-        x = panels.uploaded_image(uploads[upload], cfg) if upload else panels.data_image(cfg, index)
-        return png_bytes(panels.forward_grid(cfg, x, t, seed))
+        return png_bytes(panels.forward_grid(cfg, _image(request, cfg, source), t, seed))
 
     return Response(await run_in_threadpool(make), media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 async def upload_image(request: Request) -> JSONResponse:
-    data = await request.body()
-    if not data or len(data) > MAX_UPLOAD:
+    """An image for the run ``?run=NAME``, decoded once at its size (the bytes are not kept)."""
+    _, cfg = _run_and_config(request, request.query_params.get("run") or "")
+    data = await read_body(request, MAX_UPLOAD, "the image")
+    if not data:
         raise BadRequest(f"send one image file of at most {MAX_UPLOAD // 2**20} MiB")
-    uploads: dict[str, bytes] = request.app.state.uploads
+    image = await run_in_threadpool(panels.decode_upload, data, cfg)
+    uploads: dict[str, panels.Upload] = request.app.state.uploads
     key = uuid.uuid4().hex[:12]
-    uploads[key] = data
+    uploads[key] = image
     while len(uploads) > 8:
         uploads.pop(next(iter(uploads)))
     return JSONResponse({"upload": key}, status_code=201)
@@ -289,15 +295,15 @@ async def page(request: Request) -> FileResponse:
 
 
 async def _json(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except ValueError:
-        raise BadRequest("the request body is not JSON") from None
+    return parse_json(await read_body(request, MAX_JSON, "the request body"))
 
 
 def _error(status: int):
     async def handler(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": str(exc).strip("'\"") or type(exc).__name__}, status_code=status)
+        # args[0], not str(exc): str() of a KeyError quotes it; the message keeps its own quotes
+        text = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+        runs = [(r.name, r.path) for r in request.app.state.index.runs()]
+        return JSONResponse({"error": page_message(text, runs) or type(exc).__name__}, status_code=status)
     return handler
 
 
@@ -309,8 +315,10 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
-def create_app(index: RunIndex, cache: ModelCache | None = None, jobs: JobStore | None = None) -> Starlette:
-    """The ASGI app serving the page and its JSON API over the runs in ``index``."""
+def create_app(index: RunIndex, cache: ModelCache | None = None, jobs: JobStore | None = None,
+               access: Access | None = None) -> Starlette:
+    """The ASGI app serving the page and its JSON API over the runs in ``index``, behind the
+    guard of ``access`` (default: `ddpm ui`'s own, 127.0.0.1 port 8000)."""
     r = "/api/runs/{run}"
     j = "/api/jobs/{job}"
     routes = [
@@ -323,25 +331,30 @@ def create_app(index: RunIndex, cache: ModelCache | None = None, jobs: JobStore 
         Route("/api/edit", start_edit, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    handlers = {BadRequest: _error(400), DdpmError: _error(400), NotFound: _error(404),
+    handlers = {BadRequest: _error(400), DdpmError: _error(400), NotFound: _error(404), TooLarge: _error(413),
                 HTTPException: _http_error, Exception: _internal}
-    app = Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
+    guard = Middleware(Guard, access=access or access_for("127.0.0.1", 8000))
+    app = Starlette(routes=routes, exception_handlers=handlers, middleware=[guard])  # type: ignore[arg-type]
     app.state.index, app.state.cache = index, cache or ModelCache()
     app.state.jobs, app.state.uploads = jobs or JobStore(), {}
     return app
 
 
 def serve(runs: list[str], runs_dir: str | None, host: str = "127.0.0.1", port: int = 8000,
-          device: str = "cpu") -> None:
-    """Serve the page until interrupted (uvicorn); prints the address to open."""
+          device: str = "cpu", allow_hosts: typing.Sequence[str] = ()) -> None:
+    """Serve the page until interrupted (uvicorn); prints the address to open (with the token
+    off loopback). ``allow_hosts``: more names it answers to (``*``: any)."""
     import uvicorn
 
     index = RunIndex(runs, runs_dir)
     _check_port(host, port)
-    app = create_app(index, ModelCache(device=device))
+    access = access_for(host, port, allow_hosts)
+    app = create_app(index, ModelCache(device=device), access=access)
     names = ", ".join(r.name for r in index.runs()) or "none yet"
-    where = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else "other machines too"
-    print(f"ddpm ui: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/  (bound to {host}: {where}; "
+    where = "this machine only" if access.token is None else "other machines too, with the token"
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+    token = "" if access.token is None else f"?token={access.token}"
+    print(f"ddpm ui: http://{shown}:{port}/{token}  (bound to {host}: {where}; "
           f"runs: {names}; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
 

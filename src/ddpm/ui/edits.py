@@ -13,6 +13,7 @@ from ..errors import DdpmError
 from ..pictures.viz import make_grid
 from ..sampling.generate import LoadedModel, Samples
 from .jobs import Shown, Work
+from .limits import repaint_descents
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,14 @@ def parse_edit(body: dict[str, Any]) -> EditRequest:
         if not isinstance(nums[k], int) or isinstance(nums[k], bool):
             raise DdpmError(f"{k} must be a whole number, got {nums[k]!r}")
     return EditRequest(mode, source, keep, float(nums["strength"]), nums["jump_length"], nums["resample"])
+
+
+def descents(req: EditRequest, steps: int) -> int | None:
+    """The sampler steps an inpainting runs over ``steps`` grid levels (None: the grid's own,
+    or a resample editing.check_repaint refuses)."""
+    if req.mode != "inpaint" or req.jump_length < 1 or req.resample < 1:
+        return None
+    return repaint_descents(steps, req.jump_length, req.resample)
 
 
 def keep_mask(keep: Any, size: int) -> torch.Tensor:

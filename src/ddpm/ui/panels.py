@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-import tempfile
+import math
 import typing
 from pathlib import Path
 
@@ -12,10 +12,11 @@ import torch
 from ..config import RunConfig, ScheduleName
 from ..core.diffusion import q_sample
 from ..core.schedules import NoiseSchedule, make_betas, make_schedule
-from ..data.readers import from_model_range, load_fashion_mnist, load_image, load_image_folder, to_model_range
+from ..data.readers import decode_image, from_model_range, load_fashion_mnist, load_image_folder, to_model_range
 from ..errors import DdpmError
 from ..pictures.viz import make_grid
 from ..training.runlog import read_log
+from .limits import MAX_UPLOAD_PIXELS
 from .runs import NotFound, Run, inside
 
 SCHEDULE_NAMES: tuple[str, ...] = typing.get_args(ScheduleName)
@@ -62,12 +63,29 @@ def data_image(cfg: RunConfig, index: int) -> torch.Tensor:
     return x
 
 
-def uploaded_image(data: bytes, cfg: RunConfig) -> torch.Tensor:
-    """An image the user dropped on the page, read like a data folder's files (size, channels)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "upload"
-        p.write_bytes(data)
-        return load_image(p, cfg.data.image_size, cfg.data.channels)
+class Upload(typing.NamedTuple):
+    """An image the user dropped on the page, decoded once at the size and channels of the run
+    it was sent for (the bytes are not kept)."""
+
+    image: torch.Tensor  # uint8 (C, size, size)
+    size: int
+    channels: int
+
+
+def decode_upload(data: bytes, cfg: RunConfig) -> Upload:
+    """The image bytes, read like a data folder's files, at most MAX_UPLOAD_PIXELS in the file."""
+    size, channels = cfg.data.image_size, cfg.data.channels
+    image = decode_image(data, size, channels, name="the uploaded image", max_pixels=MAX_UPLOAD_PIXELS)
+    return Upload(image, size, channels)
+
+
+def upload_for(upload: Upload | None, cfg: RunConfig) -> torch.Tensor:
+    """The uploaded image for a run of ``cfg``'s size and channels."""
+    if upload is None:
+        raise NotFound("no such uploaded image (the server restarted?)")
+    if (upload.size, upload.channels) != (cfg.data.image_size, cfg.data.channels):
+        raise DdpmError("the uploaded image was read for a run of another size or colour: drop it again")
+    return upload.image
 
 
 def forward_grid(cfg: RunConfig, x: torch.Tensor, t: int, seed: int = 0) -> np.ndarray:
@@ -88,7 +106,13 @@ def training_records(run: Run, after: int = -1) -> list[dict[str, object]]:
         log = inside(run, "log.jsonl")
     except NotFound:
         return []
-    return [r for r in read_log(log) if int(r["step"]) > after]  # type: ignore[arg-type]
+    return [{k: _json_number(v) for k, v in r.items()} for r in read_log(log)
+            if int(r["step"]) > after]  # type: ignore[arg-type]
+
+
+def _json_number(v: object) -> object:
+    """A NaN or infinite loss (a diverged step) as null: JSON has no such numbers."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def latest_sample(run: Run) -> tuple[int, Path] | None:

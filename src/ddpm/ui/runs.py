@@ -6,12 +6,14 @@ an absolute path or a symlink leading out of the run is a 404.
 """
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import resolve_checkpoint
+from ..checkpoint import _step_of, resolve_checkpoint
 from ..config import RunConfig
 from ..errors import DdpmError
 from ..sampling.generate import LoadedModel, load_model
@@ -49,8 +51,10 @@ class RunIndex:
         found = list(self.given)
         if self.runs_dir is not None and self.runs_dir.is_dir():
             for p in sorted(self.runs_dir.iterdir()):
-                # a symlink pointing out of --runs is not listed (nor reachable)
-                if is_run_folder(p) and p.resolve().parent == self.runs_dir and p.resolve() not in found:
+                # a symlink pointing out of --runs is not listed (nor reachable), nor a name that is
+                # not UTF-8 (no page or URL can name it)
+                if (_utf8(p.name) and is_run_folder(p) and p.resolve().parent == self.runs_dir
+                        and p.resolve() not in found):
                     found.append(p.resolve())
         if not found:  # nothing of the user's yet: the models that ship with the package
             found = [p.resolve() for p in shipped_runs()]
@@ -67,6 +71,14 @@ class RunIndex:
             if r.name == name:
                 return r
         raise NotFound(f"no run named {name!r}")
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept by Python as lone surrogates
+        return False
+    return True
 
 
 def inside(run: Run, relative: str) -> Path:
@@ -91,6 +103,41 @@ def latest_checkpoint(run: Run) -> Path | None:
     except DdpmError:
         return None
     return ck if ck.is_relative_to(run.path) else None
+
+
+RECENT_S = 60.0  # a log not written for this long: the run is not training now (stopped, or killed)
+
+
+def training_now(run: Run, cfg: RunConfig | None) -> bool:
+    """Whether a training process is writing the run: its log was written lately and its newest
+    checkpoint is not the final one (the step budget reached, or the last step logged)."""
+    try:
+        log = inside(run, "log.jsonl")
+        if time.time() - log.stat().st_mtime > RECENT_S:
+            return False
+    except (NotFound, OSError):
+        return False
+    ck = latest_checkpoint(run)
+    if ck is None:
+        return True
+    step = _step_of(ck)  # latest_checkpoint gives only this run's step-N folders
+    budget = cfg.train.max_steps if cfg is not None else None
+    return step < budget if budget else step < _last_logged_step(log)
+
+
+def _last_logged_step(log: Path, tail: int = 8192) -> int:
+    """The step of the log's last whole record, read from its end (a log grows long)."""
+    with log.open("rb") as f:
+        f.seek(max(0, log.stat().st_size - tail))
+        lines = f.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(step, int):
+            return step
+    return -1
 
 
 class ModelCache:

@@ -4,19 +4,48 @@
 const $ = sel => document.querySelector(sel);
 const state = {meta: null, runs: [], run: null, job: null, frames: [], trainAfter: -1, trainRecords: [],
                trainTimer: null, schedules: null};
+const DEAD = "the ddpm ui server is not answering (stopped?)";
+const RUNS_EVERY_MS = 3000;  // the header's checkpoint and training state follow the run folders
+const FORWARD_WAIT_MS = 80;  // a slider drag asks for the picture of the t it rests at, not every t passed
 window.ddpmTimings = {};  // click -> first frame, read by the browser test and bench/ui_latency.py
+
+// The token `ddpm ui` printed at start (off loopback), from the address opened; sent as a header
+// on every request. The header also marks a request as the page's own: another site's page
+// cannot set it without the server's leave (it answers no CORS preflight).
+const TOKEN = (() => {
+  const given = new URLSearchParams(location.search).get("token");
+  if (given) sessionStorage.setItem("ddpm-token", given);
+  return given || sessionStorage.getItem("ddpm-token") || "";
+})();
 
 function showError(msg) { const e = $("#error"); e.textContent = msg; e.hidden = !msg; }
 
+// fetch, with the server's one-line message for an answer that is not ok, and a plain sentence
+// for a server that does not answer at all (fetch itself says only "Failed to fetch")
+async function request(path, opts) {
+  let r;
+  opts = {...opts, headers: {...(opts?.headers || {}), "X-DDPM-Token": TOKEN}};
+  try { r = await fetch(path, opts); } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new Error(DEAD);
+  }
+  if (r.ok) return r;
+  const body = r.headers.get("content-type")?.includes("json") ? await r.json().catch(() => null) : null;
+  throw new Error(body?.error || `${r.status} ${r.statusText}`);
+}
+
 async function api(path, opts) {
-  const r = await fetch(path, opts);
-  const body = r.headers.get("content-type")?.includes("json") ? await r.json() : null;
-  if (!r.ok) throw new Error(body?.error || `${r.status} ${r.statusText}`);
-  return body;
+  const r = await request(path, opts);
+  return r.headers.get("content-type")?.includes("json") ? r.json() : null;
 }
 
 function postJSON(path, obj) {
   return api(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(obj)});
+}
+
+// an image for the run picked, decoded by the server once at the run's size
+function uploadImage(file, run) {
+  return api(`/api/upload?run=${encodeURIComponent(run?.name || "")}`, {method: "POST", body: file});
 }
 
 // ---- runs and tabs ----
@@ -25,12 +54,40 @@ function currentRun() { return state.runs.find(r => r.name === $("#run").value) 
 async function loadRuns() {
   state.meta = await api("/api/meta");
   state.runs = (await api("/api/runs")).runs;
-  const sel = $("#run");
-  sel.innerHTML = "";
-  for (const r of state.runs) sel.add(new Option(r.name + (r.checkpoint ? "" : " (no checkpoint yet)"), r.name));
+  fillRunSelect();
   if (!state.runs.length) showError("No run folders found: start `ddpm ui RUN` or put runs under --runs.");
   fillSamplerSelects();
   onRunChange();
+  setInterval(refreshRuns, RUNS_EVERY_MS);
+}
+
+function fillRunSelect() {
+  const sel = $("#run"), picked = sel.value;
+  sel.innerHTML = "";
+  for (const r of state.runs) sel.add(new Option(r.name + (r.checkpoint ? "" : " (no checkpoint yet)"), r.name));
+  if (state.runs.some(r => r.name === picked)) sel.value = picked;
+}
+
+// The run folders change while the page is open (a checkpoint written, training ended): the
+// header and the run list follow, without touching the forms or what is drawn.
+async function refreshRuns() {
+  if (document.hidden) return;
+  let runs;
+  try { runs = (await api("/api/runs")).runs; } catch (err) { return; }  // the next poll tries again
+  const names = rs => rs.map(r => r.name + ":" + r.checkpoint).join("|");
+  const changed = names(runs) !== names(state.runs);
+  const picked = $("#run").value;
+  state.runs = runs;
+  if (changed) fillRunSelect();
+  if ($("#run").value !== picked) { onRunChange(); return; }  // the run picked is gone
+  state.run = currentRun();
+  showRunInfo(state.run);
+}
+
+function showRunInfo(r) {
+  $("#run-info").textContent = r && r.config
+    ? `${r.preset}: ${r.image_size}x${r.image_size}, T=${r.T}, ${r.schedule} schedule, ${r.objective}` +
+      (r.checkpoint ? `, ${r.checkpoint}` : ", no checkpoint yet") + (r.training ? " · training now" : "") : "";
 }
 
 function fillSamplerSelects() {
@@ -45,10 +102,13 @@ function fillSamplerSelects() {
 
 function onRunChange() {
   const r = currentRun();
+  detachJob();  // the old run's sample must not go on drawing under the new run's name
+  clearSample();
+  $("#compare-out").innerHTML = "";
+  for (const id of ["#fwd-img", "#edit-xt", "#edit-x0", "#edit-result"]) $(id).removeAttribute("src");
+  $("#edit-downloads").hidden = true; $("#edit-status").textContent = "";
   state.run = r;
-  $("#run-info").textContent = r && r.config
-    ? `${r.preset}: ${r.image_size}x${r.image_size}, T=${r.T}, ${r.schedule} schedule, ${r.objective}` +
-      (r.checkpoint ? `, ${r.checkpoint}` : ", no checkpoint yet") : "";
+  showRunInfo(r);
   setupConditional(r);
   if (r && r.student) {  // a distilled student samples as it was trained
     const f = $("#sample-form");
@@ -99,19 +159,45 @@ function sampleParams(form, extra) {
 }
 
 // Start a job and feed its server-sent events to onEvent; resolves with the last event.
+// A job detached meanwhile (the run switched) resolves with "detached" and feeds nothing more.
 async function runJob(params, onEvent, path = "/api/sample") {
-  const job = await postJSON(path, params);
+  const ticket = {};
+  state.job = ticket;
+  let job;
+  try { job = await postJSON(path, params); } finally { if (state.job === ticket && !job) state.job = null; }
+  if (state.job !== ticket) { cancelJob(job.id); return {type: "detached"}; }
   return new Promise(resolve => {
     const es = new EventSource(`/api/jobs/${job.id}/events`);
-    state.job = {id: job.id, es};
+    const end = ev => { es.close(); if (state.job === current) state.job = null; resolve(ev); };
+    const current = state.job = {id: job.id, es, end};
     es.onmessage = m => {
       const ev = JSON.parse(m.data);
       onEvent(ev, job);
-      if (["done", "cancelled", "error"].includes(ev.type)) { es.close(); resolve(ev); }
+      if (["done", "cancelled", "error"].includes(ev.type)) end(ev);
     };
-    es.onerror = () => { es.close(); const ev = {type: "error", message: "lost the connection to the server"};
-                         onEvent(ev, job); resolve(ev); };
+    es.onerror = () => { const ev = {type: "error", message: DEAD}; onEvent(ev, job); end(ev); };
   });
+}
+
+function cancelJob(id) { postJSON(`/api/jobs/${id}/cancel`, {}).catch(() => {}); }
+
+// Stop listening to the running job and cancel it on the server (its slot is freed at once).
+function detachJob() {
+  const j = state.job;
+  state.job = null;
+  if (!j) return;
+  if (j.id) { cancelJob(j.id); j.end({type: "detached"}); }
+}
+
+function clearSample() {
+  state.frames = [];
+  for (const id of ["#img-xt", "#img-x0"]) $(id).removeAttribute("src");  // no picture: nothing shown
+  $("#downloads").hidden = true;
+  $("#sample-progress").value = 0;
+  $("#sample-status").textContent = "Pick a run and press Sample.";
+  const sc = $("#scrub");
+  sc.value = sc.max = "0"; sc.disabled = true;
+  scrubLabel(-1);
 }
 
 function setGrid(img, url, width, scale) {
@@ -126,15 +212,14 @@ async function onSample(e) {
   showError("");
   const f = $("#sample-form");
   window.ddpmTimings = {click: performance.now()};
-  state.frames = [];
-  $("#downloads").hidden = true;
-  $("#scrub").disabled = true;
+  clearSample();
   $("#sample-go").disabled = true; $("#sample-cancel").disabled = false;
   $("#sample-status").textContent = "loading the model…";
   $("#sample-progress").value = 0;
   try {
     const last = await runJob(sampleParams(f), onSampleEvent);
     if (last.type === "error") showError(last.message);
+    if (last.type === "detached") clearSample();
   } catch (err) {
     showError(err.message);
     $("#sample-status").textContent = "";
@@ -191,7 +276,7 @@ function onScrub() {
 }
 
 async function onCancel() {
-  if (!state.job) return;
+  if (!state.job || !state.job.id) return;
   $("#sample-cancel").disabled = true;
   try { await postJSON(`/api/jobs/${state.job.id}/cancel`, {}); } catch (err) { showError(err.message); }
 }
@@ -238,6 +323,7 @@ async function onCompare(e) {
           col.querySelector("progress").value = 1;
         }
       });
+      if (last.type === "detached") break;
       if (last.type === "error") { col.querySelector("p").textContent = last.message; showError(last.message); }
     }
   } catch (err) {
@@ -268,22 +354,37 @@ function scheduleAt(name, key, t) {
   return ys[i - 1] * (1 - w) + ys[i] * w;
 }
 
+// The picture of the latest t only: a move waits FORWARD_WAIT_MS for the next, a request still
+// out when a newer t is wanted is aborted, and the next starts once it has ended (one at a time).
+const fwd = {timer: null, ctrl: null, want: null};
+
+function forwardURL() {
+  const r = currentRun();
+  const q = new URLSearchParams({t: $("#fwd-t").value, index: $("#fwd-index").value || 0});
+  if (state.upload) q.set("upload", state.upload);
+  return `/api/runs/${encodeURIComponent(r.name)}/forward.png?${q}`;
+}
+
+function loadForward() {
+  fwd.want = forwardURL();
+  if (fwd.ctrl) { fwd.ctrl.abort(); return; }  // its end starts the latest
+  const url = fwd.want, ctrl = fwd.ctrl = new AbortController(), img = $("#fwd-img");
+  request(url, {signal: ctrl.signal}).then(res => res.blob()).then(blob => {
+    if (fwd.want !== url) return;
+    const obj = URL.createObjectURL(blob);
+    img.onload = () => { img.style.width = img.naturalWidth * gridScale(img.naturalWidth / 1.6) + "px";
+                         URL.revokeObjectURL(obj); };
+    img.src = obj;
+  }).catch(err => { if (err.name !== "AbortError") showError(err.message); })
+    .finally(() => { fwd.ctrl = null; if (fwd.want !== url) loadForward(); });
+}
+
 function updateForward() {
   const r = currentRun(), s = state.schedules;
   if (!r || !s) return;
   const t = Number($("#fwd-t").value);
-  const q = new URLSearchParams({t, index: $("#fwd-index").value || 0});
-  if (state.upload) q.set("upload", state.upload);
-  const img = $("#fwd-img"), seq = (state.fwdSeq = (state.fwdSeq || 0) + 1);
-  fetch(`/api/runs/${encodeURIComponent(r.name)}/forward.png?${q}`)
-    .then(async res => { if (!res.ok) throw new Error((await res.json()).error); return res.blob(); })
-    .then(blob => {
-      if (seq !== state.fwdSeq) return;  // a newer t was asked for while this one was drawn
-      const url = URL.createObjectURL(blob);
-      img.onload = () => { img.style.width = img.naturalWidth * gridScale(img.naturalWidth / 1.6) + "px";
-                           URL.revokeObjectURL(url); };
-      img.src = url;
-    }).catch(err => showError(err.message));
+  clearTimeout(fwd.timer);
+  fwd.timer = setTimeout(loadForward, FORWARD_WAIT_MS);
   const ab = scheduleAt(s.schedule, "alpha_bar", t), snr = scheduleAt(s.schedule, "snr", t);
   $("#fwd-readout").textContent = `t = ${t}   ᾱ_t = ${ab.toFixed(4)}   SNR = ${snr.toExponential(2)}`;
   const series = key => Object.keys(s.curves).map((name, k) => ({
@@ -296,7 +397,7 @@ function updateForward() {
 async function onUpload(file) {
   if (!file) return;
   try {
-    state.upload = (await api("/api/upload", {method: "POST", body: file})).upload;
+    state.upload = (await uploadImage(file, currentRun())).upload;
     updateForward();
   } catch (err) { showError(err.message); }
 }
@@ -326,9 +427,9 @@ async function pollTraining() {
       $("#train-sample-caption").textContent = `the latest sample grid, step ${res.sample_step}`;
     }
     const recs = state.trainRecords, last = recs[recs.length - 1];
-    const live = last && last.time && (Date.now() / 1000 - last.time) < 120;
+    const live = currentRun()?.training;  // the server's word, refreshed with the run list
     $("#train-status").textContent = last ? `step ${last.step}, loss ${fmtNum(last.loss)}` +
-      (live ? " · training now, updating every 2 s" : " · not writing now") : "no log.jsonl records yet";
+      (live ? " · training now, updating every 2 s" : " · not training now") : "no log.jsonl records yet";
   } catch (err) { showError(err.message); clearInterval(state.trainTimer); }
 }
 
@@ -344,10 +445,30 @@ function drawTraining() {
   drawChart($("#chart-ips"), [{x, y: col("img_per_s"), label: null}], {title: "images / s", xlabel: "step"});
 }
 
+// ---- downloads ----
+// A download is fetched first: a sample the server no longer keeps says so on the page (an
+// anchor's own download would fail silently), and its links go.
+async function onDownload(e) {
+  const a = e.target.closest(".downloads a");
+  if (!a) return;
+  e.preventDefault();
+  try {
+    const blob = await (await request(a.href)).blob();
+    const obj = URL.createObjectURL(blob), tmp = document.createElement("a");
+    Object.assign(tmp, {href: obj, download: a.getAttribute("download")});
+    tmp.click();
+    setTimeout(() => URL.revokeObjectURL(obj), 10000);
+  } catch (err) {
+    showError(err.message);
+    if (/no such sample/.test(err.message)) a.closest(".downloads").hidden = true;
+  }
+}
+
 // ---- wiring ----
 function wire() {
   document.querySelectorAll("nav button").forEach(b => b.addEventListener("click", () => switchTab(b.dataset.tab)));
   $("#run").addEventListener("change", onRunChange);
+  document.querySelectorAll(".downloads").forEach(d => d.addEventListener("click", onDownload));
   $("#sample-form").addEventListener("submit", onSample);
   $("#sample-cancel").addEventListener("click", onCancel);
   $("#scrub").addEventListener("input", onScrub);

@@ -13,7 +13,7 @@ function setupEdit() {
   $("#edit-file").addEventListener("change", async e => {
     const file = e.target.files[0];
     if (!file) return;
-    try { edit.upload = (await api("/api/upload", {method: "POST", body: file})).upload; loadEditImage(); }
+    try { edit.upload = (await uploadImage(file, currentRun())).upload; loadEditImage(); }
     catch (err) { showError(err.message); }
   });
   f.addEventListener("submit", onEdit);
@@ -52,8 +52,8 @@ function loadEditImage() {
   const r = currentRun();
   if (!r) return;
   const q = edit.upload ? `upload=${edit.upload}` : `index=${$("#edit-form").index.value || 0}`;
-  fetch(`/api/runs/${encodeURIComponent(r.name)}/source.png?${q}`)
-    .then(async res => { if (!res.ok) throw new Error((await res.json()).error); return res.blob(); })
+  request(`/api/runs/${encodeURIComponent(r.name)}/source.png?${q}`)
+    .then(res => res.blob())
     .then(blob => {
       const img = new Image();
       img.onload = () => { edit.img = img; drawEditCanvas(); };

@@ -1,14 +1,15 @@
 """Train the Fashion-MNIST feature net shipped in ddpm/assets and record its test accuracy.
 
-    PYTHONPATH=src python bench/fit_features.py            # train, test, write the assets
-    PYTHONPATH=src python bench/fit_features.py --val 5000 --no-save   # tune on a held-out slice
+    PYTHONPATH=src python tools/fit_features.py            # train, test, write the assets
+    PYTHONPATH=src python tools/fit_features.py --val 5000 --no-save   # tune on a held-out slice
 
-Writes src/ddpm/assets/fmnist_features.{safetensors,json} and bench/results/fit_features.json.
+Writes src/ddpm/assets/fmnist_features.{safetensors,json} and bench/results/shipped/fit_features.json
+(a record committed with the asset it describes).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,9 +20,10 @@ from ddpm.data import load_fashion_mnist, load_fashion_mnist_labels
 from ddpm.evaluation.features import (ASSET_NAME, FeatureNetConfig, fit_classifier, num_parameters,
                            save_feature_net)
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the benchmarks' record helpers
+from harness import PUBLISHED, ROOT, write_record  # noqa: E402
+
 ASSET = ROOT / "src" / "ddpm" / "assets" / f"{ASSET_NAME}.safetensors"
-OUT = ROOT / "bench" / "results"
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,13 +69,12 @@ def main() -> None:
               "parameters": num_parameters(net), "threads": torch.get_num_threads(),
               "config": asdict(config), "recipe": asdict(net.meta.recipe)}
     if not args.no_save and not args.val:
-        meta = replace(net.meta, notes="bench/fit_features.py; accuracy on the 10k test split; "
+        meta = replace(net.meta, notes="tools/fit_features.py; accuracy on the 10k test split; "
                                        "features: the BN'd pre-ReLU penultimate layer")
         save_feature_net(net, args.out, meta)
         record["weights_bytes"] = args.out.stat().st_size
         print(f"wrote {args.out} ({record['weights_bytes']} bytes) and {args.out.with_suffix('.json')}")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "fit_features.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_record(PUBLISHED / "shipped" / "fit_features.json", record)
 
 
 if __name__ == "__main__":

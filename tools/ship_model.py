@@ -1,12 +1,12 @@
 """Put a trained run into the package as a shipped model (``ddpm sample fashion-mnist``).
 
-    python bench/ship_model.py runs/box --name fashion-mnist [--eval-n 1000] [--guide CHECKPOINT]
-    python bench/ship_model.py --guide runs/small/checkpoints/step-00000400   # add a guide only
+    python tools/ship_model.py runs/box --name fashion-mnist [--eval-n 1000] [--guide CHECKPOINT]
+    python tools/ship_model.py --guide runs/small/checkpoints/step-00000400   # add a guide only
 
 Writes ``src/ddpm/assets/models/NAME/``: the run's ``config.json`` and ``log.jsonl`` and one
 sampling-only checkpoint (the EMA weights as ``model.safetensors``, its config and checksums;
 no optimiser state), then scores it with ``ddpm eval`` at the defaults of dpm++2m and writes
-``bench/results/shipped_model.json``. ``--guide`` puts a guiding model for autoguidance in
+``bench/results/shipped/shipped_model.json`` (a record committed with the asset it describes). ``--guide`` puts a guiding model for autoguidance in
 ``NAME/guide`` the same way (a weaker model of the same kind: checked, as ``--guiding-model``
 is). The folder must stay under 5 MB.
 """
@@ -26,8 +26,8 @@ from ddpm.checkpoint import FORMAT_VERSION, GUIDE, _sha256, load_checkpoint, sav
 from ddpm.errors import DdpmError
 from ddpm.sampling.generate import check_guide
 from ddpm.sampling.pretrained import ASSETS
-
-from harness import RESULTS, cpu_info
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the benchmarks' record helpers
+from harness import PUBLISHED, cpu_info, write_record  # noqa: E402
 
 
 def add_guide(guide: Path, name: str) -> Path:
@@ -95,8 +95,7 @@ def main() -> None:
         print(" ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
         report["evals"][guidance] = [json.loads(f.read_text()) for f in sorted((out / guidance).glob("*.json"))]
-    (RESULTS / "shipped_model.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'shipped_model.json'}")
+    write_record(PUBLISHED / "shipped" / "shipped_model.json", report)
 
 
 if __name__ == "__main__":

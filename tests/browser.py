@@ -1,5 +1,6 @@
 """Debian's headless Chromium driven by Playwright, and `ddpm ui` as a subprocess: for the page's
-browser tests and bench/ui_latency.py (Playwright's own browser download needs the internet)."""
+browser tests and bench/ui_latency.py (Playwright's own browser download needs the internet).
+Test code: it lives with the tests, not in the package."""
 from __future__ import annotations
 
 import os
@@ -32,8 +33,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def chromium(user_data_dir: Path, viewport: tuple[int, int] = (1280, 900)) -> Iterator[Any]:
-    """A Playwright browser context on a new, empty profile in ``user_data_dir``."""
+def chromium(user_data_dir: Path, viewport: tuple[int, int] = (1280, 900),
+             args: tuple[str, ...] = ()) -> Iterator[Any]:
+    """A Playwright browser context on a new, empty profile in ``user_data_dir``; ``args``: more
+    Chromium switches (e.g. ``--host-resolver-rules=MAP evil.example 127.0.0.1``)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -43,7 +46,7 @@ def chromium(user_data_dir: Path, viewport: tuple[int, int] = (1280, 900)) -> It
         raise BrowserMissing(f"no Chromium at {CHROMIUM}: {HOW_TO_INSTALL}")
     with sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(
-            str(user_data_dir), executable_path=exe, headless=True, args=CHROMIUM_ARGS,
+            str(user_data_dir), executable_path=exe, headless=True, args=[*CHROMIUM_ARGS, *args],
             viewport={"width": viewport[0], "height": viewport[1]})
         try:
             yield ctx
