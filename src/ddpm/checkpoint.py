@@ -33,6 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .config import RunConfig
 from .errors import DdpmError
+from .interrupts import uninterrupted
 from .files import atomic_write_text, fsync_dir, reason, shorten, write_new
 
 FORMAT_VERSION = 1
@@ -268,7 +269,8 @@ def _verify(ck: Path, with_state: bool = False) -> tuple[dict[str, str], int]:
 
 def _load_weights(f: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(f))
+        with uninterrupted():  # Ctrl-C inside safetensors' native reader would read as a damaged file
+            return load_file(str(f))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DdpmError(f"cannot read weights {f}: {shorten(str(e))}") from None
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import DdpmError
+from .interrupts import Interrupts
 
 NO_PROGRESS = "no progress bar (it is off anyway when stderr is not a terminal)"
 BUDGET = ("epochs", "max_steps", "minutes")  # a budget flag replaces the preset's budget
@@ -216,16 +217,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from .sampling.pretrained import resolve_run
-    from .training.distill import DEFAULT_STEPS, DistillConfig, distill
+    from .training.distill import DEFAULT_STEPS, DistillConfig, check_resume_flags, distill, load_distill_config
 
-    if args.target_decay is not None and args.method != "consistency":
-        raise DdpmError(f"--target-decay applies to --method consistency only; {args.method} would ignore it")
-    decay = {} if args.target_decay is None else {"target_decay": args.target_decay}
-    d = DistillConfig(str(resolve_run(args.teacher)), method=args.method, teacher_steps=args.teacher_steps,
-                      student_steps=args.student_steps,
-                      steps_per_round=(args.steps_per_round if args.steps_per_round is not None
-                                       else DEFAULT_STEPS.get(args.method, DEFAULT_STEPS["consistency"])),
-                      batch_size=args.batch_size, lr=args.lr, cond_drop=args.cond_drop, **decay)
+    given = {k: getattr(args, k) for k in ("method", "teacher_steps", "student_steps", "steps_per_round",
+                                           "batch_size", "lr", "cond_drop", "target_decay")}
+    teacher = str(resolve_run(args.teacher))
+    if args.resume:  # the run's own settings; a flag that would change one is refused
+        d = load_distill_config(Path(args.out))
+        check_resume_flags(d, {"teacher": teacher, **given})
+    else:
+        method = args.method or "consistency"
+        if args.target_decay is not None and method != "consistency":
+            raise DdpmError(f"--target-decay applies to --method consistency only; {method} would ignore it")
+        steps = {"steps_per_round": DEFAULT_STEPS.get(method, DEFAULT_STEPS["consistency"])}
+        d = DistillConfig(teacher, **{**steps, **{k: v for k, v in given.items() if v is not None}})
     res = distill(d, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
     print(f"done: step {res.step}; checkpoint {res.checkpoint}")
     print(f"sample with: ddpm sample {args.out} --steps {d.student_steps}")
@@ -575,13 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("teacher", help="the teacher's run or checkpoint folder, or a shipped model's name "
                     "(fashion-mnist)")
     di.add_argument("--out", required=True, help="the student's run folder")
-    di.add_argument("--method", default="consistency",
+    di.add_argument("--method",
                     help="consistency (default): the end of the teacher's ODE in one evaluation, sampled with "
                     "--sampler consistency at 1, 2 or 4 steps; progressive: DDIM steps halved round by round")
-    di.add_argument("--teacher-steps", type=int, default=16,
+    di.add_argument("--teacher-steps", type=int,
                     help="progressive: DDIM steps of the first round's teacher; consistency: levels of the "
                     "teacher's DDIM ODE (default 16)")
-    di.add_argument("--student-steps", type=int, default=4,
+    di.add_argument("--student-steps", type=int,
                     help="progressive: steps of the final student (halved each round); consistency: the steps "
                     "it samples with by default (default 4)")
     di.add_argument("--steps-per-round", type=int,
@@ -589,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--target-decay", type=float,
                     help="consistency: moving-average decay of the target network (default 0.95)")
     di.add_argument("--batch-size", type=int, help="default: the teacher's")
-    di.add_argument("--lr", type=float, default=1e-4)
+    di.add_argument("--lr", type=float, help="default 1e-4")
     di.add_argument("--cond-drop", type=float,
                     help="conditional teachers: the share of the student's batches whose labels become the null "
                     "class, which trains its unconditional output (default: the teacher's training rate)")
@@ -696,16 +701,11 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .runtime.env import apply_command_defaults, command_cuda_math
-
-    apply_command_defaults()  # before torch loads (this module imports none): ddpm.runtime.env
-    args = build_parser().parse_args(argv)
-    fn: Callable[[argparse.Namespace], int] = args.fn
-    if getattr(args, "device", None) is not None:
-        command_cuda_math(True)  # the command's own process only; `ddpm train` then follows train.tf32
-    with _sigterm_raises():
+    with Interrupts() as interrupts:  # first of all: a signal during the imports below waits for them
         try:
-            return fn(args)
+            code = _run(argv)
+            interrupts.check()  # a signal that came during the last import
+            return code
         except DdpmError as e:
             return _fail(str(e))
         except KeyboardInterrupt as e:
@@ -718,6 +718,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(f"out of memory{': ' + str(e) if str(e) else ''} (try a smaller --batch-size or size)")
 
 
+def _run(argv: Sequence[str] | None) -> int:
+    from .runtime.env import apply_command_defaults, command_cuda_math
+
+    apply_command_defaults()  # before torch loads (this module imports none): ddpm.runtime.env
+    args = build_parser().parse_args(argv)
+    _check_utf8(args)
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    if getattr(args, "device", None) is not None:
+        command_cuda_math(True)  # the command's own process only; `ddpm train` then follows train.tf32
+    return fn(args)
+
+
+def _check_utf8(args: argparse.Namespace) -> None:
+    """Every name given, input or output, is UTF-8: a run written under bytes that are not could
+    never be read back, listed or printed by a strict UTF-8 terminal."""
+    import os
+
+    for value in vars(args).values():
+        for text in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(text, str) and not _encodes(text):
+                raise DdpmError(f"the name {os.fsencode(text)!r} is not UTF-8; ddpm reads and writes names "
+                                "in UTF-8 only: rename it or choose another")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates (PEP 383)
+        return False
+
+
 def _fail(message: str) -> int:
     print(_one_line(f"error: {message}"), file=sys.stderr)
     return 2
@@ -725,29 +757,8 @@ def _fail(message: str) -> int:
 
 def _one_line(text: str, limit: int = 2000) -> str:
     """A message is one line, and never a 50 MB one."""
-    text = " ".join(text.split("\n"))
+    text = " ".join(text.split("\n")).encode("utf-8", "backslashreplace").decode("utf-8")  # printable by any UTF-8 stream
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
-
-
-def _sigterm_raises() -> Any:
-    """SIGTERM raises (as Ctrl-C does), so that every command cleans up and says so in one line."""
-    import contextlib
-    import signal
-
-    from .files import raise_stopped
-
-    @contextlib.contextmanager
-    def installed() -> Any:
-        try:
-            old = signal.signal(signal.SIGTERM, raise_stopped)
-        except ValueError:  # not the main thread: leave signals alone
-            yield
-            return
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, old)
-    return installed()
 
 
 if __name__ == "__main__":

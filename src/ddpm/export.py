@@ -32,6 +32,7 @@ from .errors import DdpmError
 from .files import atomic_write_bytes, check_writable_file
 
 OPSET = 17  # LayerNormalization (opset 17) keeps GroupNorm/LayerNorm graphs compact
+MIN_OPSET = 14  # the first in which the networks' attention (scaled_dot_product_attention) exports
 TOLERANCE = 1e-4  # max |onnx - torch| allowed, relative to max(1, max |torch|)
 CHECK_BATCHES = (1, 3)  # batch sizes unlike the one traced (2), to prove the dynamic axis
 
@@ -85,6 +86,20 @@ def _require_onnx() -> Any:
     except ImportError:
         raise DdpmError("ONNX export needs the onnx package: pip install 'ddpm[export]'") from None
     return onnx
+
+
+def max_opset() -> int:
+    """The newest opset the installed PyTorch exporter writes."""
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_MAX_OPSET", OPSET))
+
+
+def check_opset(opset: int) -> None:
+    """An opset the exporter cannot write the network in: one line, before the model loads."""
+    if not MIN_OPSET <= opset <= max_opset():
+        raise DdpmError(f"--opset must be between {MIN_OPSET} and {max_opset()} (what this PyTorch exports "
+                        f"the network in), got {opset}")
 
 
 def to_onnx(net: nn.Module, cfg: Any, *, opset: int = OPSET) -> bytes:
@@ -147,6 +162,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, use_ema: bool
     from .sampling.generate import load_model
 
     _require_onnx()
+    check_opset(opset)
     model = load_model(run, device="cpu", use_ema=use_ema)
     path = Path(out) if out is not None else model.run_folder() / "model.onnx"
     check_writable_file(path, "ONNX file")  # before the slow export, not after it

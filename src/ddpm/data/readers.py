@@ -214,6 +214,22 @@ def _check_dimensions(what: str, w: int, h: int, size: int, max_pixels: int = MA
                         f"than {MAX_RESIZED_PIXELS:,} pixels")
 
 
+class ImageHeader(NamedTuple):
+    width: int
+    height: int
+    mode: str  # Pillow's: L, RGB, 1, I;16, ...
+
+
+def read_image_header(path: str | Path, what: str = "image") -> ImageHeader:
+    """An image file's size and mode from its header, no pixel decoded; a file that is not an
+    image, or a decompression bomb by Pillow's pixel count, is one line naming it as ``what``."""
+    try:
+        with Image.open(path) as img:
+            return ImageHeader(*img.size, img.mode)
+    except (*_DECODE_ERRORS, MemoryError) as e:
+        raise DdpmError(f"cannot read {what} {path}: {e}") from None
+
+
 def _decode(source: Path | BinaryIO, size: int, channels: int, *, name: str | None = None,
             max_pixels: int = MAX_SOURCE_PIXELS) -> np.ndarray:
     """One image (a file, or bytes in a stream) -> uint8 (C, size, size): shorter side resized to

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..data.readers import from_model_range, load_fashion_mnist, load_image, to_model_range
+from ..data.readers import from_model_range, load_fashion_mnist, load_image, read_image_header, to_model_range
 from ..core.diffusion import q_sample
 from ..errors import DdpmError
 from ..core.schedules import NoiseSchedule
@@ -50,10 +50,4 @@ def noise_figure(image: str | Path | None = None, *, out: str | Path = "noise.pn
 
 
 def _is_colour(path: str | Path) -> bool:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.mode not in ("L", "LA", "I", "I;16", "1")
-    except (OSError, UnidentifiedImageError):
-        return False  # load_image reports the unreadable file
+    return read_image_header(path).mode not in ("L", "LA", "I", "I;16", "1")

@@ -24,7 +24,7 @@ import torch
 from ..config import SampleConfig
 from ..core.diffusion import Denoiser, Prediction, q_sample
 from ..core.schedules import NoiseSchedule
-from ..data.readers import from_model_range, load_image, to_model_range
+from ..data.readers import from_model_range, load_image, read_image_header, to_model_range
 from ..errors import DdpmError
 from ..pictures.viz import make_grid
 from ..runtime.budget import check_steps
@@ -332,13 +332,7 @@ def load_mask(path: str | Path, size: int) -> torch.Tensor:
     """A grey or black-and-white image -> bool (size, size), True (>= 50% grey, white) = keep.
 
     The file must already be size x size: a resized mask would blur its edge."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DdpmError(f"cannot read mask {path}: {e}") from None
+    w, h, _ = read_image_header(path, "mask")
     if (w, h) != (size, size):
         raise DdpmError(f"the mask {path} is {w}x{h}, the model's images are {size}x{size}")
     return load_image(path, size, 1)[0] >= 128

@@ -40,7 +40,7 @@ from ..config import RunConfig
 from ..core.diffusion import Denoiser, interpret, q_sample
 from ..core.schedules import space_timesteps
 from ..errors import DdpmError
-from ..files import atomic_write_text
+from ..files import LOCK_NAME, atomic_write_text, check_unlocked, run_lock
 from ..nn import UNet
 from ..runtime.budget import check_training_memory
 from .train import StepOut, Skipped, Trainer
@@ -96,7 +96,7 @@ def check_distill_config(d: DistillConfig, T: int) -> None:
                         f"power of two, at most T={T}")
     if d.cond_drop is not None and not 0 <= d.cond_drop <= 1:
         raise DdpmError(f"--cond-drop must be in [0, 1], got {d.cond_drop}")
-    if d.steps_per_round < 1 or d.lr <= 0 or (d.batch_size is not None and d.batch_size < 1):
+    if d.steps_per_round < 1 or not d.lr > 0 or (d.batch_size is not None and d.batch_size < 1):
         raise DdpmError("--steps-per-round, --lr and --batch-size must be positive")
 
 
@@ -268,8 +268,8 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
     """Distil ``d.teacher`` into a student run at ``out`` (Salimans & Ho 2022); returns the
     training result of the student's run."""
     from ..sampling.generate import resolve_device
-    from .runlog import LOG_NAME, TensorBoard, reset_log
-    from .train import _check_data, _load_data, _loop, prepare_run_dir, validate
+    from .runlog import LOG_NAME
+    from .train import _check_data, _load_data, forget_unused_run, prepare_run_dir, validate
 
     run_dir = Path(out)
     if resume:
@@ -282,6 +282,7 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
     validate(cfg)
     dev = resolve_device(device)
     check_training_memory(cfg, dev, frozen_nets=2)  # the teacher and the target beside the student
+    check_unlocked(run_dir)  # another command writing this student: refused before any work
     prepare_run_dir(run_dir, cfg, resume)
     ck = load_checkpoint(run_dir, with_state=True) if resume else None
     if data is None:
@@ -292,7 +293,24 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
     if ck is not None:
         tr.restore(ck)
         log(f"resumed {run_dir} at step {tr.step} (round {tr.round + 1} of {d.rounds})")
-    else:
+    new_files = [] if ck is not None else [p for p in (run_dir / "config.json", run_dir / DISTILL_NAME,
+                                                       run_dir / LOG_NAME, run_dir / LOCK_NAME) if not p.exists()]
+    try:
+        with run_lock(run_dir):  # from the first write on, the student is this command's
+            return _start(tr, d, cfg, progress, log, fresh=ck is None)
+    except KeyboardInterrupt:  # before the first checkpoint: no student that could never be used
+        forget_unused_run(run_dir, new_files)
+        raise
+
+
+def _start(tr: Distiller, d: DistillConfig, cfg: RunConfig, progress: bool, log: Callable[[str], None],
+           fresh: bool) -> Any:
+    """A student's first files (a new run), then the training loop."""
+    from .runlog import LOG_NAME, TensorBoard, reset_log
+    from .train import _loop
+
+    run_dir = tr.run_dir
+    if fresh:
         atomic_write_text(run_dir / "config.json", cfg.to_json())
         atomic_write_text(run_dir / DISTILL_NAME, json.dumps(asdict(d), indent=2))
     if d.method == "consistency":
@@ -306,10 +324,30 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
 
 
 def load_distill_config(run_dir: Path) -> DistillConfig:
+    """The run's distill.json with every value's type checked, so that a hand edit is one line
+    here, not a traceback in whichever command reads it next."""
+    from ..config import from_dict
+
+    path = Path(run_dir) / DISTILL_NAME
     try:
-        return DistillConfig(**json.loads((Path(run_dir) / DISTILL_NAME).read_text()))
-    except (OSError, ValueError, TypeError) as e:
+        return from_dict(DistillConfig, json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, RecursionError, DdpmError) as e:  # TypeError: a key missing
         raise DdpmError(f"{run_dir} is not a distillation run ({DISTILL_NAME}: {e})") from None
+
+
+def check_resume_flags(stored: DistillConfig, given: dict[str, Any]) -> None:
+    """A resumed distillation continues as its distill.json says: a setting given that differs
+    is refused, naming its flag, rather than silently ignored."""
+    def differs(k: str, v: Any) -> bool:  # the teacher by where it is, however the path is spelled
+        was = getattr(stored, k)
+        return Path(v).resolve() != Path(was).resolve() if k == "teacher" else v != was
+
+    changed = [k for k, v in given.items() if v is not None and differs(k, v)]
+    if changed:
+        flags = ", ".join(f"{'the teacher' if k == 'teacher' else '--' + k.replace('_', '-')} (the run has "
+                          f"{getattr(stored, k)!r})" for k in changed)
+        raise DdpmError(f"--resume continues the distillation as it began; it cannot change {flags}: drop "
+                        f"{'it' if len(changed) == 1 else 'them'} or distil into a new --out")
 
 
 def student_sampling(d: DistillConfig) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from torch import nn
 
 from ..checkpoint import (GUIDE, Checkpoint, checkpoint_path, last_good_checkpoint, load_checkpoint, load_into,
                          has_guide, save_checkpoint, save_snapshot)
-from ..files import atomic_write_text, check_outside_run_files, check_unlocked, run_lock, shorten
+from ..files import (LOCK_NAME, atomic_write_text, check_outside_run_files, check_unlocked, run_lock, shorten,
+                     signals_held)
 from ..config import RunConfig, check_model_config, check_seed
 from ..data.readers import Batches, to_model_range
 from ..data.sources import class_names, load_dataset, load_labeled_dataset
@@ -484,6 +485,21 @@ def remove_if_empty(folders: list[Path]) -> None:
             return
 
 
+def forget_unused_run(run_dir: Path, new_files: list[Path]) -> None:
+    """A new run stopped before its first checkpoint could never be sampled or resumed: remove
+    the files this call made for it (never one that was there before)."""
+    import shutil
+
+    if (run_dir / "latest").exists():
+        return
+    with signals_held():
+        for p in new_files:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def resume_config(run_dir: str | Path) -> RunConfig | None:
     """The config a --resume continues from: the (verified) one stored in the run's latest
     checkpoint, never RUN/config.json, which a hand edit may have cut short; None without one."""
@@ -633,6 +649,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
     caller_math = cuda_math_state()  # train.tf32 holds for this call; the caller's settings come back after
     fast_cuda_math(cfg.train.tf32)
     made: list[Path] = []
+    new_files: list[Path] = []  # what this call adds to a new run, until its first checkpoint
     try:
         if cfg.train.batch_size % dist.world:
             raise DdpmError(f"the batch size {cfg.train.batch_size} (the global batch) does not split evenly "
@@ -658,10 +675,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
             f"{describe(tr.amp)}{procs}), "
             f"run folder {run_dir}")
         # from the first write on, the run is this command's: a second one writing it fails at once
+        lock_file = run_dir / LOCK_NAME
+        lock_is_new = not lock_file.exists()
         lock = run_lock(run_dir) if dist.main else contextlib.nullcontext()
         try:
             with lock:
                 if dist.main and ck is None:
+                    new_files = [p for p in (run_dir / "config.json", run_dir / LOG_NAME, run_dir / "tb")
+                                 if not p.exists()] + ([lock_file] if lock_is_new else [])
                     atomic_write_text(run_dir / "config.json", cfg.to_json())
                 tr.config_pending = dist.main and ck is not None  # never a bad --resume value on disk
                 if dist.main:
@@ -671,7 +692,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
         except OSError as e:  # the log, a sample grid or TensorBoard: checkpoints report their own
             raise DdpmError(f"cannot write {e.filename or run_dir}: {e.strerror or e}; "
                             f"the last good checkpoint is {last_good_checkpoint(run_dir)}") from None
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            forget_unused_run(run_dir, new_files)
         remove_if_empty(made)
         raise
     finally:
