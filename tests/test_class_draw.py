@@ -127,3 +127,29 @@ def test_the_web_pages_default_request_draws_labels(run: Path) -> None:
     assert npz.status_code == 200
     with zipfile.ZipFile(io.BytesIO(npz.content)) as z:
         assert "labels.npy" in z.namelist()
+
+
+def test_reports_of_the_null_class_and_of_a_guided_draw_are_named_apart() -> None:
+    from ddpm.evaluation.evaluate import report_name
+
+    names = {report_name("dpm++2m", 20, labels=labels) for labels in (None, "drawn", "null", "drawn-cfg2")}
+    assert names == {"eval-dpm++2m-20.json", "eval-dpm++2m-20-null.json", "eval-dpm++2m-20-cfg2.json"}
+
+
+def test_a_sweep_needs_named_classes(run: Path, capsys) -> None:
+    assert main(["eval", str(run), "--class", "none", "--guidance", "0,1", "--n", "4"]) == 2
+    assert "--guidance takes one value here" in capsys.readouterr().err  # a plain eval, not a sweep
+
+
+def test_an_edit_keeps_the_null_class_unless_a_class_is_named(run: Path) -> None:
+    from ddpm.errors import DdpmError
+    from ddpm.sampling.editing import edit
+
+    model = load_model(run)
+    image = torch.full((1, 8, 8), 128, dtype=torch.uint8)
+    plain = edit(model, image, 0.5, SampleConfig(sampler="ddim", steps=4, n=2))
+    assert plain.labels is None
+    named = edit(model, image, 0.5, SampleConfig(sampler="ddim", steps=4, n=2, classes="b", guidance=1.0))
+    assert named.labels.tolist() == [1, 1]
+    with pytest.raises(DdpmError, match="needs --class"):
+        edit(model, image, 0.5, SampleConfig(sampler="ddim", steps=4, n=2, guidance=1.0))

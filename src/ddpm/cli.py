@@ -323,8 +323,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_nll(args)
     if args.inpaint is not None:
         return cmd_eval_inpaint(args)
-    if args.run is not None and args.classes is not None:
-        return cmd_eval_control(args)
+    from .sampling.guidance import is_null
+
+    if args.run is not None and args.classes is not None and not is_null(args.classes):
+        return cmd_eval_control(args)  # named classes: the sweep with class agreement
     if sum(x is not None and x is not False for x in (args.run, args.samples, args.real)) != 1:
         raise DdpmError("give exactly one of: a RUN (to sample from), --samples FILE.npz, or --real")
     if args.out or not args.run:  # the report's folder, checked before the work (a RUN's: once it is found)
@@ -349,10 +351,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if info.get("autoguidance"):
         d |= {"autoguidance": info["autoguidance"], "guiding_model": info["guiding_model"],
               "autoguidance_interval": info["autoguidance_interval"]}
+    if info.get("labels"):
+        d["labels"] = info["labels"]  # a conditional model's default draw, or its null class
     text = json.dumps(d, indent=2)
     print(text)
     name = report_name(info.get("sampler"), info.get("steps"), info.get("arithmetic", "fp32"),
-                       info.get("autoguidance", 0.0), info.get("autoguidance_interval"))
+                       info.get("autoguidance", 0.0), info.get("autoguidance_interval"), info.get("labels"))
     path = Path(args.out) / name if args.out else out / name
     _write_report(path, text + "\n")
     print(f"wrote {path}", file=sys.stderr)
@@ -384,7 +388,9 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     info = {"sampler": scfg.sampler, "steps": s.steps, "nfe": s.nfe, "source": str(model.source),
             "arithmetic": s.arithmetic if args.engine == "torch" else args.engine, "autoguidance": scfg.autoguidance,
             "guiding_model": str(model.guide_folder(scfg.guiding_model)) if scfg.autoguidance else None,
-            "autoguidance_interval": scfg.autoguidance_interval}
+            "autoguidance_interval": scfg.autoguidance_interval,
+            "labels": "null" if s.labels is None and model.config.model.num_classes else
+            None if s.labels is None else f"drawn{f'-cfg{scfg.guidance:g}' if scfg.guidance else ''}"}
     return s.images, out, info
 
 

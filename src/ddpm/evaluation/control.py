@@ -83,9 +83,10 @@ def guidance_sweep(model, cfg: SampleConfig, guidances: Sequence[float], *, feat
                    data_dir: str | Path | None = None, seed: int = 0) -> SweepReport:
     """Draw ``cfg`` (its classes, e.g. 'all') at each guidance w and evaluate each set."""
     from ..sampling.generate import check_sample_config, generate
+    from ..sampling.guidance import is_null
 
-    if cfg.classes is None:
-        raise DdpmError("a guidance sweep needs --class (e.g. --class all)")
+    if cfg.classes is None or is_null(cfg.classes):
+        raise DdpmError("a guidance sweep needs named classes (e.g. --class all)")
     net = feature_net if feature_net is not None else default_feature_net()
     for w in guidances:  # every bad value refused before the first image is drawn
         check_sample_config(model, replace(cfg, guidance=w))

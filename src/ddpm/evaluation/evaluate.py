@@ -171,15 +171,18 @@ def real_images(n: int, net: FeatureNet, *, reference: str = DEFAULT_REFERENCE, 
 
 
 def report_name(sampler: str | None = None, steps: int | None = None, arithmetic: str = "fp32",
-                autoguidance: float = 0.0, autoguidance_interval: tuple[float, ...] | None = None) -> str:
-    """The report's file name: ``eval-SAMPLER-STEPS[-ARITH][-agW[-sigmaLO-HI]].json`` for sampled
-    images, else ``eval.json``."""
+                autoguidance: float = 0.0, autoguidance_interval: tuple[float, ...] | None = None,
+                labels: str | None = None) -> str:
+    """The report's file name: ``eval-SAMPLER-STEPS[-ARITH][-agW[-sigmaLO-HI]][-null|-cfgW].json``
+    for sampled images (``labels``: "null" for a conditional model's null class, "drawn-cfgW" for
+    its default draw guided at W), else ``eval.json``."""
     if steps is None:
         return "eval.json"
+    tag = "-null" if labels == "null" else f"-{labels.split('-', 1)[1]}" if labels and "-" in labels else ""
     ag = f"-ag{autoguidance:g}" if autoguidance else ""
     if autoguidance and autoguidance_interval is not None:
         ag += "-sigma{:g}-{:g}".format(*autoguidance_interval)
-    return f"eval-{sampler or 'samples'}-{steps}{'' if arithmetic == 'fp32' else '-' + arithmetic}{ag}.json"
+    return f"eval-{sampler or 'samples'}-{steps}{'' if arithmetic == 'fp32' else '-' + arithmetic}{ag}{tag}.json"
 
 
 # ---------------------------------------------------------------- the report

@@ -210,7 +210,11 @@ class _Request:
         self.model, self.cfg = model, cfg
         self.images = _as_batch(image, cfg.n)
         _check_image(model, self.images)
-        labels, _ = request_labels(cfg, model.config, len(self.images))  # asked for, drawn, or none
+        # an edit keeps the null class unless a class is named: its input's class is unknown
+        labels = None if cfg.classes is None else request_labels(cfg, model.config, len(self.images))[0]
+        if cfg.guidance and labels is None:
+            raise DdpmError("--guidance with an edit needs --class (an edit keeps the null class without it: "
+                            "its input's class is unknown)")
         self.labels = None if labels is None else labels[: len(self.images)]
         self.device = model.schedule.alpha_bar.device
         self.timesteps = grid(cfg.sampler, model.schedule.T, self.steps, cfg.spacing)
