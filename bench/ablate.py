@@ -11,7 +11,7 @@ FD-FMNIST against the test set. Steps reached are recorded next to the budget, w
 average, since the wall clock is shared with whatever else runs on the machine.
 
 Resumable: a variant whose folder under bench/out/ablate-runs/ holds a finished run with the
-same budget and changes is not retrained. Writes bench/results/ablate.json (the grids stay in bench/out/),
+same budget and changes is not retrained. Writes RESULTS/ablate.json (the grids stay in bench/out/),
 its rows named BASE-HASH/MINUTESmin/VARIANT, HASH being the first 8 hex digits of the SHA-1 of
 the base preset's JSON, so that results against an earlier version of a preset are kept apart.
 """
@@ -56,7 +56,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "thin-top": {"model": {"dim": 16, "init_dim": 16, "dim_mults": (1, 4, 4)}},  # half the channels at 28x28
     "bf16": {"train": {"precision": "bf16"}},
     "fp32": {"train": {"precision": "fp32"}},
-    # issue 13's levers
+    # the recipe's levers
     "lognormal": {"diffusion": {"t_sampling": "lognormal"}},  # EDM's noise levels, min-SNR weight kept
     # EDM's noise levels and loss weight: v-prediction is EDM's preconditioning with sigma_data = 1,
     # and with it EDM's weight on the x0 error is a uniform weight on the v error
@@ -64,7 +64,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "blocks-1": {"model": {"blocks_per_level": 1}},
     "T-100": {"diffusion": {"timesteps": 100}},
     "batch-16": {"train": {"batch_size": 16}},
-    # conditional (issue 11): scored unguided and at w = 1, with class agreement
+    # conditional: scored unguided and at w = 1, with class agreement
     "cond": {"model": {"num_classes": 10}},
     "cond-emb-1": {"model": {"num_classes": 10, "class_emb_std": 1.0}},
     # combinations

@@ -7,7 +7,7 @@ Each setting is SAMPLER:STEPS:W[@LO,HI][:GUIDE] (GUIDE: a run or checkpoint fold
 run's own RUN/guide; @LO,HI autoguides only at noise levels sigma in [LO, HI]). ``--cfg W`` draws a
 class-conditional run's every class (n / classes each) with classifier-free guidance w as well,
 and adds the class agreement. All draw the same n images (same seeds) and are scored with ``evaluate_images``
-against the Fashion-MNIST test set, floor at the same n. Writes bench/results/NAME.json.
+against the Fashion-MNIST test set, floor at the same n. Writes RESULTS/NAME.json.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--name", required=True, help="bench/results/NAME.json")
+    ap.add_argument("--name", required=True, help="RESULTS/NAME.json")
     ap.add_argument("--raw", action="store_true", help="the run's raw weights, not its EMA (the guide keeps its EMA)")
     ap.add_argument("--cfg", type=float, default=None, metavar="W",
                     help="class-conditional runs: every class, classifier-free guidance w (0: labels only)")

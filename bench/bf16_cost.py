@@ -10,7 +10,7 @@ Contenders, called in turns (fp32, bf16, bf16, fp32, ...) in one process:
   sample_<preset>  ``--sample-iters`` ancestral iterations (DDPM Algorithm 2) of 64 images with
                    the preset's network, channels-last, as `ddpm sample --precision fp32|bf16`
 The ratio reported is bf16 speed over fp32 speed (median of per-round ratios): below 1 is a
-slowdown. ``runtime/precision.py`` quotes it in its warning. Writes bench/results/bf16_cost.json.
+slowdown. ``runtime/precision.py`` quotes it in its warning. Writes RESULTS/bf16_cost.json.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Control bars of issue 11: a conditional model (fast-cond) against the unconditional one (fast)
+"""Control bars: a conditional model (fast-cond) against the unconditional one (fast)
 trained for the same wall-clock budget, side by side.
 
 For the conditional run, a classifier-free guidance sweep over every class (the same seeds at
@@ -9,7 +9,7 @@ pass of 2B) against unguided conditional sampling, timed interleaved in this pro
 
     python bench/control.py --cond-run runs/bench-fast-cond-45m --uncond-run runs/bench-fast-45m
 
-Writes bench/results/control.json and control.png. Library: ddpm.evaluation.control.guidance_sweep,
+Writes RESULTS/control.json and control.png. Library: ddpm.evaluation.control.guidance_sweep,
 the same call as `ddpm eval RUN --class all --guidance 0,1,2,4`.
 """
 from __future__ import annotations

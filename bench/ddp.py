@@ -5,7 +5,7 @@
 
 Both run `ddpm train` for the same steps, one after the other; images/s is the median of the
 log's records after the first (start-up and the first steps excluded), and the loss at the last
-step shows whether the two followed the same trajectory. Writes bench/results/ddp.json.
+step shows whether the two followed the same trajectory. Writes RESULTS/ddp.json.
 """
 from __future__ import annotations
 

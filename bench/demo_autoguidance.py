@@ -7,7 +7,7 @@ FD-FMNIST (and, conditional, class agreement) per (classifier-free w, autoguidan
 Training is ``ddpm.demo.run_demo`` itself (the preset keeps its guide at 20% of the budget), so
 the steps are the demo's. Every setting draws the same n images (same seeds) with the demo's
 sampler (DPM-Solver++(2M), 20 steps; ``--spacings`` scores each on several grids); conditional
-runs draw every class, n / 10 each. Writes bench/results/NAME.json and keeps the run in bench/out/NAME (``--reuse [RUN]`` scores it, or
+runs draw every class, n / 10 each. Writes RESULTS/NAME.json and keeps the run in bench/out/NAME (``--reuse [RUN]`` scores it, or
 bench/out/RUN, again).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
                     help="score bench/out/RUN (default NAME) again, no training")
     ap.add_argument("--spacings", nargs="+", default=[None], metavar="SPACING",
                     help="score every setting on each of these grids (default: the sampler's own)")
-    ap.add_argument("--name", required=True, help="bench/results/NAME.json, run in bench/out/NAME")
+    ap.add_argument("--name", required=True, help="RESULTS/NAME.json, run in bench/out/NAME")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     run = OUT / (a.reuse or a.name)

@@ -7,7 +7,7 @@ teacher with DDIM at the same and the first round's steps, and DPM-Solver++ at 2
         --steps-per-round 250 --lr 1e-4 --n 1000     # the student at 1, 2 and 4 consistency steps
 
 Runs the `ddpm` command (distill, then eval of each contender, n images each, the same seed)
-and writes bench/results/distill_quality.json with each FD, the wall time of each command and
+and writes RESULTS/distill_quality.json with each FD, the wall time of each command and
 the distillation's cost in images seen next to the teacher's (``--name NAME``: NAME.json). The
 teacher's run is only read. A conditional teacher is evaluated as `ddpm eval` does without
 ``--class``: its null class, the unconditional model inside it; with ``--guidance 0,1`` each
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--no-teacher", action="store_true",
                     help="score the student only (the teacher's figures at the same --n and seed are in an earlier JSON)")
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--name", default="distill_quality", help="name of the JSON in bench/results/")
+    ap.add_argument("--name", default="distill_quality", help="name of the JSON in RESULTS/")
     ap.add_argument("--guidance", help="also score each contender class by class at these weights, e.g. 0,1")
     ap.add_argument("--keep", type=Path, help="keep the student's run folder here")
     ap.add_argument("--student", type=Path, help="score this existing student instead of distilling one")

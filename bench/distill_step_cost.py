@@ -4,7 +4,7 @@ rounds), beside a training step of the teacher's own recipe.
 
     PYTHONPATH=src python bench/distill_step_cost.py src/ddpm/assets/models/fashion-mnist
 
-Writes bench/results/distill_step_cost.json: seconds per step, the median over rounds.
+Writes RESULTS/distill_step_cost.json: seconds per step, the median over rounds.
 """
 from __future__ import annotations
 

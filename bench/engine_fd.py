@@ -7,7 +7,7 @@ Each engine is the library's own (:func:`ddpm.engines.with_engine`, what `ddpm s
 runs; int8 calibrated on the requested sampling's own network inputs); only the network changes
 between contenders: sampler, schedule, per-image seeds and scoring are the library's
 (:func:`ddpm.sampling.generate`, :func:`ddpm.evaluation.evaluate_images`). Unconditional runs.
-Writes bench/results/NAME.json with each engine's FD, its ratio to eager fp32's and the seconds
+Writes RESULTS/NAME.json with each engine's FD, its ratio to eager fp32's and the seconds
 each took (sampling and scoring; int8's includes its calibration).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--name", required=True, help="bench/results/NAME.json")
+    ap.add_argument("--name", required=True, help="RESULTS/NAME.json")
     a = ap.parse_args()
     wanted = a.engines.split(",")
     unknown = set(wanted) - set(ENGINES[1:])

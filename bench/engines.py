@@ -28,7 +28,7 @@ scaled to 200 steps, ratios (median of per-round ratios), the fraction of the GE
 (forward FLOPs x iterations / time, over the same round's GEMM rate), and int8's relative RMS error
 against fp32 on held-out network inputs (``--error-run RUN``: also on a trained network), and
 the same error for each OpenVINO and bf16 contender against eager fp32. ``--malloc command`` first makes glibc keep freed blocks, as the `ddpm` command does (for every
-contender, the seed's loop included). Writes bench/results/engines.json (``--out NAME``: NAME.json).
+contender, the seed's loop included). Writes RESULTS/engines.json (``--out NAME``: NAME.json).
 """
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def main() -> None:
     ap.add_argument("--openvino", action="store_true", help="also OpenVINO (f32; and bf16 with --bf16)")
     ap.add_argument("--openvino-int8", action="store_true", help="also OpenVINO int8 (NNCF post-training quantisation)")
     ap.add_argument("--bf16", action="store_true", help="also eager bf16 autocast (and OpenVINO bf16)")
-    ap.add_argument("--out", default="engines", help="name of the JSON in bench/results/")
+    ap.add_argument("--out", default="engines", help="name of the JSON in RESULTS/")
     a = ap.parse_args()
     if a.malloc == "command" and not keep_freed_memory():
         sys.exit("glibc's mallopt is not available here")

@@ -3,7 +3,7 @@ test split, and the real-data floor of FD-FMNIST (n real training images against
 set's statistics, as every `ddpm eval` report's ``fd_reference``) at several n.
 
     python bench/eval_floor.py                      # n = 500, 1000, 10000; a few minutes on one core
-Writes bench/results/eval_floor.json.
+Writes RESULTS/eval_floor.json.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ twice an unguided one's): does a bigger pass cost more per row?
     python bench/guided_rows.py --run fashion-mnist --threads 2
 
 Median of 5 timed forwards after one warm-up, inference mode, channels-last fp32, random x_t,
-t and class labels. Writes bench/results/guided_rows.json.
+t and class labels. Writes RESULTS/guided_rows.json.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ Every figure the benchmarks report is a ratio of contenders timed in one process
 Every record a benchmark writes carries a ``record`` object of one schema (:func:`stamp`): the
 suite, the script, the commit, the command, the machine kind and the date. Records go to
 ``bench/out/results/SUITE/`` (:data:`RESULTS`, not committed), so a re-run never overwrites the
-committed evidence in ``bench/results/SUITE/``; ``DDPM_BENCH_PUBLISH=1`` writes there instead
-(a record meant to be committed and quoted), ``DDPM_BENCH_RESULTS=DIR`` anywhere else.
+committed evidence in ``RESULTS/SUITE/``; ``DDPM_BENCH_PUBLISH=1`` writes there instead
+(a record meant to be committed and quoted), ``DDPM_BENCH_RESULTS=DIR`` anywhere else. The
+scripts' docstrings write ``RESULTS/NAME.json`` for that folder.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ hole left black, and the seconds the inpainting cost (the same images and seeds 
 
     python bench/inpaint.py --run runs/ref-fast --n 300 --sampler ddim --steps 10 --jump-length 2
 
-Writes bench/results/inpaint.json. Library: ddpm.evaluation.inpainting.inpainting_report, the
+Writes RESULTS/inpaint.json. Library: ddpm.evaluation.inpainting.inpainting_report, the
 same call as `ddpm eval RUN --inpaint right --resample R`.
 """
 from __future__ import annotations

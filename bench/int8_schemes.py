@@ -8,7 +8,7 @@ as ``ddpm.engines`` does, on its own sampling's inputs): OpenVINO f32 and NNCF's
 default scheme, MIXED (asymmetric activations), TRANSFORMER (SmoothQuant; attention's products
 kept apart) and both, each timed as the best of 3 means of 5 inferences, in turns, and (the
 trained network) its relative RMS output error against eager fp32 on held-out noised images.
-Writes bench/results/NAME.json.
+Writes RESULTS/NAME.json.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ feature net is shipped, and by pixel statistics and grids always.
     PYTHONPATH=src python bench/learned_variance.py --max-steps 200 --minutes 20 --nll-n 250 \
         --nll-steps 25 --nll-alt-n 100 --sample-n 32 --steps 25,50,100,500 --threads 1
 
-Writes bench/results/learned_variance.json, the runs in bench/out/lv-runs/{fixed,learned}/ (reused
+Writes RESULTS/learned_variance.json, the runs in bench/out/lv-runs/{fixed,learned}/ (reused
 when present: delete them to retrain), and grids bench/out/lv-grids/MODEL-VARIANCE-STEPS.png.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ In-process (one process, contenders called in turns, medians of per-round ratios
   compile        (--compile) Trainer.train_step with train.compile on against off
 Process-level (--env; children alternated A, B, A, B, each timing a few training steps):
   threads 1 and 2, OMP_WAIT_POLICY=PASSIVE, THP_MEM_ALLOC_ENABLE=1, each against the default.
-Writes bench/results/levers.json (or --out NAME).
+Writes RESULTS/levers.json (or --out NAME).
 """
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--env-steps", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=None,
                     choices=["attention", "channels_last", "adam", "sampling", "group_norm"])
-    ap.add_argument("--out", default="levers", help="name of the JSON in bench/results/")
+    ap.add_argument("--out", default="levers", help="name of the JSON in RESULTS/")
     ap.add_argument("--env-child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.threads:

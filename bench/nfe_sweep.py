@@ -18,7 +18,7 @@ the like-for-like figure) and the seed's own 200-step ``p_sample_loop`` on the s
 U-Net (``speedup``; ../shared/bench/seed_reference.py). Ratios are medians of per-round ratios.
 
 Resumable: each setting's result is kept in bench/out/nfe_sweep-cache.json (keyed by the
-checkpoint, the sampler's grid, n and seed) and not recomputed. Writes bench/results/NAME.json
+checkpoint, the sampler's grid, n and seed) and not recomputed. Writes RESULTS/NAME.json
 and bench/out/NAME.png (``--name``, default nfe_sweep): FD against NFE, log-log, one line per
 sampler, the floor dashed.
 """

@@ -5,7 +5,7 @@
 
 Each step is the trainer's own (forward, loss, backward, Adam, EMA) on Fashion-MNIST-shaped
 random images; the first steps are a warm-up and not profiled. Writes
-bench/results/NAME.json: the share of self CPU time of each operator group (convolution
+RESULTS/NAME.json: the share of self CPU time of each operator group (convolution
 forward and backward, GroupNorm, GEMMs, element-wise, optimiser) and the top operators.
 """
 from __future__ import annotations

@@ -28,7 +28,7 @@ Resumable per contender: a run folder under ``bench/out/quality-runs/NAME`` that
 checkpoint (or ``seed_model.pt``) is not retrained, and an evaluation already made with the
 same sampler, steps, n and seed is read back from that folder.
 
-Writes bench/results/quality.json and bench/out/quality-NAME.png (the first 64 samples).
+Writes RESULTS/quality.json and bench/out/quality-NAME.png (the first 64 samples).
 """
 from __future__ import annotations
 

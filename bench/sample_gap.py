@@ -13,7 +13,7 @@ rate). Then one forward is split by layer kind with hooks (each leaf layer timed
 thread, in sequence): dense convolutions, depthwise convolutions (ConvNeXt's 7x7), GroupNorm,
 linear layers, and the rest (attention's products and softmax, activations, additions, the
 time embedding): each kind's share of the time, its FLOPs and its own fraction of the GEMM rate.
-Writes bench/results/NAME.json.
+Writes RESULTS/NAME.json.
 """
 from __future__ import annotations
 

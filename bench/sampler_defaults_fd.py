@@ -7,7 +7,7 @@ dpm++2m default (uniform spacing, a second-order step into t = 0) is no longer i
 it runs as an extra table entry, ``dpm++2m@old``, registered here only.
 
     python bench/sampler_defaults_fd.py runs/ref-fast --n 1000
-Writes bench/results/sampler_defaults_fd.json (eval reports under bench/out/sampler_defaults_fd/).
+Writes RESULTS/sampler_defaults_fd.json (eval reports under bench/out/sampler_defaults_fd/).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ random uint8 images (the time of a step does not depend on the pixels) with
 Adam, in turns in one process; sampling is our ancestral sampler against the seed's p_sample,
 a few of the 200 iterations each, scaled to 200. At 64 px, ``grad_checkpoint`` on and off:
 speed in turns in this process, peak resident memory each in its own child process.
-Writes bench/results/scale.json.
+Writes RESULTS/scale.json.
 """
 from __future__ import annotations
 

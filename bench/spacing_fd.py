@@ -3,14 +3,14 @@
 Each row is one ``ddpm eval RUN --sampler S --steps N --spacing G --n N`` run in this process,
 so the rows share the model, the reference statistics and the seed (the same starting noise on
 every grid). This is what chose the deterministic samplers' default spacing
-(``ddpm.samplers.SAMPLERS``; BENCHMARKS.md "Sampler spacing on trained models").
+(``ddpm.samplers.SAMPLERS``; the history page, "Sampler spacing on trained models").
 
     python bench/spacing_fd.py fashion-mnist --rows ddim:50 dpm++2m:10 --class all --guidance 0 \\
         --name spacing_shipped
     python bench/spacing_fd.py bench/out/q20avx512c/quality-runs/fast --rows dpm++2m:20 ddim:50 \\
         --name spacing_fast20_seed2
 
-Writes bench/results/NAME.json after every row (eval reports under bench/out/NAME/).
+Writes RESULTS/NAME.json after every row (eval reports under bench/out/NAME/).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--class", dest="classes", help="passed to ddpm eval (conditional models)")
     p.add_argument("--guidance", help="passed to ddpm eval with --class")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--name", required=True, help="bench/results/NAME.json")
+    p.add_argument("--name", required=True, help="RESULTS/NAME.json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     extra = (["--class", a.classes] if a.classes else []) + (["--guidance", a.guidance] if a.guidance else [])

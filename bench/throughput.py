@@ -21,7 +21,7 @@ Measures, in one process with the contenders called in turns (A, B, A, B, ...):
           faster GEMM of the same round (median over rounds)
   memory  peak resident memory of a child process that trains a few steps, ours and the
           seed's each in its own child (os.wait4's rusage); on CUDA also the peak allocated
-Writes bench/results/throughput.json (and bench/results/throughput_profile.txt with --profile).
+Writes RESULTS/throughput.json (and RESULTS/throughput_profile.txt with --profile).
 """
 from __future__ import annotations
 
@@ -334,7 +334,7 @@ def main() -> None:
                     help="time the bf16 contenders: auto = only where bf16 is native (emulated bf16 is "
                          "several times slower than fp32: bench/bf16_cost.py)")
     ap.add_argument("--profile", action="store_true", help="write the top ops of our step")
-    ap.add_argument("--out", default="throughput", help="name of the JSON in bench/results/")
+    ap.add_argument("--out", default="throughput", help="name of the JSON in RESULTS/")
     ap.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--child-steps", type=int, default=3, help=argparse.SUPPRESS)
     a = ap.parse_args()

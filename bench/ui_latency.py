@@ -11,7 +11,7 @@ when the first streamed frame arrives (window.ddpmTimings). The first click load
 fetching /api/meta; the slowest round trip says whether the server answers while it samples.
 The reference, measured in this process with the same threads in turns with the page: the
 library's own ``generate`` until its first step (so UI overhead = first frame - first step).
-Writes bench/results/ui_latency.json.
+Writes RESULTS/ui_latency.json.
 """
 from __future__ import annotations
 

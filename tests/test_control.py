@@ -1,4 +1,4 @@
-"""Class-conditional models and classifier-free guidance (issue 11, sections 1, 2 and 4).
+"""Class-conditional models and classifier-free guidance.
 
 The core check is a Gaussian oracle per class: three classes, each N(MU_c, SD^2) per pixel
 with its own mean vector, so both the conditional denoisers and the unconditional one (of the

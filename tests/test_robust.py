@@ -772,7 +772,7 @@ def test_latest_names_only_this_runs_checkpoints(content: str, existing_run: Pat
         assert len(err) < 400 and "\n" not in err
 
 
-# ------------------------------------------------------------------ more hostile input (issue 10)
+# ------------------------------------------------------------------ more hostile input
 
 
 @pytest.mark.parametrize("model, message", [

@@ -3,7 +3,7 @@ the seed's own training loss, with the same weights, at initialisation and after
 
 The yardstick is the seed document's code, ../shared/bench/seed_reference.py (or $SEED_REFERENCE):
 every developer and CI run has it, and CI fails without it; a user's clone skips these tests.
-BENCHMARKS.md quotes the tolerances checked here.
+The history page quotes the tolerances checked here.
 """
 from __future__ import annotations
 

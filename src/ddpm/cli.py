@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ddpm", description="Denoising diffusion probabilistic models.",
         epilog="environment: the command sets OMP_WAIT_POLICY=PASSIVE for itself (idle OpenMP threads sleep: "
-               "3-4x faster training on a shared CPU) unless OMP_WAIT_POLICY is set; DDPM_OMP_WAIT_POLICY=off "
+               "much faster training on a shared CPU) unless OMP_WAIT_POLICY is set; DDPM_OMP_WAIT_POLICY=off "
                "keeps OpenMP's default. On CUDA, sampling and evaluation use TF32; training follows --tf32.")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -112,7 +112,7 @@ class TrainConfig:
     keep: int = _f(2, "checkpoints kept")
     log_every: int = _f(50, "steps between log lines")
     seed: int = _f(0, "seed of the initial weights, the batches and the noise")
-    channels_last: bool = _f(True, "channels-last memory layout (1.2x faster convolutions on CPU)")
+    channels_last: bool = _f(True, "channels-last memory layout (faster convolutions on CPU)")
     compile: bool = _f(False, "torch.compile the network")
     precision: Precision = _f("fp32", "fp32 (exact) | bf16 (autocast) | fp16 (CUDA) | auto (on a CPU: "
                                  "bf16 only where a short timed trial finds it faster)")
@@ -239,11 +239,10 @@ class RunConfig:
 
 def _fast() -> RunConfig:
     """Small, quick preset for CPUs: the demo's default. Each choice was measured against the
-    others at the demo's 5-minute CPU budget (BENCHMARKS.md, "A faster-converging recipe"):
-    one block per resolution (1.5x the steps, FD 0.85x) and Adam at 4e-3 (FD 0.86x at the
-    same steps) since issue 13; v beats eps, min-SNR beats uniform weighting, batch 32 beats
-    64 and 128 (more updates), bf16 where native is 1.17x the steps. The recipe before issue
-    13: --blocks-per-level 2 --lr 2e-3."""
+    others at the demo's 5-minute CPU budget (``bench/ablate.py``; the history page, "A
+    faster-converging recipe"): one block per resolution (more steps in the budget, and a better
+    FD) and Adam at 4e-3; v beats eps, min-SNR beats uniform weighting, batch 32 beats 64 and
+    128 (more updates)."""
     return RunConfig(
         model=ModelConfig(dim=32, init_dim=32, dim_mults=(1, 2, 2), use_convnext=False,
                           resnet_scale_shift=True, linear_attn=False, attn_heads=2, blocks_per_level=1),
@@ -259,8 +258,8 @@ def _fast() -> RunConfig:
 def _fast_cond() -> RunConfig:
     """The fast recipe, class-conditional on Fashion-MNIST's ten classes (classifier-free
     guidance: 10% of labels dropped to the null class). The class embedding starts at std 1
-    (ADM's), not 0.02 (DiT's): side by side at 5 minutes, class agreement at w = 1 rose from
-    50% to 87% and FD fell from 36.1 to 21.6 (BENCHMARKS.md, "A faster-converging recipe")."""
+    (ADM's), not 0.02 (DiT's): side by side at 5 minutes it learned the labels far faster, with
+    the better FD (``bench/ablate.py``)."""
     cfg = _fast()
     return replace(cfg, model=replace(cfg.model, num_classes=10, class_emb_std=1.0), preset="fast-cond")
 

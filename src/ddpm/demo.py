@@ -13,15 +13,15 @@ from .training.train import train
 from .pictures.viz import save_sample_set
 
 # autoguidance by the run's own guide (the fast presets keep one at 20% of the budget): the best
-# FD-FMNIST of w = 0, 1, 1.5, 2 on a 5-minute demo run on the AVX2 CPU (BENCHMARKS.md section 10)
+# FD-FMNIST of w = 0, 1, 1.5, 2 on a 5-minute demo run (bench/demo_autoguidance.py)
 DEMO_AUTOGUIDANCE = 1.5
 DEMO_SAMPLER = SampleConfig(sampler="dpm++2m", steps=20, n=64, autoguidance=DEMO_AUTOGUIDANCE)
 # every class, 8 of each (one grid row per class), at the guidance with the best FD-FMNIST after 5
-# and after 20 minutes on the AVX2 CPU (w = 0, 1, 2 measured: BENCHMARKS.md section 10)
+# and after 20 minutes of w = 0, 1, 2 (bench/control.py, bench/demo_autoguidance.py)
 DEMO_GUIDANCE = 2.0
-# a little autoguidance on top of classifier-free guidance at w = 2: FD 14.7 against 16.3 with
-# none, class agreement 93.6% against 94.8%, on one 5-minute demo run; at w = 1 or 1.5 the two
-# guidances together over-guide (16.8, 19.1) (BENCHMARKS.md section 10)
+# a little autoguidance on top of classifier-free guidance at w = 2 scored the better FD on a
+# 5-minute demo run; at w = 1 or 1.5 the two guidances together over-guide
+# (bench/demo_autoguidance.py)
 DEMO_COND_AUTOGUIDANCE = 0.5
 DEMO_COND_SAMPLER = SampleConfig(sampler="dpm++2m", steps=20, n=80, classes="all", guidance=DEMO_GUIDANCE,
                                  autoguidance=DEMO_COND_AUTOGUIDANCE)

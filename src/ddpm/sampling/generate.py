@@ -84,7 +84,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", use_ema:
     net = UNet(ck.config.model)
     load_into(net, ck.sampling_weights(use_ema), ck.path)
     net = net.to(dev).eval()
-    if ck.config.train.channels_last:  # the layout it trained in: 1.2x faster convolutions (BENCHMARKS.md)
+    if ck.config.train.channels_last:  # the layout it trained in: faster convolutions
         net = net.to(memory_format=torch.channels_last)
     return LoadedModel(net, make_schedule(ck.config).to(dev), ck.config, ck.step, ck.path)
 

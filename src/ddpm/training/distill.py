@@ -53,8 +53,8 @@ class DistillConfig:
     """What to distil and for how long."""
 
     teacher: str  # the teacher's run or checkpoint folder
-    method: Literal["progressive", "consistency"] = "consistency"  # the default since it met both bars on the
-    # shipped model at 5% of its training compute, where progressive missed at 24% (BENCHMARKS.md, "Engines")
+    method: Literal["progressive", "consistency"] = "consistency"  # the default: on the shipped model it came
+    # closer to the teacher at far less compute than progressive (bench/distill_quality.py; the results page)
     teacher_steps: int = 16  # progressive: DDIM steps of the first round's teacher; consistency: N, the ODE's grid
     student_steps: int = 4  # progressive: the last round's student, teacher_steps / 2^rounds; consistency: the
     # steps it samples with by default
@@ -74,10 +74,9 @@ class DistillConfig:
 
 METHODS = ("consistency", "progressive")
 # optimiser steps when --steps-per-round is not given: progressive, per halving; consistency, in
-# all. On the CPU-trained model shipped until commit 048494c consistency distillation scored best
-# at 2 and 4 steps after 250 (FD 43.5 / 41.3) and worse after 500 (47.4 / 48.4) and 1,000 (49.9 /
-# 51.9), while one step gained little (56.1, 55.1, 53.7); on the GPU-trained one, 250 against
-# 1,200 the same way: BENCHMARKS.md, "Engines and precision"
+# all. Consistency distillation scored best at 2 and 4 steps after the shorter budget and worse
+# after longer ones, while one step gained little from more (bench/distill_quality.py; the
+# history page, "Engines and precision")
 DEFAULT_STEPS = {"progressive": 500, "consistency": 250}
 
 

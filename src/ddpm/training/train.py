@@ -263,7 +263,7 @@ class Skipped(NamedTuple):
 
 
 def _adam(params: list[nn.Parameter], lr: float, beta2: float = 0.999) -> torch.optim.Adam:
-    """Fused Adam where the build has it (CPU from torch 2.4, CUDA): 1.7x faster steps."""
+    """Fused Adam where the build has it (CPU from torch 2.4, CUDA): faster steps (bench/levers.py)."""
     try:
         return torch.optim.Adam(params, lr=lr, betas=(0.9, beta2), fused=True)
     except RuntimeError:
