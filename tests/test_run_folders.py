@@ -136,3 +136,37 @@ def test_sampling_a_run_being_trained_is_allowed(run: Path, tmp_path: Path) -> N
     with run_lock(run):
         assert main(["sample", str(run), "--n", "1", "--steps", "2", "--sampler", "ddim", "--out",
                      str(tmp_path / "s"), "--no-progress"]) == 0
+
+
+def test_a_checkpoint_standing_alone_takes_no_guide_from_above(run: Path, tmp_path: Path, capsys) -> None:
+    ck = next((run / "checkpoints").glob("step-*"))
+    shutil.copytree(ck, tmp_path / "mine" / "ck")
+    shutil.copytree(ck, tmp_path / "guide")  # unrelated, two levels up
+    assert main(["sample", str(tmp_path / "mine" / "ck"), "--n", "1", "--steps", "2", "--sampler", "ddim",
+                 "--autoguidance", "1", "--out", str(tmp_path / "s")]) == 2
+    one_line(capsys, "has no guiding model")
+    assert not (tmp_path / "s").exists()
+
+
+def test_outputs_onto_a_checkpoint_folders_own_files_are_refused(run: Path, tmp_path: Path, capsys) -> None:
+    ck = tmp_path / "ck"
+    shutil.copytree(next((run / "checkpoints").glob("step-*")), ck)
+    before = files_of(ck)
+    assert main(["export", str(ck), "--onnx", "--out", str(ck / "model.safetensors")]) == 2
+    one_line(capsys, "own model.safetensors")
+    assert files_of(ck) == before
+
+
+def test_a_torchrun_job_on_a_run_being_written_stops_in_every_process(run: Path, tmp_path: Path) -> None:
+    """Only the main process checks and takes the lock; the others learn of its refusal and stop
+    with it rather than waiting for it in the first collective."""
+    r = tmp_path / "r"
+    shutil.copytree(run, r)
+    with run_lock(r, ["ddpm", "train", "--out", str(r)]):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        p = subprocess.run([*torchrun, "-m", "ddpm.cli", "train", "--out", str(r), "--resume", "--max-steps", "4",
+                            "--device", "cpu", "--no-progress", "--no-tensorboard"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert p.stderr.count(f"error: run {r} is being written by another ddpm (pid {os.getpid()} on ") == 1, p.stderr
+    assert p.stderr.count("error: the main process of this job refused the run folder") == 1, p.stderr

@@ -125,7 +125,9 @@ def _nearest_existing(path: Path) -> Path:
 
 # What a run folder holds for itself: an output there would corrupt the run, or be deleted with it
 # (a checkpoint folder pruned, `latest` overwritten). RUN/samples and other outputs are not among them.
-RUN_OWN = frozenset({"checkpoints", "latest", "config.json", "log.jsonl", "guide", "distill.json", LOCK_NAME})
+RUN_OWN = frozenset({"checkpoints", "latest", "config.json", "log.jsonl", "guide", "tb", "distill.json", LOCK_NAME})
+# ... and what a checkpoint folder holds (its meta.json marks it)
+CHECKPOINT_OWN = frozenset({"model.safetensors", "ema.safetensors", "config.json", "state.pt", "meta.json"})
 
 
 def is_run(folder: Path) -> bool:
@@ -133,11 +135,22 @@ def is_run(folder: Path) -> bool:
     return (folder / "config.json").is_file() or (folder / "checkpoints").is_dir()
 
 
+def run_of(checkpoint: Path) -> Path | None:
+    """The run a checkpoint folder belongs to: RUN for RUN/checkpoints/step-N and RUN/guide;
+    None for one standing alone (copied out of its run), whose folders above are not its."""
+    ck = Path(checkpoint)
+    run = ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent if ck.name == "guide" else None
+    return run if run is not None and is_run(run) else None
+
+
 def run_files_under(path: str | Path) -> tuple[Path, str] | None:
-    """(run, own name) when ``path`` is, or lies inside, one of a run's own files (RUN_OWN)."""
+    """(run or checkpoint folder, own name) when ``path`` is, or lies inside, one of a run's own
+    files (RUN_OWN) or a checkpoint folder's (CHECKPOINT_OWN)."""
     p = Path(os.path.realpath(path))  # symlinks resolved, a missing tail kept as given
     for part in (p, *p.parents):
         if part.name in RUN_OWN and is_run(part.parent):
+            return part.parent, part.name
+        if part.name in CHECKPOINT_OWN and (part.parent / "meta.json").is_file():
             return part.parent, part.name
     return None
 

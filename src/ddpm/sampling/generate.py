@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import GUIDE, has_guide, load_checkpoint, load_into
+from ..files import run_of
 from ..config import RunConfig, SampleConfig, check_sample_config as check_config
 from ..data.readers import from_model_range
 from ..core.diffusion import Denoiser
@@ -48,11 +49,15 @@ class LoadedModel:
 
     def guide_folder(self, path: str | Path | None = None) -> Path:
         """Where autoguidance's guiding model is: ``path``, else RUN/guide beside this checkpoint."""
-        return Path(path) if path is not None else self.source.parent.parent / GUIDE
+        return Path(path) if path is not None else self.run() / GUIDE
+
+    def run(self) -> Path:
+        """The run this checkpoint belongs to, or the checkpoint folder itself when it stands alone."""
+        return run_of(self.source) or self.source
 
     def has_guide(self) -> bool:
         """Whether training kept a guiding model beside this checkpoint (RUN/guide)."""
-        return has_guide(self.source.parent.parent)
+        return has_guide(self.run())
 
     def guide(self, path: str | Path | None = None, precision: str = "fp32") -> torch.nn.Module:
         """Autoguidance's guiding network: ``path`` (a run or checkpoint folder), else the one
@@ -60,7 +65,7 @@ class LoadedModel:
         same kind (image shape, schedule, objective, outputs, classes)."""
         where = self.guide_folder(path)
         if path is None and not self.has_guide():
-            raise DdpmError(f"{self.source.parent.parent} has no guiding model ({GUIDE}/, kept by training with "
+            raise DdpmError(f"{self.run()} has no guiding model ({GUIDE}/, kept by training with "
                             "--guide-at, which the fast presets set): pass --guiding-model PATH, e.g. an earlier "
                             "checkpoint of the same run")
         key = (str(where.resolve()) if where.exists() else str(where), precision)

@@ -35,12 +35,10 @@ def output_root(source: Path) -> Path:
     one of a run's (``RUN/checkpoints/step-N``, ``RUN/guide``), else the checkpoint folder itself
     (one copied elsewhere: never the folders above it); a shipped model's outputs go to
     ``runs/NAME`` under the current folder."""
-    from ..files import is_run
+    from ..files import run_of
 
-    inside = ((source.parent.name == "checkpoints" and is_run(source.parent.parent))
-              or (source.name == "guide" and is_run(source.parent)))
-    run = source.parent.parent if source.parent.name == "checkpoints" else source.parent
-    if not inside:
+    run = run_of(source)
+    if run is None:
         return source
     try:
         rel = run.resolve().relative_to(ASSETS)

@@ -40,7 +40,7 @@ from ..config import RunConfig
 from ..core.diffusion import Denoiser, interpret, q_sample
 from ..core.schedules import space_timesteps
 from ..errors import DdpmError
-from ..files import LOCK_NAME, atomic_write_text, check_unlocked, run_lock
+from ..files import LOCK_NAME, atomic_write_text, check_unlocked, run_lock, run_of
 from ..nn import UNet
 from ..runtime.budget import check_training_memory
 from .train import StepOut, Skipped, Trainer
@@ -364,5 +364,6 @@ def student_in(run_dir: Path) -> DistillConfig | None:
 
 
 def student_of(checkpoint: Path) -> DistillConfig | None:
-    """The distillation that made the run of ``checkpoint`` (RUN/checkpoints/step-N), or None."""
-    return student_in(Path(checkpoint).parent.parent)
+    """The distillation that made the run of ``checkpoint`` (RUN/checkpoints/step-N, or a
+    checkpoint folder standing alone with its own distill.json), or None."""
+    return student_in(run_of(Path(checkpoint)) or Path(checkpoint))

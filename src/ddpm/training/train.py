@@ -476,6 +476,22 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> list[Path]:
     return made
 
 
+def _refusal(check: Callable[[], object]) -> DdpmError | None:
+    """The one-line error ``check`` raises, or None."""
+    try:
+        check()
+    except DdpmError as e:
+        return e
+    return None
+
+
+def _agree(refused: DdpmError | None, dist: Dist, device: torch.device, run_dir: Path) -> None:
+    """Raise in every process of the job when any refused the run folder (the main process alone
+    checks its lock): none is left waiting for the others in a collective."""
+    if dist.max([float(refused is not None)], device)[0]:
+        raise refused or DdpmError(f"the main process of this job refused the run folder {run_dir}")
+
+
 def remove_if_empty(folders: list[Path]) -> None:
     """A failed run leaves no empty folder behind (only folders it made, only while empty)."""
     for p in folders:
@@ -654,7 +670,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
         if cfg.train.batch_size % dist.world:
             raise DdpmError(f"the batch size {cfg.train.batch_size} (the global batch) does not split evenly "
                             f"over {dist.world} processes")
-        check_unlocked(run_dir)  # another command writing this run: refused before any work
+        # another command writing this run: refused before any work, in every process of the job
+        _agree(_refusal(lambda: check_unlocked(run_dir)) if dist.main else None, dist, dev, run_dir)
         made = prepare_run_dir(run_dir, cfg, resume)
         ck = load_checkpoint(run_dir, with_state=True) if resume else None
         if ck is not None:
@@ -677,7 +694,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, device: 
         # from the first write on, the run is this command's: a second one writing it fails at once
         lock_file = run_dir / LOCK_NAME
         lock_is_new = not lock_file.exists()
-        lock = run_lock(run_dir) if dist.main else contextlib.nullcontext()
+        lock = contextlib.ExitStack()
+        _agree(_refusal(lambda: lock.enter_context(run_lock(run_dir))) if dist.main else None, dist, dev, run_dir)
         try:
             with lock:
                 if dist.main and ck is None:
