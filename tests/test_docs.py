@@ -129,3 +129,15 @@ def test_the_front_pages_point_at_pages_that_exist(page):
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         if not target.startswith("http"):
             assert (ROOT / target).exists(), f"{page} links to {target}, which does not exist"
+
+
+def test_every_test_the_hostile_inputs_page_names_exists():
+    """docs/hostile-inputs.md names the test of each row (`R::test_x`, `test_file.py::test_x`)."""
+    text = (ROOT / "docs" / "hostile-inputs.md").read_text()
+    legend = dict(re.findall(r"`([A-Z]{1,2})::`\s+is\s+`tests/(test_\w+)\.py`", text))
+    named = [(legend[p], name) for p, name in re.findall(r"\b([A-Z]{1,2})::(test_\w+)", text)]
+    named += re.findall(r"(test_\w+)\.py::(test_\w+)", text)
+    assert len(named) > 100
+    missing = [f"{mod}::{name}" for mod, name in named
+               if not re.search(rf"def {name}\b", (ROOT / "tests" / f"{mod}.py").read_text())]
+    assert missing == []
