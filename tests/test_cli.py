@@ -369,6 +369,7 @@ def test_demo_autoguides_only_with_a_kept_guide(cond: bool, tmp_path: Path) -> N
     from ddpm.sampling.generate import LoadedModel
 
     run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000001").mkdir(parents=True)  # a run folder holds its checkpoints
     model = LoadedModel(None, None, preset("fast-cond" if cond else "fast"), 1, run / "checkpoints" / "step-00000001")
     want = (DEMO_COND_SAMPLER if cond else DEMO_SAMPLER).autoguidance
     assert demo_sampler(model, cond).autoguidance == 0.0
