@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser demo test bench docs clean
+.PHONY: setup data browser demo test test-quick bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -31,13 +31,17 @@ browser:
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)) \
 	  || echo "note: could not install chromium; the browser tests will fail and say how to get it"; \
-	else echo "note: not root or no apt-get; install chromium for the browser tests (tests/test_ui_browser.py)"; fi
+	else echo "note: not root or no apt-get; install chromium for the browser tests (tests/ui/test_ui_browser.py)"; fi
 
 demo: setup data
 	$(VENV)/bin/ddpm demo
 
 test: setup data browser
 	$(PY) -m pytest -q
+
+# the same without the long tests (marked slow): a quick check while working
+test-quick: setup data
+	$(PY) -m pytest -q -m "not slow"
 
 # The quick benchmark suite (the speed ratios against the seed's code, the sampler oracle) into
 # bench/out/bench-TIME/, never into the committed bench/results/; `bench/run.py --list` for more.

@@ -30,7 +30,7 @@ from harness import ROOT, cpu_info, save  # noqa: E402
 
 from ddpm.config import SampleConfig  # noqa: E402
 from ddpm.sampling.generate import LoadedModel, SamplingCancelled, generate, load_model  # noqa: E402
-sys.path.insert(0, str(ROOT / "tests"))  # the browser helper lives with the tests
+sys.path.insert(0, str(ROOT / "tests" / "ui"))  # the browser helper lives with the tests
 from browser import chromium, ui_server  # noqa: E402
 
 PING = """async () => { const t = performance.now(); await fetch('/api/meta'); return performance.now() - t; }"""

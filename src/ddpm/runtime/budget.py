@@ -5,7 +5,7 @@ The network's peak is traced, not guessed: the U-Net runs on PyTorch's ``meta`` 
 only, nothing allocated) under a dispatch mode that adds up every tensor while it is alive, the
 tensors autograd keeps for the backward pass included. The estimate is ``MARGIN`` times that
 trace, for the allocator and the convolutions' workspaces: a real CPU forward or training step
-stays below it and above a quarter of it (tests/test_budget.py measures both).
+stays below it and above a quarter of it (tests/runtime/test_budget.py measures both).
 """
 from __future__ import annotations
 

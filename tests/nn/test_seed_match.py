@@ -146,7 +146,7 @@ def test_a_missing_reference_skips_for_users_and_fails_where_required(tmp_path, 
     tests = Path(__file__).parent
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                         f"{tests / 'test_unet.py'}::test_same_function_as_seed"],
-                       cwd=tests.parent, env=env, capture_output=True, text=True, timeout=120)
+                       cwd=tests.parents[1], env=env, capture_output=True, text=True, timeout=120)
     assert "the seed reference is missing" in r.stdout, r.stdout[-2000:]
     assert str(tmp_path / "nowhere.py") in r.stdout  # SEED_REFERENCE is honoured
     if required:

@@ -22,6 +22,8 @@ from ddpm.cli import main
 from browser import BrowserMissing, chromium, ui_server
 from helpers import tiny_config, write_config
 
+pytestmark = pytest.mark.slow  # the whole file: see pyproject's markers
+
 T = 1000  # diffusion steps of the tiny run: the ancestral sampler's 1000 steps take long enough to cancel
 REBOUND = "evil.example"
 SCREENSHOT = os.environ.get("DDPM_UI_SCREENSHOT")  # where to keep the sample panel's picture

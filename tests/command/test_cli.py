@@ -338,6 +338,7 @@ def test_load_model_leaves_cuda_settings_alone(tmp_path: Path, image_dir: Path,
         set_flags(*before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, labelled", [([], True), (["--uncond"], False)])
 def test_demo_end_to_end(flag: list[str], labelled: bool, tmp_path: Path) -> None:
     """`ddpm demo` on tiny made-up Fashion-MNIST files: by default the conditional preset, one grid

@@ -20,6 +20,8 @@ from ddpm.sampling.generate import generate, load_model
 from ddpm.training.train import train
 from helpers import tiny_config, tiny_run
 
+pytestmark = pytest.mark.slow  # the whole file: see pyproject's markers
+
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 pytest.importorskip("onnx")

@@ -157,6 +157,7 @@ def test_outputs_onto_a_checkpoint_folders_own_files_are_refused(run: Path, tmp_
     assert files_of(ck) == before
 
 
+@pytest.mark.slow
 def test_a_torchrun_job_on_a_run_being_written_stops_in_every_process(run: Path, tmp_path: Path) -> None:
     """Only the main process checks and takes the lock; the others learn of its refusal and stop
     with it rather than waiting for it in the first collective."""

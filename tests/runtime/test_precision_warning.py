@@ -14,7 +14,7 @@ from ddpm.training.train import train
 from helpers import tiny_config
 
 CPU = torch.device("cpu")
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "engines" / "bf16_cost.json"
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "engines" / "bf16_cost.json"
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ MU, SD = 0.0, 0.3
 # The grid on which the closed-form bounds below were measured: quadratic for ddim and dpm++2m,
 # whose default is uniform. On the oracle's perfect network the uniform grid leaves more of the
 # sampler's own discretisation error (first-order DDIM at 20 steps: about 11% too narrow a spread,
-# tests/test_samplers.py), which is not what these tests check: RePaint's harmonisation is. The
+# tests/samplers/test_samplers.py), which is not what these tests check: RePaint's harmonisation is. The
 # uniform default was chosen on trained networks (bench/spacing_fd.py).
 ORACLE_GRID = {"ddim": "quadratic", "dpm++2m": "quadratic"}
 

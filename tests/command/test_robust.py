@@ -92,6 +92,7 @@ def assert_same_tree(a: Any, b: Any, where: str) -> None:
 # ------------------------------------------------------------------ resume and crash safety
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, image_dir: Path) -> None:
     # cosine lr with warm-up, EMA warm-up, flips, a sample grid: everything a resume must restore.
     # Every run is a fresh process, so all of them run the code now on disk (others edit it too).
@@ -124,6 +125,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, image_dir: Path) -
     assert not list((run / "checkpoints").glob(".*"))  # no half-written checkpoint left behind
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_143_and_resumes(tmp_path: Path, image_dir: Path) -> None:
     cfg = write_config(tmp_path / "cfg.json", tiny(image_dir, max_steps=100_000, checkpoint_every=3))
     run = tmp_path / "run"

@@ -94,6 +94,7 @@ def _interrupt(argv: list[str], sig: int, delay: float) -> tuple[int | None, lis
     return proc.returncode, err.strip().splitlines()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's signal dispositions in /proc")
 def test_ctrl_c_and_sigterm_at_any_moment_of_train_and_sample(tmp_path: Path, image_dir: Path) -> None:
     """From the first imports to the middle of the work: exit 130 (SIGINT) or 143 (SIGTERM), at

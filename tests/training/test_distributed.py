@@ -18,6 +18,8 @@ from ddpm.errors import DdpmError
 from ddpm.training.runlog import read_log
 from ddpm.training.train import train
 
+pytestmark = pytest.mark.slow  # the whole file: see pyproject's markers
+
 WORKER = Path(__file__).parent / "dist_worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 

@@ -49,6 +49,7 @@ def test_grids_nest_and_the_target_closes_the_step() -> None:
     torch.testing.assert_close(ab_p.sqrt() * x0 + (1 - ab_p).sqrt() * eps, x_prev)
 
 
+@pytest.mark.slow
 def test_two_step_student_beats_two_step_teacher(teacher: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     student = tmp_path / "student"
@@ -66,6 +67,7 @@ def test_two_step_student_beats_two_step_teacher(teacher: Path, tmp_path: Path,
     assert np.load(out / "samples.npz")["images"].shape == (4, 1, 8, 8)
 
 
+@pytest.mark.slow
 def test_consistency_student_one_step_nears_the_ode_end(teacher: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     """The teacher's one DDIM step from x_T is its posterior mean; the student's one evaluation,
