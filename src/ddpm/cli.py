@@ -144,20 +144,58 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else model.run_folder() / "samples"
     if args.index is not None and not 0 <= args.index < min(scfg.n, scfg.batch_size):
         raise DdpmError(f"--index must be between 0 and {min(scfg.n, scfg.batch_size) - 1}, got {args.index}")
-    check_sample_config(model, scfg)  # bad input: one line, before anything is written
+    check_sample_config(model, scfg, stream=_streams(model, scfg))  # bad input: one line, before anything is written
     check_writable_dir(out)  # and an output folder that cannot take the result, before minutes of sampling
+    made = not out.exists()
     model = _engine(model, scfg, args)
     frames = args.gif_show if args.gif else "none"
     t0 = time.perf_counter()
-    s = generate(model, scfg, frames=frames, frame_index=args.index, progress=not args.no_progress)
+    stream = _stream_for(model, scfg, out)  # many images without class rows: straight to disk
+    try:
+        s = generate(model, scfg, frames=frames, frame_index=args.index, progress=not args.no_progress,
+                     on_batch=stream and stream.write, keep=STREAM_KEEP if stream else None)
+        if stream is not None:
+            if s.labels is not None:
+                stream.add("labels", s.labels.numpy())
+            stream.close()
+    except BaseException:
+        if stream is not None:
+            stream.discard()
+            if made and not any(out.iterdir()):
+                out.rmdir()
+        raise
     dt = time.perf_counter() - t0
+    n = stream.written if stream is not None else len(s.images)
     print(f"sampler {scfg.sampler}: {s.steps} steps, {s.nfe} network evaluations per image; "
-          f"{len(s.images)} images in {dt:.1f}s ({len(s.images) / dt:.1f} images/s)")
+          f"{n} images in {dt:.1f}s ({n / dt:.1f} images/s)")
     grid, nrow = s.class_rows()  # one row per class, when classes were asked for
     written = save_sample_set(out, s.images, labels=s.labels, grid=grid, nrow=nrow,
-                              frames=s.frames if args.gif else None, gif_scale=4 if args.index is not None else 2)
+                              frames=s.frames if args.gif else None, gif_scale=4 if args.index is not None else 2,
+                              npz=stream.path if stream is not None else None)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+STREAM_AT = 1024  # images from which `ddpm sample` streams samples.npz to disk instead of holding them
+STREAM_KEEP = 64  # the images it still holds: the grid's
+
+
+def _streams(model: Any, scfg: Any) -> bool:
+    """Whether `ddpm sample` streams this request to disk: many images without class rows
+    (whose grid takes images from every part of the request)."""
+    from .sampling.guidance import resolve_classes
+
+    return scfg.n >= STREAM_AT and resolve_classes(scfg.classes, model.config) is None
+
+
+def _stream_for(model: Any, scfg: Any, out: Path) -> Any:
+    """samples.npz streamed batch by batch (see :func:`_streams`), else None."""
+    from .pictures.viz import sample_stream
+
+    if not _streams(model, scfg):
+        return None
+    size, c = model.config.data.image_size, model.config.model.channels
+    return sample_stream(out, (scfg.n, c, size, size))
 
 
 def _student_sampling(model: Any, scfg: Any, args: argparse.Namespace) -> Any:

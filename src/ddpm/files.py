@@ -312,12 +312,19 @@ class ResultSet:
 
     def __init__(self, folder: str | Path, members: Sequence[str], keep: str | None = None):
         self.folder, self.members, self.keep = Path(folder), tuple(members), keep
-        self.files: dict[str, bytes] = {}
+        self.files: dict[str, bytes | Path] = {}
 
-    def add(self, name: str, data: bytes) -> None:
+    def add(self, name: str, data: bytes | Path) -> None:
+        """A member: its bytes, or a temporary file already written beside its place
+        (:meth:`temporary`, e.g. by :class:`NpyStream`), renamed into place with the rest."""
         if name not in self.members:
             raise ValueError(f"{name} is not a member of this result set {self.members}")
         self.files[name] = data
+
+    def temporary(self, name: str) -> Path:
+        """Where a member too large to hold in memory is written before :meth:`add` (its folder made)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return _tmp_name(self.folder / name)
 
     def commit(self) -> list[Path]:
         """Write the set; on failure a one-line WriteError that says the earlier files are unchanged."""
@@ -326,10 +333,14 @@ class ResultSet:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for name, data in self.files.items():
-                current, temps[name] = self.folder / name, _tmp_name(self.folder / name)
+                current = self.folder / name
+                temps[name] = data if isinstance(data, Path) else _tmp_name(current)
                 if current.is_dir():
                     raise IsADirectoryError(errno.EISDIR, "it is a folder, not a file")
-                write_new(temps[name], data)
+                if isinstance(data, Path):
+                    _fsync_file(data)
+                else:
+                    write_new(temps[name], data)
         except OSError as e:
             self._drop(temps)
             raise WriteError(current, reason(e), e.errno or 0, self._failure_note()) from None
@@ -359,9 +370,72 @@ class ResultSet:
     def _failure_note(self) -> str:
         note = f"; {self._unchanged()}"
         if self.keep in self.files:
-            saved = save_fallback(self.keep, self.files[self.keep])
+            kept = self.files[self.keep]
+            saved = save_fallback(self.keep, kept.read_bytes() if isinstance(kept, Path) else kept)
             note += f"; the {self.keep} is saved as {saved}" if saved else f"; the {self.keep} could not be saved anywhere"
         return note
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class NpyStream:
+    """One array of a known shape written into an uncompressed .npz batch by batch, so that a
+    large result never has to be held in memory; further small arrays follow with :meth:`add`."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: object):
+        import zipfile
+
+        import numpy as np
+
+        self.path, self.shape, self.written = path, shape, 0
+        self.zip = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.member = self.zip.open(f"{name}.npy", "w", force_zip64=True)
+        self.dtype = np.dtype(dtype)
+        np.lib.format.write_array_header_1_0(self.member, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                           "fortran_order": False, "shape": shape})
+
+    def write(self, rows: object) -> None:
+        import numpy as np
+
+        a = np.ascontiguousarray(rows, dtype=self.dtype)
+        if a.shape[1:] != self.shape[1:] or self.written + len(a) > self.shape[0]:
+            raise ValueError(f"rows of shape {a.shape} do not continue an array of shape {self.shape}")
+        self.member.write(a.tobytes())
+        self.written += len(a)
+
+    def add(self, name: str, array: object) -> None:
+        """A further array, after the streamed one is complete."""
+        import numpy as np
+
+        self._finish_member()
+        with self.zip.open(f"{name}.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(array))
+
+    def close(self) -> Path:
+        self._finish_member()
+        self.zip.close()
+        return self.path
+
+    def discard(self) -> None:
+        try:
+            self.member.close()
+            self.zip.close()
+        except (OSError, ValueError):
+            pass
+        _discard(self.path)
+
+    def _finish_member(self) -> None:
+        if self.member is not None:
+            if self.written != self.shape[0]:
+                raise ValueError(f"{self.written} rows written of {self.shape[0]}")
+            self.member.close()
+            self.member = None
 
 
 def save_fallback(name: str, data: bytes) -> Path | None:

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 import ddpm.files
@@ -243,3 +244,47 @@ def test_eval_output_file_is_checked_before_the_work(with_samples: Path, tmp_pat
     (tmp_path / "taken").write_text("x")
     assert main(["eval", str(with_samples), "--n", "2", "--out", str(tmp_path / "taken")]) == 2
     one_line(capsys, "taken", "is a file, not a folder")
+
+
+def test_many_images_are_streamed_to_disk_not_held(run: Path, tmp_path: Path, monkeypatch) -> None:
+    """From STREAM_AT images on, `ddpm sample` writes samples.npz batch by batch and holds only
+    the grid's images: the same file content as when held, and the result set as ever."""
+    import ddpm.cli as cli
+    import sys
+    gen = sys.modules["ddpm.sampling.generate"]
+
+    held = []
+    real = gen.generate
+
+    def spy(*a, **kw):
+        s = real(*a, **kw)
+        held.append(len(s.images))
+        return s
+
+    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr(cli, "STREAM_AT", 10)
+    monkeypatch.setattr(cli, "STREAM_KEEP", 4)  # the grid's images (64 by default): fewer here, to see it
+    argv = ["sample", str(run), "--n", "12", "--batch-size", "5", "--steps", "2", "--sampler", "ddim", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 0
+    monkeypatch.setattr(cli, "STREAM_AT", 10**9)
+    assert main([*argv, "--out", str(tmp_path / "h")]) == 0
+    assert held == [4, 12]  # streamed: only the grid's images held
+    streamed, kept = np.load(tmp_path / "s" / "samples.npz"), np.load(tmp_path / "h" / "samples.npz")
+    assert np.array_equal(streamed["images"], kept["images"]) and streamed["images"].shape[0] == 12
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["grid.png", "samples.npz"]
+
+
+def test_a_stream_cut_short_leaves_nothing(run: Path, tmp_path: Path, monkeypatch) -> None:
+    import ddpm.cli as cli
+    import sys
+    gen = sys.modules["ddpm.sampling.generate"]
+
+    def stop(*a, on_batch=None, **kw):
+        on_batch(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "STREAM_AT", 1)
+    monkeypatch.setattr(gen, "generate", stop)
+    assert main(["sample", str(run), "--n", "4", "--steps", "2", "--sampler", "ddim", "--no-progress",
+                 "--out", str(tmp_path / "s")]) == 130
+    assert not (tmp_path / "s").exists()

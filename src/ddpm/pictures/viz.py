@@ -83,20 +83,30 @@ def encode_npz(**arrays: np.ndarray) -> bytes:
 def save_sample_set(folder: str | Path, images: torch.Tensor, *, labels: torch.Tensor | None = None,
                     grid: torch.Tensor | None = None, nrow: int | None = None,
                     frames: Sequence[np.ndarray] | None = None, grid_scale: int = 2, gif_scale: int = 2,
-                    gif_ms: int = 60) -> list[Path]:
+                    gif_ms: int = 60, npz: Path | None = None) -> list[Path]:
     """samples.npz, grid.png (of ``grid``, default the first 64 images) and, given ``frames``,
     denoising.gif, written as one result set: the folder holds all new files or all old ones
     (an earlier GIF is removed with the set it belonged to). If they cannot be written, the
-    samples are kept in a fallback file the one-line error names."""
+    samples are kept in a fallback file the one-line error names. ``npz``: samples.npz already
+    streamed to disk (:func:`sample_stream`); ``images`` then need only hold the grid's."""
     from ..files import ResultSet
 
     rs = ResultSet(folder, SAMPLE_SET, keep="samples.npz")
     extra = {} if labels is None else {"labels": labels.numpy()}
-    rs.add("samples.npz", encode_npz(images=images.numpy(), **extra))
+    rs.add("samples.npz", npz if npz is not None else encode_npz(images=images.numpy(), **extra))
     rs.add("grid.png", _encode(to_pil(make_grid(images[:64] if grid is None else grid, nrow), grid_scale), "PNG"))
     if frames is not None:
         rs.add("denoising.gif", _encode_gif(frames, gif_scale, gif_ms, 1500))
     return rs.commit()
+
+
+def sample_stream(folder: str | Path, shape: tuple[int, ...]):
+    """An uncompressed samples.npz of ``shape`` uint8 images, written batch by batch to a
+    temporary beside its place (``.write(batch)``, ``.add("labels", ...)``, ``.close()``), for
+    :func:`save_sample_set`'s ``npz``; ``.discard()`` removes it on failure."""
+    from ..files import NpyStream, ResultSet
+
+    return NpyStream(ResultSet(folder, SAMPLE_SET).temporary("samples.npz"), "images", shape, np.uint8)
 
 
 def noise_strip(noised: torch.Tensor, labels: Sequence[int], *, scale: int = 4) -> Image.Image:

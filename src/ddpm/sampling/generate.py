@@ -195,13 +195,17 @@ MAX_FRAMES = 100  # GIF frames recorded by default
 @torch.inference_mode()
 def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "x_t", "x0"] = "none",
              frame_index: int | None = None, max_frames: int = MAX_FRAMES, progress: bool = False,
-             on_step: StepHook | None = None) -> Samples:
+             on_step: StepHook | None = None, on_batch: Callable[[torch.Tensor], None] | None = None,
+             keep: int | None = None) -> Samples:
     """Draw ``cfg.n`` images in batches; optionally record grids of the first batch's denoising.
     ``progress``: a bar with the time left on stderr (when it is a terminal).
 
     ``on_step(StepEvent)`` is called after every sampler step of every batch; returning False
-    (or raising SamplingCancelled) stops the loop and raises SamplingCancelled out of here."""
-    steps = check_sample_config(model, cfg, frames=frames != "none")
+    (or raising SamplingCancelled) stops the loop and raises SamplingCancelled out of here.
+
+    ``on_batch(images)`` gets each batch's uint8 images as it is drawn (to stream them to disk);
+    ``keep`` limits the images held in the result to the first ``keep`` (None: all)."""
+    steps = check_sample_config(model, cfg, frames=frames != "none", stream=on_batch is not None and keep is not None)
     cfg = with_precision_resolved(model, cfg)
     spec = get_sampler(cfg.sampler)
     dev = model.schedule.alpha_bar.device
@@ -230,7 +234,12 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
         hooked = _with_hook(record, on_step, start, steps, -(-n // cfg.batch_size) * steps, cfg.batch_size)
         x = spec.fn(den, x_T, timesteps, options=SamplerOptions(cfg.eta, cfg.variance),
                     generator=gen, on_step=hooked)
-        out.append(from_model_range(x).cpu())
+        images = from_model_range(x).cpu()
+        if on_batch is not None:
+            on_batch(images)
+        held = sum(len(o) for o in out)
+        if keep is None or held < keep:
+            out.append(images if keep is None else images[: keep - held])
         null_passes = den.null_passes + den.guide_passes  # the same in every batch: the grid decides
     nfe = spec.nfe(model.schedule.alpha_bar, timesteps) + null_passes  # a guided step is two evaluations
     return Samples(torch.cat(out), nfe, steps, recorded,
