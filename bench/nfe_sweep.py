@@ -134,7 +134,7 @@ def figure_note(result: dict) -> str:
 
 
 def figure(rows: list[dict], floor: float, n: int, title: str, note: str, path: Path) -> Path:
-    """FD against NFE, both on log scales. ddpm.plots draws a linear x axis, so x is passed as
+    """FD against NFE, both on log scales. ddpm.pictures.plots draws a linear x axis, so x is passed as
     log10(NFE) and, while rendering, the helpers' tick formatters are swapped for ones that
     print NFE (x) and plain numbers (y); the floor is the panel's dashed line, and a
     near-invisible one-point series puts it in range and in the legend."""

@@ -5,7 +5,7 @@
 
 For each size, a seed-style U-Net (ConvNeXt blocks, linear attention) sized for it, trained on
 random uint8 images (the time of a step does not depend on the pixels) with
-``ddpm.train.Trainer``, next to the seed's own ``Unet`` of the same shape with its p_losses and
+``ddpm.training.train.Trainer``, next to the seed's own ``Unet`` of the same shape with its p_losses and
 Adam, in turns in one process; sampling is our ancestral sampler against the seed's p_sample,
 a few of the 200 iterations each, scaled to 200. At 64 px, ``grad_checkpoint`` on and off:
 speed in turns in this process, peak resident memory each in its own child process.

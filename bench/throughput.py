@@ -7,7 +7,7 @@
 
 Measures, in one process with the contenders called in turns (A, B, A, B, ...):
   train   images/s of one optimisation step at batch 128 on Fashion-MNIST: ours is
-          ``ddpm.train.Trainer.train_step`` (batch draw, training_losses, backward, grad norm,
+          ``ddpm.training.train.Trainer.train_step`` (batch draw, training_losses, backward, grad norm,
           Adam, EMA), the seed's is its train loop body (batch draw, p_losses, backward, Adam);
           ``ours_bf16`` (with ``--bf16``, by default only where bf16 is native) is the same step with ``--precision bf16`` (autocast: fp32 weights,
           bf16 convolutions and matrix products; not the network's exact function);

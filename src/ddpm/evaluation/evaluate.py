@@ -1,6 +1,6 @@
 """Sample-quality evaluation that works offline: FD, KID, precision/recall and class statistics.
 
-Images are embedded by a small Fashion-MNIST classifier (:mod:`ddpm.features`, shipped with
+Images are embedded by a small Fashion-MNIST classifier (:mod:`ddpm.evaluation.features`, shipped with
 the package), so the numbers are "FD-FMNIST", not Inception FID: comparable between our runs,
 not with published CIFAR/ImageNet FIDs. Each report carries ``fd_reference``, the FD of as many
 real *training* images against the same reference: the floor a perfect model would reach.

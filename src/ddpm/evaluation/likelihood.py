@@ -12,7 +12,7 @@ contiguous strata of near-equal size n_j, each image draws one t uniformly in ea
 (independently of the other images), and the term is weighted by n_j. The decoder and the
 prior are always computed in full (one network evaluation and none).
 
-:func:`variational_bound` drives a :class:`~ddpm.diffusion.Denoiser` directly (any network and
+:func:`variational_bound` drives a :class:`~ddpm.core.diffusion.Denoiser` directly (any network and
 schedule); :func:`nll_bits_per_dim` is the thin layer over a loaded run.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Sample-quality metrics on feature vectors: FD, KID, precision/recall, classifier statistics.
 
 Each takes features (numpy arrays or torch tensors, shape (N, D)) from any embedding; see
-:mod:`ddpm.features` for ours and :mod:`ddpm.evaluate` for the whole report.
+:mod:`ddpm.evaluation.features` for ours and :mod:`ddpm.evaluation.evaluate` for the whole report.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """More than one process: plain PyTorch DistributedDataParallel, started by ``torchrun``.
 
-``ddpm train`` (and :func:`ddpm.train.train`) runs unchanged under ``torchrun`` or
+``ddpm train`` (and :func:`ddpm.training.train.train`) runs unchanged under ``torchrun`` or
 ``accelerate launch``: both set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``, and that is all this module reads. Plain DDP rather than Accelerate: one
 network and one optimiser need nothing Accelerate adds, the loop already handles devices,

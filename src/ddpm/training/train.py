@@ -316,7 +316,7 @@ class Trainer:
         """DDPM Algorithm 1, one batch; a non-finite loss or gradient leaves the weights alone.
 
         Every process draws the same global batch, t and noise and keeps its own slice
-        (see :mod:`ddpm.distributed`)."""
+        (see :mod:`ddpm.runtime.distributed`)."""
         x0, y = self.batches.next_labeled()
         x0 = x0.to(self.device, non_blocking=True)
         if self.cfg.train.channels_last:
