@@ -4,7 +4,7 @@ Trains two copies of the "fast" preset that differ only in ``learn_sigma`` (same
 wall-clock budget, trained side by side in two processes so that both see the same machine
 load), then for each: the variational bound in bits/dim on Fashion-MNIST test images
 (ddpm.likelihood, stratified over ``--nll-steps`` KL terms), and ancestral sampling (DDPM
-Algorithm 2, respaced) at several step counts, scored by FD-FMNIST (ddpm.evaluate) when the
+Algorithm 2, respaced) at several step counts, scored by FD-FMNIST (ddpm.evaluation.evaluate) when the
 feature net is shipped, and by pixel statistics and grids always.
 
     PYTHONPATH=src python bench/learned_variance.py                      # the defaults below
