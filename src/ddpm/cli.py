@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--real", action="store_true", help="evaluate --n real training images (the floor)")
     _add_sample_flags(ev, n_default=1000)
     ev.add_argument("--reference", default=DEFAULT_REFERENCE, help=f"{names_help(split_names())} | an image folder")
-    ev.add_argument("--features", help="a feature net from `ddpm fit-features` (default: the shipped one)")
+    ev.add_argument("--features", help="a feature net saved by tools/fit_features.py (default: the shipped one)")
     ev.add_argument("--inception-weights", help="also Inception FID, with these weights (torchmetrics needed)")
     ev.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
     ev.add_argument("--out", help="folder for the JSON report (default: beside the samples)")
