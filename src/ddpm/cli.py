@@ -740,7 +740,7 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
                    help="what runs the network: torch (eager PyTorch, the default); openvino (fp32) or "
                         "openvino-int8 (NNCF int8, calibrated on this sampling's own network inputs): CPU, "
                         "--precision fp32, pip install 'ddpm[openvino]'; int8 wins only on CPUs with VNNI but "
-                        "no native bfloat16 (README, 'Engines')")
+                        "no native bfloat16 (docs/guides/engines.md)")
     s.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
 
