@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Debian's Fashion-MNIST package, where this machine can install it (root and apt-get);
-# otherwise ddpm finds or downloads the files itself (see README, "Data").
+# otherwise ddpm finds or downloads the files itself (see docs/guides/data.md).
 data:
 	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST: $(FMNIST)"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
