@@ -154,7 +154,9 @@ if train:
 else:
     with torch.inference_mode():
         net(x, t)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+# VmHWM: this address space's own peak (ru_maxrss would carry the parent's peak across fork and exec)
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+print((peak - before) * 1024)
 """
 
 
