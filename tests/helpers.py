@@ -1,7 +1,9 @@
 """Shared test helpers: tiny made-up data, a tiny run config, the Gaussian oracle denoiser."""
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,3 +139,46 @@ def load_seed_reference() -> Any:
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+# ---------------------------------------------------------------- made-up data files
+
+CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
+         np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+
+
+def idx_bytes(a: np.ndarray) -> bytes:
+    header = bytes([0, 0, CODES[a.dtype], a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
+    return header + a.astype(a.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(path: Path, a: np.ndarray) -> Path:
+    raw = idx_bytes(a)
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+    return path
+
+
+def fake_fashion(root: Path, n_train=5, n_test=3, gz=True) -> dict[str, np.ndarray]:
+    """Tiny stand-ins for the 4 Fashion-MNIST files; returns the arrays by file name."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, a in arrays.items():
+        write_idx(root / (name + ".gz" if gz else name), a)
+    return arrays
+
+
+def labelled_folder(root: Path, names=("Sneaker", "Bag"), n: int = 6, size: int = 28) -> Path:
+    """root/<class>/*.png: class i is grey level 40 + 170 i, so an image shows its label."""
+    for i, name in enumerate(sorted(names)):  # label order: sorted folder names
+        (root / name).mkdir(parents=True)
+        for j in range(n):
+            a = np.full((size, size), 40 + 170 * i, np.uint8)
+            a[j % 5: j % 5 + 4, 2:6] = 128
+            Image.fromarray(a).save(root / name / f"{j}.png")
+    return root

@@ -343,7 +343,7 @@ def test_load_model_leaves_cuda_settings_alone(tmp_path: Path, image_dir: Path,
 def test_demo_end_to_end(flag: list[str], labelled: bool, tmp_path: Path) -> None:
     """`ddpm demo` on tiny made-up Fashion-MNIST files: by default the conditional preset, one grid
     row per class (8 images of each of the 10 classes); --uncond: 64 unlabelled images."""
-    from test_data import fake_fashion
+    from helpers import fake_fashion
 
     from ddpm.cli import main
 

@@ -19,36 +19,7 @@ from PIL import Image
 import ddpm.data.readers as data
 import ddpm.data.sources as sources
 from ddpm.errors import DdpmError
-
-CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
-         np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
-
-
-def idx_bytes(a: np.ndarray) -> bytes:
-    header = bytes([0, 0, CODES[a.dtype], a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
-    return header + a.astype(a.dtype.newbyteorder(">")).tobytes()
-
-
-def write_idx(path: Path, a: np.ndarray) -> Path:
-    raw = idx_bytes(a)
-    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
-    return path
-
-
-def fake_fashion(root: Path, n_train=5, n_test=3, gz=True) -> dict[str, np.ndarray]:
-    """Tiny stand-ins for the 4 Fashion-MNIST files; returns the arrays by file name."""
-    rng = np.random.default_rng(0)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    for name, a in arrays.items():
-        write_idx(root / (name + ".gz" if gz else name), a)
-    return arrays
-
+from helpers import CODES, fake_fashion, idx_bytes, write_idx  # noqa: F401
 
 @pytest.fixture
 def nowhere(tmp_path, monkeypatch):

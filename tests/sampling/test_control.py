@@ -29,7 +29,7 @@ from ddpm.samplers.base import ImageGenerators, _splitmix64, image_seed
 from ddpm.sampling.generate import LoadedModel, generate
 from ddpm.sampling.guidance import class_labels, resolve_classes
 from ddpm.training import train as train_mod
-from helpers import tiny_config, write_config
+from helpers import labelled_folder, tiny_config, write_config
 
 K, D, SD = 3, 4, 0.3
 MUS = torch.zeros(K, D, dtype=torch.float64)
@@ -308,17 +308,6 @@ def test_unconditional_unet_unchanged_and_conditional_embedding() -> None:
     assert preset("fast-cond") == replace(preset("fast"), model=replace(preset("fast").model, num_classes=10,
                                                                         class_emb_std=1.0),
                                           preset="fast-cond")
-
-
-def labelled_folder(root: Path, names=("Sneaker", "Bag"), n: int = 6, size: int = 28) -> Path:
-    """root/<class>/*.png: class i is grey level 40 + 170 i, so an image shows its label."""
-    for i, name in enumerate(sorted(names)):  # label order: sorted folder names
-        (root / name).mkdir(parents=True)
-        for j in range(n):
-            a = np.full((size, size), 40 + 170 * i, np.uint8)
-            a[j % 5: j % 5 + 4, 2:6] = 128
-            Image.fromarray(a).save(root / name / f"{j}.png")
-    return root
 
 
 def test_folder_labels_from_first_level_subfolders(tmp_path: Path) -> None:

@@ -295,7 +295,7 @@ def test_eval_inpaint_on_a_tiny_fashion_mnist(tmp_path: Path, monkeypatch: pytes
                                               capsys: pytest.CaptureFixture) -> None:
     """`ddpm eval RUN --inpaint right`: completions of made-up "test images" (IDX files the test
     writes), scored with the shipped feature net, beside the originals and the black hole."""
-    from test_data import fake_fashion
+    from helpers import fake_fashion
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     fake_fashion(tmp_path / "fm", n_train=30, n_test=30)

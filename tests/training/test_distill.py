@@ -163,7 +163,7 @@ def test_cond_drop_sets_the_null_share_of_the_students_batches(tmp_path: Path, m
                                                                 method: str) -> None:
     """A conditional teacher's labels reach the student dropped to the null class at the
     teacher's training rate, or at --cond-drop; the rate measured on the batches themselves."""
-    from test_control import labelled_folder
+    from helpers import labelled_folder
 
     root = labelled_folder(tmp_path / "data", n=16, size=8)
     cfg = tiny_config(root, max_steps=2, batch_size=32, checkpoint_every=2, cond_drop=0.1)
