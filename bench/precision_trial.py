@@ -8,7 +8,7 @@ auto's own trial (ddpm.runtime.precision.time_trial: bf16 and fp32 in turns on t
 median ratio) ``--repeats`` times, so the spread of the trial itself shows, and reports what
 auto would choose. Where bf16 is not a candidate (not native, or the kernels capped below it)
 auto takes fp32 without a trial; the script times it anyway so the ratio is on record.
-Writes precision_trial.json (harness.RESULTS).
+Writes precision_trial.json (harness.RESULTS), or ``--out PATH``.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="trials per shape")
     ap.add_argument("--name", default="precision_trial")
+    ap.add_argument("--out", type=Path, help="write the JSON here (default: harness.RESULTS/NAME.json)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = preset(a.preset)
@@ -57,7 +58,7 @@ def main() -> None:
                      "fp32 (bf16 not a candidate here: no trial)"})
         print(f"{what}: bf16 {median:.2f}x fp32 (trials {', '.join(f'{r:.2f}' for r in ratios)}; "
               f"{seconds:.1f} s each) -> auto: {rows[-1]['auto_chooses']}", flush=True)
-    write_record(RESULTS / f"{a.name}.json", {"preset": a.preset, "threads": a.threads, "margin": P.TRIAL_MARGIN,
+    write_record(a.out or RESULTS / f"{a.name}.json", {"preset": a.preset, "threads": a.threads, "margin": P.TRIAL_MARGIN,
                                               "bf16_candidate": candidate, "cpu": cpu_info(), "rows": rows})
 
 

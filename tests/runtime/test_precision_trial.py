@@ -151,3 +151,21 @@ def test_training_and_sampling_resolve_auto_by_the_trial(tmp_path, image_dir, mo
     assert s.arithmetic == "fp32"
     size = cfg.data.image_size
     assert seen == [(True, (cfg.train.batch_size, 1, size, size)), (False, (3, 1, size, size))]
+
+
+def test_the_processes_of_a_job_agree_on_one_arithmetic(tmp_path, image_dir, monkeypatch) -> None:
+    """Under torchrun every process times its own trial, and the verdicts can differ (shared
+    cores): the job runs fp32 if any process measured fp32, never a mix of arithmetics."""
+    from dataclasses import replace
+
+    from ddpm.runtime.distributed import Dist
+    from ddpm.training.train import Trainer
+    from helpers import tiny_config
+
+    monkeypatch.setattr(P, "time_trial", lambda t, device: 2.0)  # this process: bf16 clearly faster
+    cfg = tiny_config(image_dir)
+    cfg = replace(cfg, train=replace(cfg.train, precision="auto"))
+    data = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    assert Trainer(cfg, tmp_path / "alone", data, CPU).amp is torch.bfloat16
+    monkeypatch.setattr(Dist, "max", lambda self, values, device: [1.0] * len(values))  # another said fp32
+    assert Trainer(cfg, tmp_path / "job", data, CPU).amp is None

@@ -302,7 +302,10 @@ class Trainer:
         trial = Trial(self.model, (max(1, cfg.train.batch_size // dist.world), cfg.model.channels,
                                    cfg.data.image_size, cfg.data.image_size), training=True,
                       num_classes=cfg.model.num_classes, channels_last=cfg.train.channels_last)
-        self.amp = autocast_dtype(resolve_precision(cfg.train.precision, device, trial), device)
+        choice = resolve_precision(cfg.train.precision, device, trial)
+        if cfg.train.precision == "auto" and dist.max([float(choice == "fp32")], device)[0]:
+            choice = "fp32"  # each process timed its own trial: one arithmetic for the job, fp32 if any says so
+        self.amp = autocast_dtype(choice, device)
         self.net_fn = under_autocast(self.forward, device, self.amp)
         # fp16's narrow range needs the loss scaled up (and the gradients back down); bf16 does not
         self.scaler = torch.amp.GradScaler(device.type) if self.amp is torch.float16 else None
