@@ -704,7 +704,9 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     g = s.add_argument_group("class-conditional models")
     g.add_argument("--class", dest="classes", metavar="CLASS",
                    help="a class name (e.g. sneaker) or index, a comma list, or 'all' (one grid row per "
-                        "class); several classes share --n evenly, rounded up")
+                        "class); several classes share --n evenly, rounded up; 'none': the null class (no "
+                        "label). Unset, each image's class is drawn in the training set's proportions "
+                        "(edits: the null class)")
     g.add_argument("--guidance", metavar="W",
                    help="classifier-free guidance w >= 0: eps = eps_c + w (eps_c - eps_u); 0 (the default) "
                         "is the plain conditional model; w is Ho & Salimans' w, diffusers' guidance_scale "

@@ -153,3 +153,15 @@ def test_an_edit_keeps_the_null_class_unless_a_class_is_named(run: Path) -> None
     assert named.labels.tolist() == [1, 1]
     with pytest.raises(DdpmError, match="needs --class"):
         edit(model, image, 0.5, SampleConfig(sampler="ddim", steps=4, n=2, guidance=1.0))
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "inpaint", "edit"])
+def test_the_help_says_the_default_draw_and_the_null_class(command: str) -> None:
+    import argparse
+
+    from ddpm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flag = next(a for a in sub.choices[command]._actions if "--class" in a.option_strings)
+    assert "'none'" in flag.help and "null class" in flag.help
+    assert "drawn in the training set's proportions" in flag.help
