@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import struct
 from pathlib import Path
 from urllib.error import URLError
 
@@ -19,7 +18,7 @@ from PIL import Image
 import ddpm.data.readers as data
 import ddpm.data.sources as sources
 from ddpm.errors import DdpmError
-from helpers import CODES, fake_fashion, idx_bytes, write_idx  # noqa: F401
+from helpers import fake_fashion, idx_bytes, write_idx
 
 @pytest.fixture
 def nowhere(tmp_path, monkeypatch):
