@@ -88,6 +88,11 @@ class Draw(NamedTuple):
     sigma: torch.Tensor
     net_t: torch.Tensor
     index: torch.Tensor | None
+    t: torch.Tensor | None = None  # float64 t in [0, 1] (continuous processes)
+
+    def part(self, keep: slice | torch.Tensor) -> Draw:
+        """The draws of some of the images (a process's share of a distributed batch)."""
+        return Draw(*(None if f is None else f[keep] for f in self))
 
 
 class Process:
@@ -137,7 +142,7 @@ class Process:
         from .noise_levels import get_noise_levels
         t = get_noise_levels(sampling).draw_t(self, n, device, generator)
         alpha, sigma = self.alpha_sigma(t)
-        return Draw(alpha, sigma, self.net_time(t, alpha, sigma), None)
+        return Draw(alpha, sigma, self.net_time(t, alpha, sigma), None, t)
 
     def describe(self) -> str:
         return self.name

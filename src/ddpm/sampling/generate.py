@@ -100,7 +100,7 @@ class LoadedModel:
 
 def process_of(config: RunConfig, schedule: NoiseSchedule) -> Process:
     """The run's process; the discrete chain on ``schedule`` (and its device) for vp runs."""
-    if config.diffusion.process == "vp":
+    if config.diffusion.process == "vp" and schedule is not None:
         p = VP.__new__(VP)
         p.cfg, p.schedule, p.table = config.diffusion, schedule, Levels.of_schedule(schedule)
         return p
