@@ -101,6 +101,7 @@ class Process:
     name = ""
     discrete = False
     summary = ""
+    default_sampler = "heun"  # what `ddpm sample` runs when no --sampler is given
 
     def __init__(self, cfg: DiffusionConfig):
         self.cfg = cfg
@@ -162,6 +163,7 @@ class VP(Process):
     """DDPM's discrete chain, any of the four beta schedules, T steps."""
 
     name, discrete = "vp", True
+    default_sampler = "ddpm"  # DDPM's Algorithm 2, as every run before this table
     summary = "DDPM's discrete variance-preserving chain: T steps of a beta schedule (Ho et al. 2020)"
 
     def __init__(self, cfg: DiffusionConfig):
@@ -238,6 +240,8 @@ class EDM(Process):
     def grid_t(self, steps: int, spacing: str) -> torch.Tensor:
         """EDM Eq. 5: sigma_min to sigma_max inclusive (uniform in t: the rho-grid); then the
         sampler's last step goes to sigma = 0."""
+        if spacing == "trailing":  # t = k / steps, k = 1 .. steps: the grids distillation trains on
+            return torch.arange(1, steps + 1, dtype=torch.float64) / steps
         if steps == 1:
             return torch.ones(1, dtype=torch.float64)
         u = torch.linspace(0, 1, steps, dtype=torch.float64)
