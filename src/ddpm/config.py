@@ -275,11 +275,36 @@ def _fast_cond() -> RunConfig:
     return replace(cfg, model=replace(cfg.model, num_classes=10, class_emb_std=1.0), preset="fast-cond")
 
 
+def _rf(cond: bool = False) -> RunConfig:
+    """The fast recipe's network and training under rectified flow (flow matching as in Stable
+    Diffusion 3, Esser et al. 2024): x_t = (1 - t) x0 + t eps, the velocity eps - x0 as the
+    target, t logit-normal (m = 0, s = 1), SD3's unweighted l2 loss; sampled with heun."""
+    cfg = _fast_cond() if cond else _fast()
+    d = replace(cfg.diffusion, process="rectified-flow", objective="velocity", loss="l2", loss_weighting="uniform",
+                t_sampling="logit-normal", timesteps=1000)
+    return replace(cfg, diffusion=d, preset="rf-cond" if cond else "rf")
+
+
+def _edm(cond: bool = False) -> RunConfig:
+    """The fast recipe's network and training under EDM (Karras et al. 2022, Table 1): sigma
+    from 0.002 to 80, the preconditioned output F as the target (c_in, c_skip, c_out, c_noise),
+    ln sigma ~ N(-1.2, 1.2^2), EDM's weighting (1 on F), sigma_data 0.5; sampled with heun on the
+    rho = 7 grid."""
+    cfg = _fast_cond() if cond else _fast()
+    d = replace(cfg.diffusion, process="edm", objective="edm", loss="l2", loss_weighting="uniform",
+                t_sampling="lognormal", lognormal_mean=-1.2, lognormal_std=1.2, timesteps=1000)
+    return replace(cfg, diffusion=d, preset="edm-cond" if cond else "edm")
+
+
 PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
     # The seed's recipe exactly: T=200 linear, huber, eps, Adam 1e-3, batch 128, 6 epochs.
     "seed": lambda: RunConfig(preset="seed"),
     "fast": _fast,
     "fast-cond": _fast_cond,
+    "rf": _rf,
+    "rf-cond": lambda: _rf(cond=True),
+    "edm": _edm,
+    "edm-cond": lambda: _edm(cond=True),
 }
 
 
