@@ -509,7 +509,7 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
 def cmd_eval_nll(args: argparse.Namespace) -> int:
     from .data.readers import load_fashion_mnist
     from .files import check_writable_file
-    from .evaluation.likelihood import format_nll, nll_bits_per_dim
+    from .evaluation.likelihood import check_has_bound, format_nll, nll_bits_per_dim
     from .sampling.generate import load_model
 
     if args.engine != "torch":
@@ -519,6 +519,7 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise DdpmError(f"--n must be at least 1, got {args.n}")
     model = load_model(args.run, device=args.device, use_ema=not args.no_ema)
+    check_has_bound(model.config)
     out = Path(args.out) / "nll.json" if args.out else model.run_folder() / "nll.json"
     check_writable_file(out, "report")  # before minutes of work
     images = load_fashion_mnist("test", args.data)[: args.n]
