@@ -102,6 +102,7 @@ class Process:
     discrete = False
     summary = ""
     default_sampler = "heun"  # what `ddpm sample` runs when no --sampler is given
+    default_steps: dict[str, int] = {}  # a sampler's default steps here, where not the table's
 
     def __init__(self, cfg: DiffusionConfig):
         self.cfg = cfg
@@ -220,6 +221,7 @@ class EDM(Process):
     """Karras et al. 2022: x = x0 + sigma eps, sigma in [sigma_min, sigma_max] on the rho-grid."""
 
     name = "edm"
+    default_steps = {"heun": 18}  # EDM's 18 levels (35 evaluations): its rho-grid is coarse at 10
     summary = "EDM (Karras et al. 2022): x0 + sigma eps, sigma from 0.002 to 80 on the rho = 7 grid"
 
     def _ends(self) -> tuple[float, float, float]:

@@ -99,7 +99,7 @@ def default_steps(name: str, process: Process) -> int:
     """The named sampler's steps on ``process`` when none are asked for."""
     spec = get_sampler(name)
     if process.T is None:
-        return spec.default_steps or CONTINUOUS_STEPS
+        return process.default_steps.get(name) or spec.default_steps or CONTINUOUS_STEPS
     return min(spec.default_steps or process.T, process.T)
 
 
