@@ -266,10 +266,12 @@ def decode_image(data: bytes, size: int, channels: int, *, name: str = "the imag
                                                          max_pixels=max_pixels)))
 
 
-def _image_files(root: Path) -> list[Path]:
+def _image_files(root: Path, skip: str | None = None) -> list[Path]:
+    """Every PNG/JPEG under ``root``, sorted; none under ``root/skip`` (a folder's test split)."""
     if not root.is_dir():
         raise DdpmError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and (skip is None or p.relative_to(root).parts[0] != skip))
     if not files:
         raise DdpmError(f"no PNG/JPEG images found under {root}")
     return files
@@ -290,23 +292,24 @@ def _decode_files(files: list[Path], root: Path, size: int, channels: int) -> tu
     return torch.from_numpy(np.stack(arrays)), kept
 
 
-def load_image_folder(path: str | Path, size: int, channels: int) -> torch.Tensor:
-    """Every PNG/JPEG under `path` (recursive, sorted) as uint8 (N, C, size, size); bad files are skipped."""
+def load_image_folder(path: str | Path, size: int, channels: int, *, skip: str | None = None) -> torch.Tensor:
+    """Every PNG/JPEG under `path` (recursive, sorted; none under `path/skip`) as uint8
+    (N, C, size, size); bad files are skipped."""
     _check_shape_args(size, channels)
     root = Path(path)
-    return _decode_files(_image_files(root), root, size, channels)[0]
+    return _decode_files(_image_files(root, skip), root, size, channels)[0]
 
 
-def folder_class_names(path: str | Path) -> tuple[str, ...]:
-    """The classes of an image folder: its first-level subfolders holding images, sorted."""
+def folder_class_names(path: str | Path, skip: str | None = None) -> tuple[str, ...]:
+    """The classes of an image folder: its first-level subfolders holding images (but ``skip``), sorted."""
     root = Path(path)
-    return tuple(sorted({f.relative_to(root).parts[0] for f in _image_files(root)
+    return tuple(sorted({f.relative_to(root).parts[0] for f in _image_files(root, skip)
                          if len(f.relative_to(root).parts) > 1}))
 
 
-def folder_classes(path: str | Path) -> tuple[str, ...]:
+def folder_classes(path: str | Path, skip: str | None = None) -> tuple[str, ...]:
     """An image folder's class names (:func:`folder_class_names`); an error when it has none."""
-    names = folder_class_names(path)
+    names = folder_class_names(path, skip)
     if not names:
         raise DdpmError(f"{path} has no class subfolders: a conditional run needs {path}/<class>/<image>")
     return names
@@ -320,15 +323,21 @@ class Labeled(NamedTuple):
     class_names: tuple[str, ...]
 
 
-def load_image_folder_labeled(path: str | Path, size: int, channels: int) -> Labeled:
-    """An image folder whose first-level subfolders are the classes (root/<class>/...)."""
+def load_image_folder_labeled(path: str | Path, size: int, channels: int, *, skip: str | None = None,
+                              names: tuple[str, ...] | None = None) -> Labeled:
+    """An image folder whose first-level subfolders are the classes (root/<class>/...), none
+    under ``root/skip``; ``names``: the classes to index by (a test split's are its training set's)."""
     _check_shape_args(size, channels)
     root = Path(path)
-    files = _image_files(root)
-    names = folder_classes(root)
+    files = _image_files(root, skip)
+    names = folder_classes(root, skip) if names is None else names
     stray = next((f for f in files if len(f.relative_to(root).parts) == 1), None)
     if stray is not None:
         raise DdpmError(f"{stray} is not inside a class subfolder: a conditional run needs {root}/<class>/<image>")
+    unknown = next((f for f in files if f.relative_to(root).parts[0] not in names), None)
+    if unknown is not None:
+        raise DdpmError(f"{unknown}: its class {unknown.relative_to(root).parts[0]!r} is not one of the "
+                        f"training classes ({', '.join(names)})")
     labels = torch.tensor([names.index(f.relative_to(root).parts[0]) for f in files], dtype=torch.long)
     images, kept = _decode_files(files, root, size, channels)
     return Labeled(images, labels[kept], names)
