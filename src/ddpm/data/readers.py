@@ -230,6 +230,17 @@ def read_image_header(path: str | Path, what: str = "image") -> ImageHeader:
         raise DdpmError(f"cannot read {what} {path}: {e}") from None
 
 
+GREY_MODES = frozenset({"L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "1"})  # Pillow's one-channel modes
+
+
+def check_image_channels(header: ImageHeader, channels: int, what: str) -> None:
+    """A grey image given where colour is drawn is refused: its colours cannot be made up. A
+    colour image for a grey model is read as grey, as a data folder's files are."""
+    if channels == 3 and header.mode in GREY_MODES:
+        raise DdpmError(f"{what} is grey (one channel, mode {header.mode}); the model draws colour (3 channels): "
+                        f"give an RGB image")
+
+
 def _decode(source: Path | BinaryIO, size: int, channels: int, *, name: str | None = None,
             max_pixels: int = MAX_SOURCE_PIXELS) -> np.ndarray:
     """One image (a file, or bytes in a stream) -> uint8 (C, size, size): shorter side resized to

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DdpmError
-from .readers import (FASHION_MNIST_CLASSES, Labeled, _check_shape_args, _decode, _image_files, folder_class_names,
+from .readers import (FASHION_MNIST_CLASSES, GREY_MODES, Labeled, _check_shape_args, _decode, _image_files, folder_class_names,
                       folder_classes, load_fashion_mnist, load_fashion_mnist_labels, load_image_folder,
                       load_image_folder_labeled, read_image_header)
 
@@ -151,7 +151,7 @@ def _read_folder(spec: str, split: Split, size: int, channels: int, labeled: boo
 
 def _header_shape(path: Path) -> tuple[int, int, int]:
     w, h, mode = read_image_header(path)
-    return (1 if mode in ("L", "LA", "I", "I;16", "1") else 3, h, w)
+    return (1 if mode in GREY_MODES else 3, h, w)
 
 
 def _describe_folder(spec: str) -> SourceInfo:
@@ -406,6 +406,16 @@ def load_labeled_dataset(source: str, *, size: int, channels: int, data_dir: str
     if len(r.labels) != len(r.images):
         raise DdpmError(f"{source} {split}: {len(r.images)} images but {len(r.labels)} labels")
     return Labeled(r.images, r.labels, r.classes)
+
+
+def first_image(source: str, *, size: int, data_dir: str | Path | None = None, download: bool = True) -> torch.Tensor:
+    """A source's first training image as uint8 (C, size, size), in its own channels; a folder's
+    first file is decoded alone, not the whole folder."""
+    channels = describe(source, data_dir).shape[0]
+    if named_source(source) is None and source_kind(source)[0] == "folder":
+        root = Path(source)
+        return torch.from_numpy(_decode(_image_files(root, _folder_skip(root))[0], size, channels))
+    return load_dataset(source, size=size, channels=channels, data_dir=data_dir, download=download)[0]
 
 
 def has_test_split(source: str, test_source: str | None = None, data_dir: str | Path | None = None) -> bool:

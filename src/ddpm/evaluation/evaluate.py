@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from ..files import atomic_write_bytes
-from ..data.sources import DEFAULT_REFERENCE, reference_images, split_names
+from ..data.sources import EVALUATIONS, DEFAULT_REFERENCE, describe, load_dataset, reference_images, split_names
 from ..errors import DdpmError
 from .features import FeatureNet, default_feature_net, weights_digest
 from .metrics import classifier_stats, frechet_distance, gaussian_stats, kid, precision_recall
@@ -141,12 +141,21 @@ def reference_stats(net: FeatureNet, images: torch.Tensor, *, cache: bool = True
     return stats
 
 
-def resolve_images(spec: str | torch.Tensor, net: FeatureNet, data_dir: str | Path | None = None
+class Reference(NamedTuple):
+    """Images to compare with, under the name a report gives them (a run's own test split)."""
+
+    name: str
+    images: torch.Tensor  # uint8 (N, C, H, W)
+
+
+def resolve_images(spec: str | torch.Tensor | Reference, net: FeatureNet, data_dir: str | Path | None = None
                    ) -> tuple[str, torch.Tensor]:
-    """A named split of a data source (``fashion-mnist-test``), an image folder, or a uint8
-    tensor -> (name, images) at the feature net's size."""
+    """A named split of a data source (``fashion-mnist-test``), an image folder, a uint8 tensor
+    or a :class:`Reference` -> (name, images) at the feature net's size."""
     if isinstance(spec, torch.Tensor):
         return "tensor", spec
+    if isinstance(spec, Reference):
+        return spec
     return spec, reference_images(spec, size=net.config.size, channels=net.config.channels, data_dir=data_dir)
 
 
@@ -156,6 +165,57 @@ def default_floor(reference: str | torch.Tensor) -> str | None:
     if isinstance(reference, str) and reference in named and named[reference][1] == "test":
         return f"{named[reference][0]}-train"
     return None
+
+
+def fits_features(net: FeatureNet, source: str, data_dir: str | Path | None = None) -> bool:
+    """Whether ``net`` measures images of ``source``: Fashion-MNIST features fit only a source whose
+    evaluation is FD-FMNIST; a net fitted elsewhere (``--features``) is the caller's choice."""
+    fmnist = net.meta is None or net.meta.dataset == "fashion-mnist"
+    return not fmnist or describe(source, data_dir).evaluation == "fd-fmnist"
+
+
+def no_features_message(cfg, what: str) -> str:
+    """One line: why ``what`` (a run) cannot be measured by the shipped features, and what can."""
+    d = cfg.data
+    return (f"{what} draws {d.channels}x{d.image_size}x{d.image_size} images of {d.source}, which has {EVALUATIONS['none']} "
+            f"(an FD against its own test split with them would be a wrong number): give --features NET "
+            f"fitted to this data (tools/fit_features.py), or --inception-weights PATH for Inception FID alone")
+
+
+class RunReference(NamedTuple):
+    reference: str | Reference
+    floor: str | Reference | None
+
+
+def run_reference(cfg, net: FeatureNet, reference: str | None = None, data_dir: str | Path | None = None,
+                  what: str = "the run") -> RunReference:
+    """What a run's samples are compared with: ``reference`` when given (its source's training
+    split the floor), else the run's own test split (its training split the floor); refused in
+    one line when the shipped features do not fit the run's data."""
+    if reference is not None:
+        return RunReference(reference, default_floor(reference))
+    d = cfg.data
+    data_dir = data_dir if data_dir is not None else d.data_dir
+    if not fits_features(net, d.source, data_dir):
+        raise DdpmError(no_features_message(cfg, what))
+    name = d.source.lower()
+    if name in {n for n, _ in split_names().values()} and not d.test_source:
+        return RunReference(f"{name}-test", f"{name}-train")
+    size, ch = net.config.size, net.config.channels
+    test = load_dataset(d.source, size=size, channels=ch, data_dir=data_dir, split="test", test_source=d.test_source)
+    train = load_dataset(d.source, size=size, channels=ch, data_dir=data_dir)
+    return RunReference(Reference(f"{d.test_source or d.source} (test)", test), Reference(f"{d.source} (train)", train))
+
+
+def run_test_images(cfg, n: int, data_dir: str | Path | None = None) -> torch.Tensor:
+    """The first n images of a run's test split (its source's, or its data.test_source) at the
+    run's size and channels."""
+    if n < 1:
+        raise DdpmError(f"--n must be at least 1, got {n}")
+    d = cfg.data
+    return load_dataset(d.source, size=d.image_size, channels=d.channels,
+                        data_dir=data_dir if data_dir is not None else d.data_dir, split="test",
+                        test_source=d.test_source)[:n]
 
 
 def real_images(n: int, net: FeatureNet, *, reference: str = DEFAULT_REFERENCE, seed: int = 0,
