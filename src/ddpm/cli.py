@@ -421,7 +421,7 @@ def _write_report(path: Path, text: str) -> None:
 def _eval_samples(args: argparse.Namespace, net: Any) -> tuple[Any, Path, dict[str, Any], Any]:
     """A run's samples, what they are compared with (a RunReference; a Reference: its own test
     split at its size, for Inception FID alone where the shipped features do not fit it)."""
-    from .evaluation.evaluate import Reference, fits_features, run_reference, run_test_images
+    from .evaluation.evaluate import Reference, check_inception_weights, fits_features, run_reference, run_test_images
     from .sampling.generate import generate, load_model
 
     from .files import check_writable_dir
@@ -431,6 +431,7 @@ def _eval_samples(args: argparse.Namespace, net: Any) -> tuple[Any, Path, dict[s
     d = model.config.data
     if args.reference is None and args.inception_weights is not None and not fits_features(
             net, d.source, args.data if args.data is not None else d.data_dir):
+        check_inception_weights(args.inception_weights)
         plan: Any = Reference(f"{d.test_source or d.source} (test)", run_test_images(model.config, 1 << 62, args.data))
     else:  # refused here, before minutes of sampling, when nothing fits the run's data
         plan = run_reference(model.config, net, args.reference, args.data, what=str(args.run))

@@ -315,11 +315,16 @@ def _as_rgb(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
+def check_inception_weights(weights_path: str | Path | None) -> None:
+    """The Inception weights are on disk: checked before minutes of sampling, not after."""
+    if weights_path is None or not Path(weights_path).is_file():
+        raise DdpmError(_inception_help("none given" if weights_path is None else f"{weights_path} not found"))
+
+
 def inception_fid(images: torch.Tensor, ref_images: torch.Tensor, weights_path: str | Path | None,
                   *, batch_size: int = 100) -> float:
     """Classic FID on Inception-v3 pool3 features (Heusel et al. 2017) via torchmetrics, offline."""
-    if weights_path is None or not Path(weights_path).is_file():
-        raise DdpmError(_inception_help("none given" if weights_path is None else f"{weights_path} not found"))
+    check_inception_weights(weights_path)
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError:
