@@ -162,3 +162,34 @@ def test_colour_run_in_the_web_page(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(buf, "PNG")
     r = client.post("/api/upload?run=run32", content=buf.getvalue())
     assert r.status_code == 400 and "is grey" in r.json()["error"]
+
+
+def test_bad_data_sources_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An unknown source, an .npz without images, a Hugging Face dataset without an image column:
+    one line, exit status 2, no run folder written."""
+    np.savez(tmp_path / "no-images.npz", pictures=np.zeros((4, 8, 8), np.uint8))
+    cases = [(tmp_path / "nowhere", "unknown data source"),
+             (tmp_path / "no-images.npz", "has no 'images' array (it holds pictures)")]
+    try:
+        import datasets
+
+        datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "text"))
+        cases.append((tmp_path / "text", "has no image column (its columns: text (Value))"))
+    except ImportError:  # the rest still runs; tests/data/test_sources.py says why it skips
+        pass
+    cfg = write_config(tmp_path / "cfg.json", tiny_config(tmp_path))
+    capsys.readouterr()
+    for source, message in cases:
+        for extra in ([], ["--cond"]):
+            assert main(["train", "--config", str(cfg), "--dataset", str(source), *extra,
+                         "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+            one_error_line(capsys, message)
+            assert not (tmp_path / "r").exists()
+
+
+def test_noise_figure_of_a_colour_source(tmp_path: Path) -> None:
+    data = rgb_classes(tmp_path / "rgb", 16, n=1, test=0)
+    out = tmp_path / "noise.png"
+    assert main(["noise", "--source", str(data), "--size", "16", "--t", "0,100", "--out", str(out)]) == 0
+    tiles = np.asarray(Image.open(out))
+    assert tiles.ndim == 3 and tiles.shape[2] == 3 and tiles.shape[1] >= 2 * 16

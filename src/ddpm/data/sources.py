@@ -254,6 +254,9 @@ def _datasets():
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # read at import: set here too if imported before
         if hasattr(datasets.config, name):
             setattr(datasets.config, name, True)
+    # Its progress bars and notes would break the command's one-line messages; the reading is quick.
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     return datasets
 
 
