@@ -428,6 +428,7 @@ def _eval_samples(args: argparse.Namespace, net: Any) -> tuple[Any, Path, dict[s
 
     scfg = _sample_config(args)
     model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    scfg = _student_sampling(model, scfg, args)
     d = model.config.data
     if args.reference is None and args.inception_weights is not None and not fits_features(
             net, d.source, args.data if args.data is not None else d.data_dir):
@@ -435,7 +436,6 @@ def _eval_samples(args: argparse.Namespace, net: Any) -> tuple[Any, Path, dict[s
         plan: Any = Reference(f"{d.test_source or d.source} (test)", run_test_images(model.config, 1 << 62, args.data))
     else:  # refused here, before minutes of sampling, when nothing fits the run's data
         plan = run_reference(model.config, net, args.reference, args.data, what=str(args.run))
-    scfg = _student_sampling(model, scfg, args)
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     model = _engine(model, scfg, args)
     s = generate(model, scfg, progress=not args.no_progress)
