@@ -72,6 +72,7 @@ SOURCES: dict[str, DataSource] = {
 }
 FOLDER = "a folder of PNG/JPEG images (root/<class>/... for classes, root/test/ a test split)"
 DEFAULT_REFERENCE = "fashion-mnist-test"  # what evaluations of --samples / --real compare against, unless told
+DEFAULT_FLOOR = "fashion-mnist-train"  # ... and the real images of their floor
 TEST_FOLDER = "test"  # an image folder's test split: root/test/ (its own root/test/<class>/...)
 NPZ_KEYS = ("images", "labels", "class_names", "test_images", "test_labels")
 

@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from ..files import atomic_write_bytes
-from ..data.sources import EVALUATIONS, DEFAULT_REFERENCE, describe, load_dataset, reference_images, split_names
+from ..data.sources import DEFAULT_FLOOR, DEFAULT_REFERENCE, describe, load_dataset, reference_images, split_names
 from ..errors import DdpmError
 from .features import FeatureNet, default_feature_net, weights_digest
 from .metrics import classifier_stats, frechet_distance, gaussian_stats, kid, precision_recall
@@ -170,16 +170,20 @@ def default_floor(reference: str | torch.Tensor) -> str | None:
 def fits_features(net: FeatureNet, source: str, data_dir: str | Path | None = None) -> bool:
     """Whether ``net`` measures images of ``source``: Fashion-MNIST features fit only a source whose
     evaluation is FD-FMNIST; a net fitted elsewhere (``--features``) is the caller's choice."""
-    fmnist = net.meta is None or net.meta.dataset == "fashion-mnist"
-    return not fmnist or describe(source, data_dir).evaluation == "fd-fmnist"
+    return not _is_fmnist(net) or describe(source, data_dir).evaluation == "fd-fmnist"
+
+
+def _is_fmnist(net: FeatureNet) -> bool:
+    return net.meta is None or net.meta.dataset == "fashion-mnist"
 
 
 def no_features_message(cfg, what: str) -> str:
     """One line: why ``what`` (a run) cannot be measured by the shipped features, and what can."""
     d = cfg.data
-    return (f"{what} draws {d.channels}x{d.image_size}x{d.image_size} images of {d.source}, which has {EVALUATIONS['none']} "
-            f"(an FD against its own test split with them would be a wrong number): give --features NET "
-            f"fitted to this data (tools/fit_features.py), or --inception-weights PATH for Inception FID alone")
+    return (f"{what} draws {d.channels}x{d.image_size}x{d.image_size} images of {d.source}: the shipped FD-FMNIST "
+            f"features measure only Fashion-MNIST's 1x28x28 grey clothes (an FD of these with them would be a wrong "
+            f"number): give --features NET fitted to this data (tools/fit_features.py), or --inception-weights PATH "
+            f"for Inception FID alone")
 
 
 class RunReference(NamedTuple):
@@ -190,20 +194,23 @@ class RunReference(NamedTuple):
 def run_reference(cfg, net: FeatureNet, reference: str | None = None, data_dir: str | Path | None = None,
                   what: str = "the run") -> RunReference:
     """What a run's samples are compared with: ``reference`` when given (its source's training
-    split the floor), else the run's own test split (its training split the floor); refused in
-    one line when the shipped features do not fit the run's data."""
-    if reference is not None:
-        return RunReference(reference, default_floor(reference))
+    split the floor), else the run's own test split (its training split the floor). Refused in
+    one line, before anything is sampled, when the features cannot measure the run's images."""
     d = cfg.data
     data_dir = data_dir if data_dir is not None else d.data_dir
-    if not fits_features(net, d.source, data_dir):
-        raise DdpmError(no_features_message(cfg, what))
+    c, s = net.config.channels, net.config.size
+    if (d.channels, d.image_size) != (c, s) or (reference is None and not fits_features(net, d.source, data_dir)):
+        if _is_fmnist(net):
+            raise DdpmError(no_features_message(cfg, what))
+        raise DdpmError(f"the feature net takes {c}x{s}x{s} images; {what} draws "
+                        f"{d.channels}x{d.image_size}x{d.image_size}")
+    if reference is not None:
+        return RunReference(reference, default_floor(reference))
     name = d.source.lower()
     if name in {n for n, _ in split_names().values()} and not d.test_source:
         return RunReference(f"{name}-test", f"{name}-train")
-    size, ch = net.config.size, net.config.channels
-    test = load_dataset(d.source, size=size, channels=ch, data_dir=data_dir, split="test", test_source=d.test_source)
-    train = load_dataset(d.source, size=size, channels=ch, data_dir=data_dir)
+    test = load_dataset(d.source, size=s, channels=c, data_dir=data_dir, split="test", test_source=d.test_source)
+    train = load_dataset(d.source, size=s, channels=c, data_dir=data_dir)
     return RunReference(Reference(f"{d.test_source or d.source} (test)", test), Reference(f"{d.source} (train)", train))
 
 
@@ -269,11 +276,13 @@ def floor_fd(net: FeatureNet, pool: torch.Tensor, n: int, ref: ReferenceStats, *
 
 
 def evaluate_images(images: torch.Tensor, *, feature_net: FeatureNet | None = None,
-                    reference: str | torch.Tensor = "fashion-mnist-test",
-                    floor: str | torch.Tensor | None = "fashion-mnist-train",
+                    reference: str | torch.Tensor = DEFAULT_REFERENCE,
+                    floor: str | torch.Tensor | None = DEFAULT_FLOOR,
                     data_dir: str | Path | None = None, seed: int = 0, kid_subsets: int = 100,
                     kid_subset_size: int = 1000, pr_k: int = 3, cache: bool = True) -> EvalReport:
-    """FD, KID, precision/recall and class statistics of uint8 images against a reference set."""
+    """FD, KID, precision/recall and class statistics of uint8 images against a reference set
+    (images with no run to name their data: Fashion-MNIST's, unless told; a run's own test split
+    is :func:`run_reference`'s)."""
     t0 = time.perf_counter()
     net = feature_net if feature_net is not None else default_feature_net()
     net.check_images(images)
