@@ -179,10 +179,11 @@ def test_bad_data_sources_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
         pass
     cfg = write_config(tmp_path / "cfg.json", tiny_config(tmp_path))
     capsys.readouterr()
+    good = str(rgb_classes(tmp_path / "good", 8, n=2))
     for source, message in cases:
-        for extra in ([], ["--cond"]):
-            assert main(["train", "--config", str(cfg), "--dataset", str(source), *extra,
-                         "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+        for flags in (["--dataset", str(source)], ["--dataset", str(source), "--cond"],
+                      ["--dataset", good, "--test-source", str(source)]):
+            assert main(["train", "--config", str(cfg), *flags, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
             one_error_line(capsys, message)
             assert not (tmp_path / "r").exists()
 
@@ -193,3 +194,27 @@ def test_noise_figure_of_a_colour_source(tmp_path: Path) -> None:
     assert main(["noise", "--source", str(data), "--size", "16", "--t", "0,100", "--out", str(out)]) == 0
     tiles = np.asarray(Image.open(out))
     assert tiles.ndim == 3 and tiles.shape[2] == 3 and tiles.shape[1] >= 2 * 16
+
+
+def test_colour_run_measured_by_features_fitted_to_its_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--features NET (here an untrained one of the run's shape): the report compares the samples
+    with the run's own test split, its training split the floor."""
+    import torch
+
+    from ddpm.evaluation.features import FeatureNet, FeatureNetConfig, FeatureNetMeta, save_feature_net
+
+    run, _ = train_colour(tmp_path, 32)
+    torch.manual_seed(0)
+    net = FeatureNet(FeatureNetConfig(channels=3, size=32, widths=(8, 8, 8), feature_dim=8, num_classes=2))
+    save_feature_net(net.eval(), tmp_path / "rgb-features.safetensors", FeatureNetMeta(dataset="rgb32",
+                                                                                        class_names=CLASSES))
+    assert main(["eval", str(run), "--n", "8", "--sampler", "ddim", "--steps", "2", "--features",
+                 str(tmp_path / "rgb-features.safetensors"), "--out", str(tmp_path / "ev")]) == 0
+    rep = json.loads((tmp_path / "ev" / "eval-ddim-2.json").read_text())
+    assert rep["reference"] == f"{tmp_path / 'rgb32'} (test)" and rep["n_reference"] == 4
+    assert rep["fd"] >= 0 and rep["fd_reference"] is not None and rep["n_samples"] == 8
+    small = FeatureNet(FeatureNetConfig())  # 1x28x28: not this run's images
+    save_feature_net(small.eval(), tmp_path / "grey.safetensors", FeatureNetMeta(dataset="other"))
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n", "8", "--features", str(tmp_path / "grey.safetensors")]) == 2
+    one_error_line(capsys, "the feature net takes 1x28x28 images; ")
