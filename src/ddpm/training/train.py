@@ -29,7 +29,7 @@ from ..files import (LOCK_NAME, atomic_write_text, check_outside_run_files, chec
                      signals_held)
 from ..config import RunConfig, check_model_config, check_seed
 from ..data.readers import Batches, to_model_range
-from ..data.sources import class_names, describe as describe_source, load_dataset, load_labeled_dataset
+from ..data.sources import class_names, load_dataset, load_labeled_dataset
 from ..core.diffusion import sample_noise, sample_timesteps, training_losses
 from ..runtime.distributed import Dist, from_env, shutdown
 from ..errors import DdpmError
@@ -629,6 +629,8 @@ def _load_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
             data = load_dataset(d.source, size=d.image_size, channels=d.channels, data_dir=d.data_dir)
             labels = None
         if d.test_source:  # read only by evaluations, minutes later: a wrong path is said now
+            from ..data.sources import describe as describe_source
+
             describe_source(d.test_source, d.data_dir)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
