@@ -41,7 +41,7 @@ SUITE_OF = {
     "control": "control", "guided_rows": "control", "autoguidance_sweep": "control",
     "inpaint": "editing", "distill_quality": "distillation", "distill_step_cost": "distillation",
     "quality": "quality", "nfe_sweep": "quality", "ablate": "quality", "demo_autoguidance": "quality",
-    "learned_variance": "quality", "eval_floor": "shipped", "ship_model": "shipped", "fit_features": "shipped",
+    "learned_variance": "quality", "processes": "quality", "eval_floor": "shipped", "ship_model": "shipped", "fit_features": "shipped",
 }
 
 

@@ -90,10 +90,23 @@ def _sample_config(args: argparse.Namespace, sweep: bool = False) -> Any:
     from .config import override
     from .sampling.generate import SampleConfig
 
-    return override(SampleConfig(), sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta,
+    return override(SampleConfig(), sampler=args.sampler or SampleConfig.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta,
                     variance=args.variance, clip=args.clip, n=args.n, batch_size=args.batch_size,
                     seed=args.seed, use_ema=not args.no_ema, precision=args.precision,
                     **_guidance_fields(args, sweep))
+
+
+def _load_for_sampling(args: argparse.Namespace, scfg: Any) -> tuple[Any, Any]:
+    """The model of ``args.run``, and the sampling config with its process's own sampler where
+    --sampler was not given (the ancestral sampler on the discrete chain)."""
+    from dataclasses import replace
+
+    from .sampling.generate import load_model
+
+    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    if getattr(args, "sampler", None) is None:
+        scfg = replace(scfg, sampler=model.process.default_sampler)
+    return model, scfg
 
 
 def _guidance_fields(args: argparse.Namespace, sweep: bool = False) -> dict[str, Any]:
@@ -139,7 +152,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .sampling.generate import check_sample_config, generate, load_model
 
     scfg = _sample_config(args)
-    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    model, scfg = _load_for_sampling(args, scfg)
     scfg = _student_sampling(model, scfg, args)
     out = Path(args.out) if args.out else model.run_folder() / "samples"
     if args.index is not None and not 0 <= args.index < min(scfg.n, scfg.batch_size):
@@ -206,7 +219,7 @@ def _student_sampling(model: Any, scfg: Any, args: argparse.Namespace) -> Any:
     from .training.distill import student_of, student_sampling
 
     d = student_of(model.source)
-    if d is None or args.sampler not in ("ddpm", "ddim"):
+    if d is None or args.sampler not in (None, "ddpm", "ddim"):
         return scfg
     how = student_sampling(d)
     what = "multistep consistency sampling" if how["sampler"] == "consistency" else "DDIM (eta 0)"
@@ -298,7 +311,7 @@ def _edit_request(args: argparse.Namespace, folder: str) -> tuple[Any, Any, Any,
     from .sampling.generate import check_sample_config, load_model
 
     scfg = _sample_config(args)
-    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    model, scfg = _load_for_sampling(args, scfg)
     check_sample_config(model, scfg)
     image = load_edit_image(model, args.image)
     out = Path(args.out) if args.out else model.run_folder() / folder
@@ -427,7 +440,7 @@ def _eval_samples(args: argparse.Namespace, net: Any) -> tuple[Any, Path, dict[s
     from .files import check_writable_dir
 
     scfg = _sample_config(args)
-    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    model, scfg = _load_for_sampling(args, scfg)
     scfg = _student_sampling(model, scfg, args)
     d = model.config.data
     if args.reference is None and args.inception_weights is not None and not fits_features(
@@ -478,7 +491,7 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
         raise DdpmError("--class evaluates a RUN; drop --samples / --real")
     ws = parse_guidances(args.guidance) if args.guidance is not None else (0.0,)
     scfg = _sample_config(args, sweep=True)
-    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    model, scfg = _load_for_sampling(args, scfg)
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
     floor = default_floor(args.reference) if args.reference is not None else None  # None: the run's own
@@ -511,7 +524,7 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
     scfg = _sample_config(args)
     rp = RePaintConfig(jump_length=args.jump_length, resample=args.resample)
     check_repaint(rp)
-    model = load_model(args.run, device=args.device, use_ema=scfg.use_ema)
+    model, scfg = _load_for_sampling(args, scfg)
     check_repaint(rp, check_sample_config(model, scfg))
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
@@ -531,7 +544,7 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
 def cmd_eval_nll(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import run_test_images
     from .files import check_writable_file
-    from .evaluation.likelihood import format_nll, nll_bits_per_dim
+    from .evaluation.likelihood import check_has_bound, format_nll, nll_bits_per_dim
     from .sampling.generate import load_model
 
     if args.engine != "torch":
@@ -541,6 +554,7 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise DdpmError(f"--n must be at least 1, got {args.n}")
     model = load_model(args.run, device=args.device, use_ema=not args.no_ema)
+    check_has_bound(model.config)
     out = Path(args.out) / "nll.json" if args.out else model.run_folder() / "nll.json"
     check_writable_file(out, "report")  # before minutes of work
     images = run_test_images(model.config, args.n, args.data)  # the run's own test split
@@ -740,7 +754,9 @@ def _add_sample_flags(s: argparse.ArgumentParser, n_default: int = 64) -> None:
     def own(field: str) -> str:  # each sampler's default, from the table
         return ", ".join(f"{n} {getattr(spec, field) or 'T'}" for n, spec in SAMPLERS.items())
 
-    s.add_argument("--sampler", default="ddpm", help="; ".join(f"{n}: {spec.summary}" for n, spec in SAMPLERS.items()))
+    s.add_argument("--sampler", default=None,
+                   help="default: the process's own (ddpm on vp, heun on edm and rectified-flow); "
+                        + "; ".join(f"{n}: {spec.summary}" for n, spec in SAMPLERS.items()))
     g = s.add_argument_group("class-conditional models")
     g.add_argument("--class", dest="classes", metavar="CLASS",
                    help="a class name (e.g. sneaker) or index, a comma list, or 'all' (one grid row per "

@@ -21,9 +21,10 @@ from .files import shorten
 # these checks and the plots read it. Schedules and spacings are tables of core.schedules.
 ScheduleName = Literal[tuple(SCHEDULES)]  # type: ignore[valid-type]  # the keys of core.schedules.SCHEDULES
 LossType = Literal["l1", "l2", "huber"]
-Objective = Literal["eps", "x0", "v"]
-LossWeighting = Literal["uniform", "min_snr"]
-TimestepSampling = Literal["uniform", "lognormal"]
+Objective = Literal["eps", "x0", "v", "velocity", "edm"]  # the keys of core.objectives.OBJECTIVES
+ProcessName = Literal["vp", "edm", "rectified-flow"]  # the keys of core.processes.PROCESSES
+LossWeighting = Literal["uniform", "min_snr", "edm"]
+TimestepSampling = Literal["uniform", "lognormal", "logit-normal"]  # the keys of core.noise_levels.NOISE_LEVELS
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # see ddpm.runtime.precision
 
@@ -61,18 +62,28 @@ class ModelConfig:
 class DiffusionConfig:
     """The forward process and the training objective."""
 
+    process: ProcessName = _f("vp", "the noise process: vp (DDPM's discrete chain), edm (Karras et al. 2022) or "
+                                    "rectified-flow (x_t = (1 - t) x0 + t eps)")
     timesteps: int = _f(200, "T, the number of diffusion steps")
     schedule: ScheduleName = _f("linear", "the beta schedule")
     beta_start: float = _f(1e-4, "beta_1 of the linear, quadratic and sigmoid schedules")
     beta_end: float = _f(0.02, "beta_T of the linear, quadratic and sigmoid schedules")
     loss: LossType = _f("huber", "the distance between the target and the prediction")
-    objective: Objective = _f("eps", "what the network predicts: the noise, x0 or v")
-    loss_weighting: LossWeighting = _f("uniform", "weight per t of the loss (min_snr: Hang et al. 2023)")
+    objective: Objective = _f("eps", "what the network predicts: the noise, x0, v, the flow's velocity "
+                                     "eps - x0, or EDM's preconditioned output")
+    loss_weighting: LossWeighting = _f("uniform", "weight per t of the loss (min_snr: Hang et al. 2023; edm: "
+                                                  "Karras et al. 2022's lambda(sigma))")
     min_snr_gamma: float = _f(5.0, "gamma of min-SNR weighting")
-    t_sampling: TimestepSampling = _f("uniform", "how training draws t: uniform (DDPM) or lognormal: the t whose "
-                                                 "sigma_t is nearest a log-normal sigma (EDM, Karras et al. 2022)")
+    t_sampling: TimestepSampling = _f("uniform", "how training draws t: uniform (DDPM), lognormal: ln sigma "
+                                                 "normal (EDM, Karras et al. 2022), or logit-normal (SD3)")
     lognormal_mean: float = _f(-1.2, "lognormal t-sampling: mean of ln sigma (EDM's P_mean)")
     lognormal_std: float = _f(1.2, "lognormal t-sampling: std of ln sigma (EDM's P_std)")
+    logit_mean: float = _f(0.0, "logit-normal t-sampling: mean of logit t (SD3's m)")
+    logit_std: float = _f(1.0, "logit-normal t-sampling: std of logit t (SD3's s)")
+    sigma_min: float = _f(0.002, "edm: the lowest noise level sigma")
+    sigma_max: float = _f(80.0, "edm: the highest noise level sigma")
+    rho: float = _f(7.0, "edm: the grid's rho (sigma^(1/rho) linear in t)")
+    sigma_data: float = _f(0.5, "the data's std in EDM's preconditioning and weighting")
     offset_noise: float = _f(0.0, "scale of per-channel offset noise added to eps")
     vlb_weight: float = _f(1e-3, "lambda of the hybrid loss, used with learn-sigma")
 
@@ -277,12 +288,37 @@ def _fast_rgb() -> RunConfig:
                    data=replace(cfg.data, image_size=32, channels=3), preset="fast-rgb")
 
 
+def _rf(cond: bool = False) -> RunConfig:
+    """The fast recipe's network and training under rectified flow (flow matching as in Stable
+    Diffusion 3, Esser et al. 2024): x_t = (1 - t) x0 + t eps, the velocity eps - x0 as the
+    target, t logit-normal (m = 0, s = 1), SD3's unweighted l2 loss; sampled with heun."""
+    cfg = _fast_cond() if cond else _fast()
+    d = replace(cfg.diffusion, process="rectified-flow", objective="velocity", loss="l2", loss_weighting="uniform",
+                t_sampling="logit-normal", timesteps=1000)
+    return replace(cfg, diffusion=d, preset="rf-cond" if cond else "rf")
+
+
+def _edm(cond: bool = False) -> RunConfig:
+    """The fast recipe's network and training under EDM (Karras et al. 2022, Table 1): sigma
+    from 0.002 to 80, the preconditioned output F as the target (c_in, c_skip, c_out, c_noise),
+    ln sigma ~ N(-1.2, 1.2^2), EDM's weighting (1 on F), sigma_data 0.5; sampled with heun on the
+    rho = 7 grid."""
+    cfg = _fast_cond() if cond else _fast()
+    d = replace(cfg.diffusion, process="edm", objective="edm", loss="l2", loss_weighting="uniform",
+                t_sampling="lognormal", lognormal_mean=-1.2, lognormal_std=1.2, timesteps=1000)
+    return replace(cfg, diffusion=d, preset="edm-cond" if cond else "edm")
+
+
 PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
     # The seed's recipe exactly: T=200 linear, huber, eps, Adam 1e-3, batch 128, 6 epochs.
     "seed": lambda: RunConfig(preset="seed"),
     "fast": _fast,
     "fast-cond": _fast_cond,
     "fast-rgb": _fast_rgb,
+    "rf": _rf,
+    "rf-cond": lambda: _rf(cond=True),
+    "edm": _edm,
+    "edm-cond": lambda: _edm(cond=True),
 }
 
 

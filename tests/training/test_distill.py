@@ -41,12 +41,14 @@ def ddim(run: Path, steps: int, x_T: torch.Tensor) -> torch.Tensor:
 def test_grids_nest_and_the_target_closes_the_step() -> None:
     s, t = round_grids(40, 2)
     assert s.tolist() == [19, 39] and t.tolist() == [9, 19, 29, 39]
-    # x0_target inverts one DDIM step: stepping from x_t with the target lands on x_prev
-    ab_t, ab_p = torch.tensor(0.3), torch.tensor(0.8)
-    x_t, x_prev = torch.randn(5), torch.randn(5)
-    x0 = x0_target(ab_t, ab_p, x_t, x_prev)
-    eps = (x_t - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
-    torch.testing.assert_close(ab_p.sqrt() * x0 + (1 - ab_p).sqrt() * eps, x_prev)
+    # x0_target inverts one DDIM step: stepping from x_t with the target lands on x_prev, on a
+    # variance-preserving level pair and on rectified flow's (alpha = 1 - t, sigma = t)
+    for a_t, s_t, a_p, s_p in [(0.3**0.5, 0.7**0.5, 0.8**0.5, 0.2**0.5), (0.25, 0.75, 0.6, 0.4)]:
+        a_t, s_t, a_p, s_p = (torch.tensor([v], dtype=torch.float64) for v in (a_t, s_t, a_p, s_p))
+        x_t, x_prev = torch.randn(1, 5), torch.randn(1, 5)
+        x0 = x0_target(a_t, s_t, a_p, s_p, x_t, x_prev)
+        eps = (x_t - a_t.float() * x0) / s_t.float()
+        torch.testing.assert_close(a_p.float() * x0 + s_p.float() * eps, x_prev)
 
 
 @pytest.mark.slow

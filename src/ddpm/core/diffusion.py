@@ -1,7 +1,8 @@
 """The diffusion math only: the forward process, eps/x0/v conversions, the posterior, the
 training loss and the variational bound. Knows nothing of the network's insides (rule 4).
 
-Shapes: x is (B, C, H, W); t is a (B,) long tensor of indices into the schedule.
+Shapes: x is (B, C, H, W); t is a (B,) long tensor of indices into a levels table (the
+discrete chain's steps, or a continuous process's sampling grid: ``core.processes``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DiffusionConfig
+from .objectives import Objective, coef, eps_from_x0 as _eps_from_x0, get_objective
+from .processes import Draw, Levels, Process
 from .schedules import NoiseSchedule
 
 Network = Callable[..., torch.Tensor]  # (x_t, t[, cond]) -> output; cond (B,) long class labels
@@ -51,13 +54,11 @@ def x0_from_v(s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, v: torch.Ten
     return extract(s.sqrt_alpha_bar, t, x_t.ndim) * x_t - extract(s.sqrt_one_minus_alpha_bar, t, x_t.ndim) * v
 
 
-def target_for(objective: str, s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """What the network is trained to output for this objective."""
-    if objective == "eps":
-        return eps
-    if objective == "x0":
-        return x0
-    return v_from(s, x0, t, eps)
+def target_for(objective: str | Objective, s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
+               eps: torch.Tensor) -> torch.Tensor:
+    """What the network is trained to output for this objective, at steps t of the chain ``s``."""
+    obj = get_objective(objective) if isinstance(objective, str) else objective
+    return obj.target(x0, eps, s.sqrt_alpha_bar[t], s.sqrt_one_minus_alpha_bar[t])
 
 
 def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
@@ -75,24 +76,23 @@ class Prediction(NamedTuple):
     var_frac: torch.Tensor | None  # learned interpolation in [0, 1] between log beta-tilde and log beta
 
 
-def interpret(s: NoiseSchedule, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
-              objective: str, learn_sigma: bool, clip: str = "none") -> Prediction:
-    """One conversion from any objective's raw output to (eps, x0), with optional x0 clipping."""
+def interpret(levels: Levels | NoiseSchedule, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+              objective: str | Objective, learn_sigma: bool, clip: str = "none") -> Prediction:
+    """One conversion from any objective's raw output to (eps, x0) at levels t of ``levels``,
+    with optional x0 clipping."""
+    lv = Levels.of_schedule(levels) if isinstance(levels, NoiseSchedule) else levels
+    obj = get_objective(objective) if isinstance(objective, str) else objective
     var_frac = None
     if learn_sigma:
         out, v = out.chunk(2, dim=1)
         var_frac = (v + 1) / 2
-    if objective == "eps":
-        eps, x0 = out, x0_from_eps(s, x_t, t, out)
-    elif objective == "x0":
-        x0, eps = out, None
-    else:
-        x0, eps = x0_from_v(s, x_t, t, out), None
+    alpha, sigma = lv.alpha[t], lv.sigma[t]
+    x0 = obj.x0(out, x_t, alpha, sigma)
+    eps = out if obj.name == "eps" and clip == "none" else None  # the prediction itself, not a round trip
     if clip != "none":
         x0 = x0.clamp(-1, 1) if clip == "clip" else dynamic_threshold(x0)
-        eps = None
     if eps is None:
-        eps = eps_from_x0(s, x_t, t, x0)
+        eps = _eps_from_x0(x_t, x0, alpha, sigma)
     return Prediction(eps, x0, var_frac)
 
 
@@ -117,37 +117,63 @@ class Denoiser:
     added to classifier-free guidance's term when both are on.
     """
 
-    def __init__(self, net: Network, schedule: NoiseSchedule, *, objective: str = "eps",
-                 learn_sigma: bool = False, clip: str = "none", num_classes: int = 0):
-        self.net, self.schedule = net, schedule
-        self.objective, self.learn_sigma, self.clip = objective, learn_sigma, clip
+    def __init__(self, net: Network, levels: Levels | NoiseSchedule, *, objective: str | Objective = "eps",
+                 learn_sigma: bool = False, clip: str = "none", num_classes: int = 0,
+                 process: Process | None = None):
+        self.net = net
+        self.obj = get_objective(objective) if isinstance(objective, str) else objective
+        self.objective, self.learn_sigma, self.clip = self.obj.name, learn_sigma, clip
+        self.process = process  # where sampling grids come from (None: the levels given are the grid)
         self.num_classes = num_classes  # the null class's index (0: an unconditional net)
         self.cond: torch.Tensor | None = None
         self.guidance = 0.0
-        self.guide_mask: torch.Tensor | None = None  # (T,) bool: guide at these t (None: all)
+        self.guide_interval: tuple[float, float] | None = None
         self.null_passes = 0  # calls that also ran the null class: each costs one more evaluation per image
         self.guide_net: Network | None = None  # autoguidance's guiding (weaker) network
         self.autoguidance = 0.0
         self.guide_passes = 0  # calls that also ran the guiding network: one more evaluation per image each
-        self.autoguide_mask: torch.Tensor | None = None  # (T,) bool: autoguide at these t (None: all)
+        self.autoguide_interval: tuple[float, float] | None = None
+        self._set_levels(Levels.of_schedule(levels) if isinstance(levels, NoiseSchedule) else levels)
+
+    def _set_levels(self, levels: Levels) -> None:
+        self.levels = levels
+        c_in = self.obj.c_in(levels.alpha, levels.sigma).float()
+        self.c_in = None if bool((c_in == 1).all()) else c_in  # None: the network sees x_t as it is
+        self.guide_mask = None if self.guide_interval is None else self._sigma_mask(self.guide_interval)
+        self.autoguide_mask = None if self.autoguide_interval is None or self.guide_net is None \
+            else self._sigma_mask(self.autoguide_interval)
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The discrete chain (the ancestral sampler, learned variances and the likelihood need it)."""
+        if self.levels.schedule is None:
+            raise ValueError("this denoiser's levels have no discrete chain")
+        return self.levels.schedule
+
+    def on(self, levels: Levels) -> Denoiser:
+        """A copy evaluated on another levels table (a continuous process's sampling grid)."""
+        if levels is self.levels:
+            return self
+        d = copy.copy(self)
+        d._set_levels(levels.to(self.levels.device))
+        return d
 
     def conditioned(self, cond: torch.Tensor | None, guidance: float = 0.0,
                     interval: tuple[float, float] | None = None) -> Denoiser:
         """A copy that draws classes ``cond`` (B,) with guidance w, guided only where the noise
-        level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in ``interval`` = [lo, hi]
-        (Kynkaanniemi et al. 2024; EDM's sigma units)."""
+        level sigma_t / alpha_t (EDM's sigma units) lies in ``interval`` = [lo, hi]
+        (Kynkaanniemi et al. 2024)."""
         if cond is not None and self.num_classes == 0:
             raise ValueError("class labels need a class-conditional network (num_classes > 0)")
         d = copy.copy(self)
-        d.cond, d.guidance, d.guide_mask, d.null_passes, d.guide_passes = cond, float(guidance), None, 0, 0
-        if interval is not None:
-            d.guide_mask = self._sigma_mask(interval)
+        d.cond, d.guidance, d.null_passes, d.guide_passes = cond, float(guidance), 0, 0
+        d.guide_interval = None if interval is None else (float(interval[0]), float(interval[1]))
+        d.guide_mask = None if interval is None else d._sigma_mask(interval)
         return d
 
     def _sigma_mask(self, interval: tuple[float, float]) -> torch.Tensor:
-        """(T,) bool: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) in [lo, hi]."""
-        ab = self.schedule.alpha_bar
-        sigma = ((1 - ab) / ab).sqrt()
+        """(K,) bool: the level's sigma / alpha in [lo, hi]."""
+        sigma = self.levels.sigma_ve
         return (sigma >= interval[0]) & (sigma <= interval[1])
 
     def autoguided(self, guide_net: Network | None, w: float,
@@ -161,21 +187,23 @@ class Denoiser:
         d = copy.copy(self)
         d.guide_net, d.autoguidance, d.guide_passes = (guide_net, float(w), 0) if guide_net is not None and w \
             else (None, 0.0, 0)
-        d.autoguide_mask = self._sigma_mask(interval) if d.guide_net is not None and interval is not None else None
+        d.autoguide_interval = None if interval is None else (float(interval[0]), float(interval[1]))
+        d.autoguide_mask = d._sigma_mask(interval) if d.guide_net is not None and interval is not None else None
         return d
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
-        step = self.schedule.timesteps[t]
+        step = self.levels.net_t[t]
+        x_in = x_t if self.c_in is None else x_t * coef(self.c_in[t], x_t)
         if self.cond is None:
-            out = out_c = self.net(x_t, step).float()
+            out = out_c = self.net(x_in, step).float()
         elif self.guidance == 0 or (self.guide_mask is not None and not bool(self.guide_mask[t].any())):
-            out = out_c = self.net(x_t, step, self.cond).float()
+            out = out_c = self.net(x_in, step, self.cond).float()
         else:
-            out, out_c = self._guided(x_t, t, step)
+            out, out_c = self._guided(x_in, t, step)
         if self.guide_net is not None and (self.autoguide_mask is None or bool(self.autoguide_mask[t].any())):
-            out = self._autoguided(out, out_c, x_t, t, step)
-        return interpret(self.schedule, out, x_t, t, objective=self.objective,
-                         learn_sigma=self.learn_sigma, clip=self.clip)
+            out = self._autoguided(out, out_c, x_in, t, step)
+        return interpret(self.levels, out, x_t, t, objective=self.obj, learn_sigma=self.learn_sigma,
+                         clip=self.clip)
 
     def _mean_channels(self, out: torch.Tensor) -> int:
         return out.shape[1] // 2 if self.learn_sigma else out.shape[1]  # guidance moves the mean only
@@ -260,17 +288,26 @@ def snr(s: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
     return (ab / (1 - ab)).float()
 
 
-def loss_weight(cfg: DiffusionConfig, s: NoiseSchedule, t: torch.Tensor) -> torch.Tensor | None:
-    """Min-SNR-gamma weights (Hang et al. Eq. 9), expressed for the chosen objective."""
+def loss_weight(cfg: DiffusionConfig, obj: Objective | NoiseSchedule, alpha: torch.Tensor,
+                sigma: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The per-sample weight of the objective's loss, from a weighting stated in x0 units and
+    divided by the objective's own (d out / d x0)^2: ``min_snr``: min(SNR, gamma) (Hang et al.
+    Eq. 9); ``edm``: EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 with
+    sigma = sigma_t / alpha_t (Karras et al. Table 1; 1 on EDM's own preconditioned output).
+    ``uniform``: None (the objective's own loss, unweighted). The older call
+    ``loss_weight(cfg, schedule, t)`` reads the discrete chain at steps t."""
+    if isinstance(obj, NoiseSchedule):  # (cfg, schedule, t)
+        s, t = obj, alpha
+        obj, alpha, sigma = get_objective(cfg.objective), s.sqrt_alpha_bar[t], s.sqrt_one_minus_alpha_bar[t]
     if cfg.loss_weighting == "uniform":
         return None
-    r = snr(s, t)
-    w = r.clamp(max=cfg.min_snr_gamma)
-    if cfg.objective == "eps":
-        return w / r
-    if cfg.objective == "v":
-        return w / (r + 1)
-    return w
+    scale2 = obj.out_per_x0(alpha, sigma) ** 2
+    if cfg.loss_weighting == "min_snr":
+        w = (alpha**2 / sigma**2).clamp(max=cfg.min_snr_gamma)
+    else:
+        sd, sv = cfg.sigma_data, sigma / alpha
+        w = (sv**2 + sd**2) / (sv * sd) ** 2
+    return (w / scale2).float()
 
 
 def sample_noise(x0: torch.Tensor, offset: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -285,44 +322,49 @@ def sample_noise(x0: torch.Tensor, offset: float, generator: torch.Generator | N
 
 def sample_timesteps(cfg: DiffusionConfig, s: NoiseSchedule, n: int, *, device: torch.device | str = "cpu",
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n,) training steps t. ``uniform``: DDPM's t ~ U{0..T-1}. ``lognormal``: EDM's noise-level
-    distribution (Karras et al. 2022, Sec. 5): ln sigma ~ N(P_mean, P_std^2), mapped to the t
-    whose sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is nearest in ln sigma (sigma_t rises
-    with t), so that training spends its steps at the noise levels that matter most."""
-    if cfg.t_sampling == "uniform":
-        return torch.randint(0, cfg.timesteps, (n,), device=device, generator=generator)
-    z = torch.randn(n, device=device, generator=generator, dtype=torch.float64)
-    log_sigma = cfg.lognormal_mean + cfg.lognormal_std * z
-    ab = s.alpha_bar.to(device)
-    log_sig_t = 0.5 * (torch.log1p(-ab) - torch.log(ab))  # ascending in t
-    hi = torch.searchsorted(log_sig_t, log_sigma).clamp(1, len(ab) - 1)
-    lo = hi - 1
-    nearer_lo = (log_sigma - log_sig_t[lo]) < (log_sig_t[hi] - log_sigma)
-    return torch.where(nearer_lo, lo, hi).long()
+    """(n,) training steps t of the discrete chain ``s`` (``core.noise_levels``'s draws)."""
+    from .processes import VP
+    vp = VP.__new__(VP)
+    vp.cfg, vp.schedule = cfg, s
+    vp.table = Levels.of_schedule(s)
+    return vp.draw(n, cfg.t_sampling, device=device, generator=generator).index
 
 
-def training_losses(net: Network, s: NoiseSchedule, cfg: DiffusionConfig, x0: torch.Tensor,
-                    t: torch.Tensor, noise: torch.Tensor, *, learn_sigma: bool = False,
-                    cond: torch.Tensor | None = None) -> LossTerms:
-    """DDPM Algorithm 1 (any objective, weighting and loss type); with learned variances the
-    improved-DDPM hybrid L_simple + lambda L_vlb, stop-gradient on the mean in L_vlb.
-    ``cond``: (B,) class labels for a conditional net (the null class where dropped)."""
-    x_t = q_sample(s, x0, t, noise)
-    out = (net(x_t, t) if cond is None else net(x_t, t, cond)).float()
+def training_losses(net: Network, s: NoiseSchedule | Levels | None, cfg: DiffusionConfig, x0: torch.Tensor,
+                    t: torch.Tensor | Draw, noise: torch.Tensor, *, learn_sigma: bool = False,
+                    cond: torch.Tensor | None = None, objective: Objective | None = None) -> LossTerms:
+    """DDPM Algorithm 1 for any process, objective, weighting and loss type: ``t`` is a
+    :class:`~ddpm.core.processes.Draw` of levels (or steps of the chain ``s``); with learned
+    variances the improved-DDPM hybrid L_simple + lambda L_vlb, stop-gradient on the mean in
+    L_vlb (the discrete chain only). ``cond``: (B,) class labels for a conditional net (the null
+    class where dropped)."""
+    obj = objective or get_objective(cfg.objective, cfg.sigma_data)
+    if isinstance(t, Draw):
+        draw = t
+    else:
+        lv = Levels.of_schedule(s) if isinstance(s, NoiseSchedule) else s
+        draw = Draw(lv.alpha[t], lv.sigma[t], lv.net_t[t], t)
+    x_t = coef(draw.alpha, x0) * x0 + coef(draw.sigma, x0) * noise
+    c_in = obj.c_in(draw.alpha, draw.sigma).float()
+    x_in = x_t if bool((c_in == 1).all()) else x_t * coef(c_in, x_t)  # 1 on a variance-preserving process
+    out = (net(x_in, draw.net_t) if cond is None else net(x_in, draw.net_t, cond)).float()
     vlb = None
     if learn_sigma:
+        sched = s if isinstance(s, NoiseSchedule) else getattr(s, "schedule", None)
+        if sched is None or draw.index is None:
+            raise ValueError("learned variances need the discrete chain")
         out, v = out.chunk(2, dim=1)
         frozen = torch.cat([out.detach(), v], dim=1)
-        pred = interpret(s, frozen, x_t, t, objective=cfg.objective, learn_sigma=True)
-        vlb = vlb_term(s, pred, x0, x_t, t, variance="learned")
-    per = _elementwise(cfg.loss, out, target_for(cfg.objective, s, x0, t, noise)).flatten(1).mean(1)
-    w = loss_weight(cfg, s, t)
+        pred = interpret(sched, frozen, x_t, draw.index, objective=obj, learn_sigma=True)
+        vlb = vlb_term(sched, pred, x0, x_t, draw.index, variance="learned")
+    per = _elementwise(cfg.loss, out, obj.target(x0, noise, draw.alpha, draw.sigma)).flatten(1).mean(1)
+    w = loss_weight(cfg, obj, draw.alpha, draw.sigma)
     if w is not None:
         per = per * w
     loss = per.mean()
     if vlb is not None:
         # L_vlb = T * E_t[L_t]; improved-diffusion's lambda = 1e-3 with this scaling
-        loss = loss + cfg.vlb_weight * s.T * vlb.mean()
+        loss = loss + cfg.vlb_weight * sched.T * vlb.mean()
     return LossTerms(loss, per.detach(), None if vlb is None else vlb.detach())
 
 

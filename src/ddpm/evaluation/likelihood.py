@@ -177,6 +177,13 @@ def _report(tot: _Totals, n: int, T: int, k: int | None, variance: str, seed: in
         exact=k is None, variance=variance, sampling="all" if k is None else "stratified", seed=seed)
 
 
+def check_has_bound(config) -> None:
+    """One line for a run whose process has no discrete variational bound to evaluate."""
+    if config.diffusion.process != "vp":
+        raise DdpmError(f"the likelihood (DDPM's variational bound, Eq. 5) is the discrete chain's (vp); this run's "
+                        f"process is {config.diffusion.process}")
+
+
 def nll_bits_per_dim(model: LoadedModel, images_uint8: torch.Tensor, *, timesteps: int | None = None,
                      batch_size: int = 256, seed: int = 0, variance: Variance | None = None,
                      clip: str = "clip", progress: bool = False) -> NllReport:
@@ -185,6 +192,7 @@ def nll_bits_per_dim(model: LoadedModel, images_uint8: torch.Tensor, *, timestep
     "beta_tilde"; ``clip`` treats the predicted x0 as the samplers do ("clip", as
     improved-diffusion's image_nll.py; "none" for the raw network)."""
     mc = model.config
+    check_has_bound(mc)
     shape = (mc.model.channels, mc.data.image_size, mc.data.image_size)
     if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or tuple(images_uint8.shape[1:]) != shape:
         raise DdpmError(f"expected uint8 images of shape (N, {', '.join(map(str, shape))}), "

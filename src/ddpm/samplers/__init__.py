@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..core.diffusion import Denoiser
+from ..core.processes import Plan, Process
 from ..core.schedules import Spacing, space_timesteps
 from ..errors import DdpmError
 from . import consistency, ddim, ddpm, dpmpp_2m, heun
@@ -19,14 +20,19 @@ from .base import SamplerFn, SamplerOptions, StepCallback
 
 class SamplerSpec(NamedTuple):
     fn: SamplerFn  # with its final-step order bound (lower_order_final)
-    nfe: Callable[[torch.Tensor, list[int]], int]  # (alpha_bar, timesteps) -> network evaluations
+    nfe: Callable[..., int]  # (levels, timesteps) -> network evaluations
     default_steps: int | None  # None: all T training steps; else capped at T
-    default_spacing: Spacing  # the grid when --spacing is not given
+    default_spacing: Spacing  # the discrete chain's grid when --spacing is not given
     options: tuple[str, ...]  # the SamplerOptions fields it reads; any other one given is refused
     summary: str
+    processes: tuple[str, ...] | None = None  # the processes it is defined on (None: all)
 
 
-def _one_per_step(alpha_bar: torch.Tensor, timesteps: list[int]) -> int:
+CONTINUOUS_STEPS = 32  # a continuous process's default for a sampler that would take all T steps
+CONTINUOUS_SPACING: Spacing = "uniform"  # the process's own grid (EDM's rho-grid; uniform t on a flow)
+
+
+def _one_per_step(levels, timesteps: list[int]) -> int:
     return len(timesteps)
 
 
@@ -40,7 +46,7 @@ def _one_per_step(alpha_bar: torch.Tensor, timesteps: list[int]) -> int:
 # error below T steps; at its default, all T, every spacing is the same grid).
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(ddpm.sample, _one_per_step, None, "quadratic", ("variance",),
-                        "ancestral, DDPM Algorithm 2 (respaced)"),
+                        "ancestral, DDPM Algorithm 2 (respaced); the discrete chain only", ("vp",)),
     "ddim": SamplerSpec(ddim.sample, _one_per_step, 50, "uniform", ("eta",), "DDIM Eq. 12, eta in [0, 1]"),
     "dpm++2m": SamplerSpec(partial(dpmpp_2m.sample, lower_order_final=True), _one_per_step, 20, "uniform", (),
                            "DPM-Solver++(2M), last step first order"),
@@ -57,6 +63,16 @@ def get_sampler(name: str) -> SamplerSpec:
     if name not in SAMPLERS:
         raise DdpmError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+def check_process(name: str, process: Process | str) -> None:
+    """One line when the sampler is not defined on the process."""
+    spec = get_sampler(name)
+    pname = process if isinstance(process, str) else process.name
+    if spec.processes is not None and pname not in spec.processes:
+        fits = ", ".join(n for n, s in SAMPLERS.items() if s.processes is None or pname in s.processes)
+        raise DdpmError(f"the {name} sampler is defined on the {' and '.join(spec.processes)} process only, "
+                        f"not on {pname}; choose one of: {fits} (ddim --eta for a stochastic one)")
 
 
 def check_options(name: str, options: SamplerOptions, learn_sigma: bool) -> None:
@@ -79,19 +95,47 @@ def grid(name: str, T: int, steps: int | None = None, spacing: str | None = None
     return space_timesteps(T, steps, spec.default_spacing if spacing is None else spacing)
 
 
-def count_nfe(name: str, alpha_bar: torch.Tensor, steps: int | None = None, spacing: str | None = None) -> int:
-    """Network evaluations per image of the named sampler at ``steps`` steps (its defaults where None)."""
-    return get_sampler(name).nfe(alpha_bar, grid(name, len(alpha_bar), steps, spacing))
+def default_steps(name: str, process: Process) -> int:
+    """The named sampler's steps on ``process`` when none are asked for."""
+    spec = get_sampler(name)
+    if process.T is None:
+        return spec.default_steps or CONTINUOUS_STEPS
+    return min(spec.default_steps or process.T, process.T)
+
+
+def plan_for(name: str, process: Process, steps: int | None = None, spacing: str | None = None,
+             *, t_max: float = 1.0) -> Plan:
+    """The levels and indices the named sampler visits on ``process`` (its defaults where None):
+    on the discrete chain, ``steps`` of its T steps; on a continuous process, a grid of its own."""
+    check_process(name, process)
+    steps = default_steps(name, process) if steps is None else steps
+    if process.T is not None:
+        return Plan(process.table, grid(name, process.T, steps, spacing))
+    return process.plan(steps, CONTINUOUS_SPACING if spacing is None else spacing, t_max=t_max)
+
+
+def count_nfe(name: str, process: Process | torch.Tensor, steps: int | None = None, spacing: str | None = None) -> int:
+    """Network evaluations per image of the named sampler at ``steps`` steps (its defaults where
+    None), on ``process`` (or on the discrete chain of these alpha_bar)."""
+    if isinstance(process, torch.Tensor):
+        return get_sampler(name).nfe(process, grid(name, len(process), steps, spacing))
+    plan = plan_for(name, process, steps, spacing)
+    return get_sampler(name).nfe(plan.levels, plan.timesteps)
 
 
 def sample(name: str, denoiser: Denoiser, x_T: torch.Tensor, steps: int | None = None, *,
            spacing: str | None = None, options: SamplerOptions = SamplerOptions(),
            generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> torch.Tensor:
-    """Run the named sampler with ``steps`` of the model's T steps on ``spacing`` (its defaults when None)."""
+    """Run the named sampler with ``steps`` steps on ``spacing`` (its defaults when None), on the
+    denoiser's process (or, without one, on the T steps of its discrete chain)."""
     check_options(name, options, denoiser.learn_sigma)
-    timesteps = grid(name, denoiser.schedule.T, steps, spacing)
+    if denoiser.process is not None:
+        plan = plan_for(name, denoiser.process, steps, spacing)
+        denoiser, timesteps = denoiser.on(plan.levels), plan.timesteps
+    else:
+        timesteps = grid(name, denoiser.schedule.T, steps, spacing)
     return get_sampler(name).fn(denoiser, x_T, timesteps, options=options, generator=generator, on_step=on_step)
 
 
-__all__ = ["SAMPLERS", "count_nfe", "grid", "SamplerOptions", "SamplerSpec", "StepCallback", "get_sampler",
+__all__ = ["SAMPLERS", "count_nfe", "grid", "plan_for", "check_process", "default_steps", "SamplerOptions", "SamplerSpec", "StepCallback", "get_sampler",
            "sample", "check_options"]

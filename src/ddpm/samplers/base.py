@@ -27,6 +27,14 @@ class SamplerFn(Protocol):
                  on_step: StepCallback | None = None) -> torch.Tensor: ...
 
 
+def level(levels, i: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) of level i of a levels table, float64 scalars; None: the clean image (1, 0)."""
+    if i is None:
+        one = levels.alpha.new_tensor(1.0)
+        return one, one * 0
+    return levels.alpha[i], levels.sigma[i]
+
+
 def t_batch(t: int, x: torch.Tensor) -> torch.Tensor:
     """The scalar timestep t as a (B,) long tensor on x's device."""
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)

@@ -15,20 +15,20 @@ from __future__ import annotations
 import torch
 
 from ..core.diffusion import Denoiser
-from .base import SamplerOptions, StepCallback, randn_like, t_batch
+from .base import SamplerOptions, StepCallback, level, randn_like, t_batch
 
 
 @torch.no_grad()
 def sample(denoiser: Denoiser, x_T: torch.Tensor, timesteps: list[int], *, options: SamplerOptions,
            generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> torch.Tensor:
-    """x0 = f(x, t_k); x = sqrt(ab_{k-1}) x0 + sqrt(1 - ab_{k-1}) z for k = K .. 1; return f at t_1."""
-    ab_all = denoiser.schedule.alpha_bar
+    """x0 = f(x, t_k); x = alpha_{k-1} x0 + sigma_{k-1} z for k = K .. 1; return f at t_1."""
+    lv = denoiser.levels
     x = x_T
     for i in reversed(range(len(timesteps))):
         x0 = denoiser(x, t_batch(timesteps[i], x)).x0
         if i > 0:
-            ab = ab_all[timesteps[i - 1]]
-            x = ab.sqrt().to(x0.dtype) * x0 + (1 - ab).sqrt().to(x0.dtype) * randn_like(x0, generator)
+            a, s = level(lv, timesteps[i - 1])
+            x = a.to(x0.dtype) * x0 + s.to(x0.dtype) * randn_like(x0, generator)
         else:
             x = x0
         if on_step is not None:

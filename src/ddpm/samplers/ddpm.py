@@ -10,7 +10,8 @@ from .base import SamplerOptions, StepCallback, randn_like, t_batch
 @torch.no_grad()
 def sample(denoiser: Denoiser, x_T: torch.Tensor, timesteps: list[int], *, options: SamplerOptions,
            generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> torch.Tensor:
-    """DDPM Algorithm 2; with fewer steps, Improved DDPM Sec. 4's respaced betas."""
+    """DDPM Algorithm 2; with fewer steps, Improved DDPM Sec. 4's respaced betas. The discrete
+    chain only (its posterior q(x_{t-1} | x_t, x0) is the chain's)."""
     sub = denoiser.schedule.respace(timesteps)
     x = x_T
     for i in reversed(range(len(timesteps))):

@@ -23,13 +23,15 @@ import torch
 
 from ..config import SampleConfig
 from ..core.diffusion import Denoiser, Prediction, q_sample
+from ..core.objectives import coef
+from ..core.processes import Levels
 from ..core.schedules import NoiseSchedule
 from ..data.readers import check_image_channels, from_model_range, load_image, read_image_header, to_model_range
 from ..errors import DdpmError
 from ..pictures.viz import make_grid
 from ..runtime.budget import check_steps
 from ..runtime.precision import autocast_dtype, describe
-from ..samplers import SamplerOptions, SamplerSpec, StepCallback, get_sampler, grid
+from ..samplers import SamplerOptions, SamplerSpec, StepCallback, get_sampler
 from ..samplers.base import ImageGenerators, t_batch
 from .generate import LoadedModel, Samples, StepHook, _with_hook, check_sample_config, with_precision_resolved
 from .guidance import request_labels
@@ -78,10 +80,16 @@ def jump_schedule(levels: int, jump_length: int, resample: int) -> list[int]:
     return out
 
 
-def renoise(s: NoiseSchedule, x: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor) -> torch.Tensor:
-    """q(x_to | x_from) for t_to > t_from, DDPM Eq. 2 composed: N(sqrt(ab_to / ab_from) x, 1 - ab_to / ab_from)."""
-    ratio = s.alpha_bar[t_to] / s.alpha_bar[t_from]
-    return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+def renoise(s: NoiseSchedule | Levels, x: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor) -> torch.Tensor:
+    """q(x_to | x_from) for t_to > t_from: N((alpha_to / alpha_from) x, sigma_to^2 - (alpha_to / alpha_from)^2
+    sigma_from^2) on any process; on the discrete chain DDPM Eq. 2 composed, in alpha_bar."""
+    if isinstance(s, Levels) and s.schedule is not None:
+        s = s.schedule
+    if isinstance(s, NoiseSchedule):
+        ratio = s.alpha_bar[t_to] / s.alpha_bar[t_from]
+        return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+    a = s.alpha[t_to] / s.alpha[t_from]
+    return a * x + (s.sigma[t_to] ** 2 - a**2 * s.sigma[t_from] ** 2).clamp(min=0).sqrt() * noise
 
 
 def strength_timestep(strength: float, T: int) -> int:
@@ -103,11 +111,19 @@ class KnownRegion:
 
     def __init__(self, inner: Denoiser, x0: torch.Tensor, keep: torch.Tensor, noise: ImageGenerators):
         self.inner, self.x0, self.keep, self.noise = inner, x0, keep, noise
-        self.schedule, self.learn_sigma = inner.schedule, inner.learn_sigma
+        self.levels, self.learn_sigma = inner.levels, inner.learn_sigma
         self.calls = 0
 
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.inner.schedule
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
-        known = q_sample(self.schedule, self.x0, t, self.noise.randn(self.x0.shape, device=self.x0.device))
+        noise = self.noise.randn(self.x0.shape, device=self.x0.device)
+        if self.levels.schedule is not None:
+            known = q_sample(self.levels.schedule, self.x0, t, noise)
+        else:
+            known = coef(self.levels.alpha[t], self.x0) * self.x0 + coef(self.levels.sigma[t], self.x0) * noise
         self.calls += 1
         return self.inner(torch.where(self.keep, known, x_t), t)
 
@@ -148,7 +164,7 @@ def descend(run: _Run, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
         return stop.x
 
 
-def repaint(run: _Run, schedule: NoiseSchedule, x_T: torch.Tensor, cfg: RePaintConfig,
+def repaint(run: _Run, schedule: NoiseSchedule | Levels, x_T: torch.Tensor, cfg: RePaintConfig,
             noise: ImageGenerators) -> torch.Tensor:
     """RePaint Algorithm 1 over the run's grid: descents by the sampler, jumps back by :func:`renoise`."""
     levels = jump_schedule(len(run.timesteps), cfg.jump_length, cfg.resample)
@@ -216,9 +232,10 @@ class _Request:
             raise DdpmError("--guidance with an edit needs --class (an edit keeps the null class without it: "
                             "its input's class is unknown)")
         self.labels = None if labels is None else labels[: len(self.images)]
-        self.device = model.schedule.alpha_bar.device
-        self.timesteps = grid(cfg.sampler, model.schedule.T, self.steps, cfg.spacing)
-        self.denoiser = model.denoiser(cfg.clip, cfg.precision)
+        self.device = model.device
+        self.plan = model.plan(cfg.sampler, self.steps, cfg.spacing)
+        self.timesteps = self.plan.timesteps
+        self.denoiser = model.denoiser(cfg.clip, cfg.precision).on(self.plan.levels)
         self.guide = model.guide(cfg.guiding_model, cfg.precision) if cfg.autoguidance else None
 
     def batches(self):
@@ -274,7 +291,7 @@ def inpaint(model: LoadedModel, image: torch.Tensor, mask: torch.Tensor, cfg: Sa
         run.denoiser = KnownRegion(run.denoiser, x0, m, gens)
         record_fn = _recorder(frames, m, x0, max(1, steps // max_frames)) if record else None
         run.on_step = req.hook(start, steps, on_step, record_fn)
-        x = repaint(run, model.schedule, gens.randn(x0.shape, device=req.device), repaint_cfg, gens)
+        x = repaint(run, req.plan.levels, gens.randn(x0.shape, device=req.device), repaint_cfg, gens)
         out.append(torch.where(m.cpu(), req.images[start:start + len(x0)], from_model_range(x).cpu()))
         nfe = run.denoiser.calls + _extra_passes(run.denoiser.inner)
     return req.samples(out, nfe, req.steps, frames)
@@ -290,12 +307,23 @@ def edit(model: LoadedModel, image: torch.Tensor, strength: float, cfg: SampleCo
     only on (cfg.seed, i) and its input. Small strengths stay close to the input; 1 is sampling.
     ``on_step``, ``record``: as :func:`inpaint`.
     """
-    t0 = strength_timestep(strength, model.schedule.T)
+    check_strength(strength)
     req = _Request(model, cfg, image)
-    sub = sdedit_grid(req.timesteps, t0)
+    if model.process.T is not None:  # the discrete chain: t0 a step index
+        t0 = strength_timestep(strength, model.process.T)
+        sub, levels = sdedit_grid(req.timesteps, t0), req.plan.levels
+    else:  # a continuous process: the grid's levels below t0 = strength, and t0 on top
+        p = model.process
+        t = p.grid_t(req.steps, cfg.spacing or "uniform")
+        t = torch.cat([t[t < strength], t.new_tensor([strength])])
+        levels = p.levels_at(t).to(req.device)
+        sub, t0 = list(range(len(t))), len(t) - 1
     out, frames, extra = [], [], 0
     for start, x0, gens, run in req.batches():
-        x_t0 = q_sample(model.schedule, x0, t_batch(t0, x0), gens.randn(x0.shape, device=req.device))
+        run.denoiser = run.denoiser.on(levels)
+        noise = gens.randn(x0.shape, device=req.device)
+        x_t0 = q_sample(levels.schedule, x0, t_batch(t0, x0), noise) if levels.schedule is not None \
+            else coef(levels.alpha[t0].expand(len(x0)), x0) * x0 + coef(levels.sigma[t0].expand(len(x0)), x0) * noise
         record_fn = None
         if record:
             record_fn = _recorder(frames, torch.zeros_like(x0, dtype=torch.bool), x0, max(1, len(sub) // max_frames))
@@ -304,7 +332,7 @@ def edit(model: LoadedModel, image: torch.Tensor, strength: float, cfg: SampleCo
         x = run.spec.fn(run.denoiser, x_t0, sub, options=run.options, generator=gens, on_step=hook)
         out.append(from_model_range(x).cpu())
         extra = _extra_passes(run.denoiser)  # the same in every batch
-    return req.samples(out, run.spec.nfe(model.schedule.alpha_bar, sub) + extra, len(sub), frames)
+    return req.samples(out, run.spec.nfe(levels, sub) + extra, len(sub), frames)
 
 
 def _extra_passes(den: Denoiser) -> int:

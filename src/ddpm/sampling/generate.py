@@ -21,7 +21,9 @@ from ..runtime.precision import Trial, autocast_dtype, describe, resolve_precisi
 from ..runtime.budget import MARGIN, Need, available_memory, check_fits, check_steps, network_peak, smaller_batch
 from ..runtime.progress import StepBar, chain_hooks
 from ..samplers.base import ImageGenerators
-from ..samplers import SamplerOptions, StepCallback, check_options, get_sampler, grid
+from ..samplers import SamplerOptions, StepCallback, check_options, check_process, default_steps, get_sampler, plan_for
+from ..core.objectives import get_objective
+from ..core.processes import VP, Levels, Process, make_process
 from ..core.schedules import NoiseSchedule, make_schedule
 from ..pictures.viz import make_grid
 from .guidance import check_guidance, has_labels, request_labels
@@ -38,14 +40,29 @@ class LoadedModel:
     step: int
     source: Path
     _guides: dict = field(default_factory=dict, repr=False)  # guiding networks loaded, by folder
+    process: Process | None = None  # the run's noise process (made from its config when None)
+
+    def __post_init__(self) -> None:
+        if self.process is None:
+            self.process = process_of(self.config, self.schedule)
+
+    @property
+    def device(self) -> torch.device:
+        return self.schedule.alpha_bar.device
 
     def denoiser(self, clip: str = "none", precision: str = "fp32") -> Denoiser:
         d = self.config.diffusion
-        dev = self.schedule.alpha_bar.device
+        dev = self.device
         net = under_autocast(self.net, dev, autocast_dtype(precision, dev))
-        return Denoiser(net, self.schedule, objective=d.objective,
+        levels = self.process.table if isinstance(self.process, VP) else self.process.plan(1, "uniform").levels
+        return Denoiser(net, levels.to(dev), objective=get_objective(d.objective, d.sigma_data, d.process),
                         learn_sigma=self.config.model.learn_sigma, clip=clip,
-                        num_classes=self.config.model.num_classes)
+                        num_classes=self.config.model.num_classes, process=self.process)
+
+    def plan(self, sampler: str, steps: int | None, spacing: str | None, *, t_max: float = 1.0):
+        """The levels and indices ``sampler`` visits on this model's process (on its device)."""
+        p = plan_for(sampler, self.process, steps, spacing, t_max=t_max)
+        return p._replace(levels=p.levels.to(self.device))
 
     def guide_folder(self, path: str | Path | None = None) -> Path:
         """Where autoguidance's guiding model is: ``path``, else RUN/guide beside this checkpoint."""
@@ -81,6 +98,15 @@ class LoadedModel:
         return output_root(self.source)
 
 
+def process_of(config: RunConfig, schedule: NoiseSchedule) -> Process:
+    """The run's process; the discrete chain on ``schedule`` (and its device) for vp runs."""
+    if config.diffusion.process == "vp" and schedule is not None:
+        p = VP.__new__(VP)
+        p.cfg, p.schedule, p.table = config.diffusion, schedule, Levels.of_schedule(schedule)
+        return p
+    return make_process(config)
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", use_ema: bool = True) -> LoadedModel:
     """A run folder or checkpoint (or a shipped model's name, e.g. "fashion-mnist") -> the
     network (EMA weights by default) in eval mode."""
@@ -98,6 +124,7 @@ def check_guide(config: RunConfig, guide: RunConfig, where: Path) -> None:
     """A guiding model must read and write what the guided one does, step for step."""
     m, g = config, guide
     pairs = {"image size": (m.data.image_size, g.data.image_size), "channels": (m.model.channels, g.model.channels),
+             "process": (m.diffusion.process, g.diffusion.process),
              "timesteps": (m.diffusion.timesteps, g.diffusion.timesteps),
              "schedule": (m.diffusion.schedule, g.diffusion.schedule),
              "objective": (m.diffusion.objective, g.diffusion.objective),
@@ -135,9 +162,9 @@ def check_sample_config(model: LoadedModel, cfg: SampleConfig, *, frames: bool =
     by batch, not held); return the number of steps to run."""
     spec = get_sampler(cfg.sampler)
     check_config(cfg)
-    T = model.schedule.T
-    steps = min(spec.default_steps or T, T) if cfg.steps is None else cfg.steps
-    grid(cfg.sampler, T, steps, cfg.spacing)  # raises on bad steps / spacing
+    check_process(cfg.sampler, model.process)
+    steps = default_steps(cfg.sampler, model.process) if cfg.steps is None else cfg.steps
+    model.plan(cfg.sampler, steps, cfg.spacing)  # raises on bad steps / spacing
     check_options(cfg.sampler, SamplerOptions(cfg.eta, cfg.variance), model.config.model.learn_sigma)
     autocast_dtype(cfg.precision, model.schedule.alpha_bar.device)  # e.g. fp16 without CUDA
     check_guidance(cfg, model.config)
@@ -211,12 +238,13 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
     dev = model.schedule.alpha_bar.device
     labels, classes = request_labels(cfg, model.config, cfg.n)  # asked for, drawn, or none
     n = cfg.n if labels is None else len(labels)
-    timesteps = grid(cfg.sampler, model.schedule.T, steps, cfg.spacing)  # spacing None: the sampler's own
+    plan = model.plan(cfg.sampler, steps, cfg.spacing)  # spacing None: the sampler's own
+    timesteps = plan.timesteps
     mc = model.config
     shape = (mc.model.channels, mc.data.image_size, mc.data.image_size)
     out, recorded, null_passes = [], [], 0
     every = max(1, steps // max_frames)
-    denoiser = model.denoiser(cfg.clip, cfg.precision)
+    denoiser = model.denoiser(cfg.clip, cfg.precision).on(plan.levels)
     guide = model.guide(cfg.guiding_model, cfg.precision) if cfg.autoguidance else None
     bar = StepBar(-(-n // cfg.batch_size) * steps, f"{cfg.sampler}, {steps} steps", progress) if progress else None
     on_step = chain_hooks(bar, on_step)  # the bar is one more consumer of the steps
@@ -241,7 +269,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
         if keep is None or held < keep:
             out.append(images if keep is None else images[: keep - held])
         null_passes = den.null_passes + den.guide_passes  # the same in every batch: the grid decides
-    nfe = spec.nfe(model.schedule.alpha_bar, timesteps) + null_passes  # a guided step is two evaluations
+    nfe = spec.nfe(plan.levels, timesteps) + null_passes  # a guided step is two evaluations
     return Samples(torch.cat(out), nfe, steps, recorded,
                    describe(autocast_dtype(cfg.precision, dev)), labels,
                    None if classes is None else n // len(classes))

@@ -37,7 +37,9 @@ import torch
 
 from ..checkpoint import Checkpoint, load_checkpoint, load_into
 from ..config import RunConfig
-from ..core.diffusion import Denoiser, interpret, q_sample
+from ..core.diffusion import Denoiser
+from ..core.objectives import coef
+from ..core.processes import Levels
 from ..core.schedules import space_timesteps
 from ..errors import DdpmError
 from ..files import LOCK_NAME, atomic_write_text, check_unlocked, run_lock, run_of
@@ -109,18 +111,18 @@ def round_grids(T: int, student_steps: int) -> tuple[torch.Tensor, torch.Tensor]
     return s, t
 
 
-def ddim_to(pred_x0: torch.Tensor, pred_eps: torch.Tensor, ab_prev: torch.Tensor) -> torch.Tensor:
-    """DDIM Eq. 12 with eta 0: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps."""
-    dt = pred_x0.dtype
-    return ab_prev.sqrt().to(dt) * pred_x0 + (1 - ab_prev).sqrt().to(dt) * pred_eps
+def ddim_to(pred_x0: torch.Tensor, pred_eps: torch.Tensor, a_prev: torch.Tensor, s_prev: torch.Tensor) -> torch.Tensor:
+    """DDIM Eq. 12 with eta 0: x_prev = alpha_prev x0 + sigma_prev eps (float64 (B,) alpha, sigma)."""
+    return coef(a_prev, pred_x0) * pred_x0 + coef(s_prev, pred_x0) * pred_eps
 
 
-def x0_target(ab_t: torch.Tensor, ab_prev: torch.Tensor, x_t: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+def x0_target(a_t: torch.Tensor, s_t: torch.Tensor, a_prev: torch.Tensor, s_prev: torch.Tensor,
+              x_t: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
     """Salimans & Ho Algorithm 2: the x0 whose one DDIM step from x_t lands on x_prev,
     (x_prev - (sigma_p / sigma_t) x_t) / (alpha_p - (sigma_p / sigma_t) alpha_t)."""
-    ratio = ((1 - ab_prev) / (1 - ab_t)).sqrt()  # float64 coefficients: alpha_t is tiny at t = T-1
-    den = ab_prev.sqrt() - ratio * ab_t.sqrt()
-    return (1 / den).to(x_t.dtype) * x_prev - (ratio / den).to(x_t.dtype) * x_t
+    ratio = s_prev / s_t  # float64 coefficients: alpha_t is tiny at the noisiest level
+    den = a_prev - ratio * a_t
+    return coef(1 / den, x_t) * x_prev - coef(ratio / den, x_t) * x_t
 
 
 def _bcast(v: torch.Tensor) -> torch.Tensor:
@@ -140,6 +142,10 @@ class Distiller(Trainer):
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.teacher.load_state_dict(self.model.state_dict())
         self.round = 0
+        # the levels the grids index: the chain's T steps, or T levels t = (i + 1) / T of a continuous process
+        self.lv = self.process.table if self.process.T is not None else \
+            self.process.levels_at(torch.arange(1, cfg.diffusion.timesteps + 1, dtype=torch.float64)
+                                   / cfg.diffusion.timesteps).to(device)
 
     def student_steps(self, round_: int) -> int:
         return self.d.teacher_steps // 2 ** (round_ + 1)
@@ -155,22 +161,21 @@ class Distiller(Trainer):
         while self.step // self.d.steps_per_round > self.round and self.round + 1 < self.d.rounds:
             self._next_round()
         x0, y = self._batch()
-        s = self.schedule
-        student, teacher = round_grids(s.T, self.student_steps(self.round))
+        lv = self.lv
+        student, teacher = round_grids(lv.K, self.student_steps(self.round))
         j = torch.randint(0, len(student), (x0.shape[0],), generator=self.gen, device=self.device)
         t, t_mid = teacher.to(self.device)[2 * j + 1], teacher.to(self.device)[2 * j]
         t_prev = torch.where(j > 0, teacher.to(self.device)[(2 * j - 1).clamp(min=0)], -1)
-        ab = s.alpha_bar  # float64: coefficients are cast at use
-        ab_t, ab_mid = _bcast(ab[t]), _bcast(ab[t_mid])
-        ab_prev = _bcast(torch.where(t_prev >= 0, ab[t_prev.clamp(min=0)], torch.ones_like(ab[t])))
-        x_t = q_sample(s, x0, t, torch.randn(x0.shape, generator=self.gen, device=self.device))
+        a_t, s_t = lv.alpha[t], lv.sigma[t]  # float64: coefficients are cast at use
+        a_prev = torch.where(t_prev >= 0, lv.alpha[t_prev.clamp(min=0)], torch.ones_like(a_t))
+        s_prev = torch.where(t_prev >= 0, lv.sigma[t_prev.clamp(min=0)], torch.zeros_like(s_t))
+        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        x_t = coef(a_t, x0) * x0 + coef(s_t, x0) * noise
         with torch.no_grad():
-            x_prev = self._teacher_two_steps(x_t, t, t_mid, ab_mid, ab_prev, y)
-            target = x0_target(ab_t, ab_prev, x_t, x_prev)
-        out = self.net_fn(x_t, t) if y is None else self.net_fn(x_t, t, y)
-        pred = interpret(s, out.float(), x_t, t, objective=self.cfg.diffusion.objective,
-                         learn_sigma=self.cfg.model.learn_sigma)
-        weight = (ab_t / (1 - ab_t)).clamp(min=1).flatten().float()  # truncated SNR weighting, max(SNR, 1)
+            x_prev = self._teacher_two_steps(x_t, t, t_mid, (lv.alpha[t_mid], lv.sigma[t_mid]), (a_prev, s_prev), y)
+            target = x0_target(a_t, s_t, a_prev, s_prev, x_t, x_prev)
+        pred = self._denoiser(self.net_fn, y)(x_t, t)
+        weight = (a_t**2 / s_t**2).clamp(min=1).float()  # truncated SNR weighting, max(SNR, 1)
         per_sample = weight * (pred.x0 - target).square().flatten(1).mean(1)
         return self.optimize(per_sample.mean(), per_sample.detach(), t)
 
@@ -184,7 +189,7 @@ class Distiller(Trainer):
         return x0, (None if not self.cfg.model.num_classes else self._drop(y.to(self.device)))
 
     def _denoiser(self, net: torch.nn.Module, y: torch.Tensor | None) -> Denoiser:
-        den = Denoiser(net, self.schedule, objective=self.cfg.diffusion.objective,
+        den = Denoiser(net, self.lv, objective=self.objective,
                        learn_sigma=self.cfg.model.learn_sigma, num_classes=self.cfg.model.num_classes)
         return den.conditioned(y) if y is not None else den
 
@@ -192,13 +197,14 @@ class Distiller(Trainer):
         from .train import drop_labels
         return drop_labels(y, self.cfg.train.cond_drop, self.cfg.model.num_classes, self.gen)
 
-    def _teacher_two_steps(self, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor, ab_mid: torch.Tensor,
-                           ab_prev: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _teacher_two_steps(self, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor,
+                           mid: tuple[torch.Tensor, torch.Tensor], prev: tuple[torch.Tensor, torch.Tensor],
+                           y: torch.Tensor | None) -> torch.Tensor:
         den = self._denoiser(self.teacher, y)
         p = den(x_t, t)
-        x_mid = ddim_to(p.x0, p.eps, ab_mid)
+        x_mid = ddim_to(p.x0, p.eps, *mid)
         p = den(x_mid, t_mid)
-        return ddim_to(p.x0, p.eps, ab_prev)
+        return ddim_to(p.x0, p.eps, *prev)
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "round": self.round, "teacher": self.teacher.state_dict()}
@@ -221,28 +227,28 @@ class ConsistencyDistiller(Distiller):
         super().__init__(cfg, run_dir, data, device, d, teacher_weights, labels)
         if self.ema is not None:  # made from the initial weights: the target starts at the teacher too
             self.ema.model.load_state_dict(self.model.state_dict())
-        self.grid = torch.tensor(space_timesteps(self.schedule.T, d.teacher_steps, "trailing"), device=device)
+        self.grid = torch.tensor(space_timesteps(self.lv.K, d.teacher_steps, "trailing"), device=device)
 
     def train_step(self) -> StepOut | Skipped:
         """One batch: a level t_n of the grid, x at t_n, one teacher DDIM step to t_{n-1} (the
         clean end below t_0), and the student's f(x, t_n) pulled towards the target's f there."""
         x0, y = self._batch()
-        s = self.schedule
+        lv = self.lv
         n = torch.randint(0, len(self.grid), (x0.shape[0],), generator=self.gen, device=self.device)
         t = self.grid[n]
         t_prev = self.grid[(n - 1).clamp(min=0)]
-        lowest = _bcast(n == 0)  # the step goes to the clean end, where f is the identity
-        ab_prev = torch.where(lowest, 1.0, _bcast(s.alpha_bar[t_prev]))
-        x_t = q_sample(s, x0, t, torch.randn(x0.shape, generator=self.gen, device=self.device))
+        lowest = n == 0  # the step goes to the clean end, where f is the identity
+        a_prev = torch.where(lowest, 1.0, lv.alpha[t_prev])
+        s_prev = torch.where(lowest, 0.0, lv.sigma[t_prev])
+        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        x_t = coef(lv.alpha[t], x0) * x0 + coef(lv.sigma[t], x0) * noise
         with torch.no_grad():
             p = self._denoiser(self.teacher, y)(x_t, t)
-            x_prev = ddim_to(p.x0, p.eps, ab_prev)
+            x_prev = ddim_to(p.x0, p.eps, a_prev, s_prev)
             target_net = self.ema.model if self.ema is not None else self.model  # decay 0: the student itself
             f_prev = self._denoiser(target_net, y)(x_prev, t_prev).x0
-            target = torch.where(lowest, x_prev, f_prev)
-        out = self.net_fn(x_t, t) if y is None else self.net_fn(x_t, t, y)
-        pred = interpret(s, out.float(), x_t, t, objective=self.cfg.diffusion.objective,
-                         learn_sigma=self.cfg.model.learn_sigma)
+            target = torch.where(_bcast(lowest), x_prev, f_prev)
+        pred = self._denoiser(self.net_fn, y)(x_t, t)
         d2 = (pred.x0 - target).square().flatten(1).sum(1)
         c = 0.00054 * math.sqrt(x0[0].numel())  # Song & Dhariwal 2023's pseudo-Huber constant
         per_sample = (d2 + c * c).sqrt() - c

@@ -30,7 +30,9 @@ from ..files import (LOCK_NAME, atomic_write_text, check_outside_run_files, chec
 from ..config import RunConfig, check_model_config, check_seed
 from ..data.readers import Batches, to_model_range
 from ..data.sources import class_names, load_dataset, load_labeled_dataset
-from ..core.diffusion import sample_noise, sample_timesteps, training_losses
+from ..core.diffusion import sample_noise, training_losses
+from ..core.objectives import get_objective
+from ..core.processes import make_process
 from ..runtime.distributed import Dist, from_env, shutdown
 from ..errors import DdpmError
 from ..nn import UNet, check_image_size, count_parameters
@@ -43,7 +45,7 @@ from .runlog import LOG_NAME, JsonLog, TensorBoard, reset_log
 from ..config import SampleConfig
 from ..core.schedules import make_schedule
 from ..runtime.device import resolve_device
-from ..sampling.generate import LoadedModel, generate
+from ..sampling.generate import LoadedModel, generate, process_of
 from ..pictures.viz import make_grid, save_grid
 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
@@ -184,6 +186,15 @@ def _validate_diffusion(cfg: RunConfig) -> None:
         raise DdpmError(f"--lognormal-mean must be finite and --lognormal-std finite and > 0, got "
                         f"{dc.lognormal_mean} and {dc.lognormal_std}")
     make_schedule(cfg)  # unknown schedule / bad betas
+    make_process(cfg)  # unknown process / bad sigmas
+    get_objective(dc.objective, dc.sigma_data, dc.process)  # unknown, or unfit for the process
+    for name in ("logit_mean", "logit_std", "sigma_data"):
+        v = getattr(dc, name)
+        if not math.isfinite(v) or (name != "logit_mean" and v <= 0):
+            raise DdpmError(f"{_flag(name)} must be a finite number{'' if name == 'logit_mean' else ' > 0'}, got {v}")
+    if dc.process != "vp" and cfg.model.learn_sigma:
+        raise DdpmError(f"learned variances (--learn-sigma) are the discrete chain's (vp); the {dc.process} "
+                        "process has no reverse-step variance to learn")
 
 
 def _validate_model(cfg: RunConfig) -> None:
@@ -281,6 +292,8 @@ class Trainer:
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.schedule = make_schedule(cfg).to(device)
+        self.process = process_of(cfg, self.schedule)  # vp: the chain on this schedule
+        self.objective = get_objective(cfg.diffusion.objective, cfg.diffusion.sigma_data, cfg.diffusion.process)
         self.opt = _adam(list(self.model.parameters()), cfg.train.lr, cfg.train.adam_beta2)
         keep_ema = cfg.train.ema_decay > 0 and dist.main  # only the main process samples and saves
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if keep_ema else None
@@ -325,16 +338,18 @@ class Trainer:
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         dc = self.cfg.diffusion
-        t = sample_timesteps(dc, self.schedule, x0.shape[0], device=self.device, generator=self.gen)
+        draw = self.process.draw(x0.shape[0], dc.t_sampling, device=self.device, generator=self.gen)
         noise = sample_noise(x0, dc.offset_noise, self.gen)
         k = self.cfg.model.num_classes
         y = drop_labels(y.to(self.device), self.cfg.train.cond_drop, k, self.gen) if k else None
         if self.dist.active:
             part = self.dist.shard(x0.shape[0])
-            x0, t, noise = x0[part], t[part], noise[part]
+            x0, draw, noise = x0[part], draw.part(part), noise[part]
             y = None if y is None else y[part]
-        terms = training_losses(self.net_fn, self.schedule, dc, x0, t, noise, learn_sigma=self.cfg.model.learn_sigma,
-                                cond=y)
+        terms = training_losses(self.net_fn, self.schedule, dc, x0, draw, noise, learn_sigma=self.cfg.model.learn_sigma,
+                                cond=y, objective=self.objective)
+        # the step index logged by quarter of the path (a continuous t in [0, 1] counted on T steps)
+        t = draw.index if draw.index is not None else (draw.t * dc.timesteps).long().clamp(max=dc.timesteps - 1)
         return self.optimize(terms.loss, terms.per_sample, t)
 
     def optimize(self, loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> StepOut | Skipped:

@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from ..config import SampleConfig
 from ..errors import DdpmError
-from ..samplers import get_sampler, grid
+from ..samplers import get_sampler
 from ..sampling.generate import LoadedModel
 
 MAX_IMAGES = 64  # per request: the page shows one grid
@@ -73,8 +73,9 @@ def repaint_descents(levels: int, jump_length: int, resample: int) -> int:
 def check_work(model: LoadedModel, cfg: SampleConfig, steps: int, images: int, descents: int | None = None) -> int:
     """images x network evaluations each; a DdpmError saying the estimate and MAX_WORK above it.
     ``descents``: the sampler steps actually run (RePaint's resampling), if not the grid's."""
-    timesteps = grid(cfg.sampler, model.schedule.T, steps, cfg.spacing)
-    per_step = get_sampler(cfg.sampler).nfe(model.schedule.alpha_bar, timesteps) / len(timesteps)
+    plan = model.plan(cfg.sampler, steps, cfg.spacing)
+    timesteps = plan.timesteps
+    per_step = get_sampler(cfg.sampler).nfe(plan.levels, timesteps) / len(timesteps)
     passes = 1 + (cfg.guidance > 0) + (cfg.autoguidance > 0)  # guided steps add a pass each
     evaluations = math.ceil(per_step * (descents or len(timesteps)) * passes)
     work = images * evaluations

@@ -12,6 +12,7 @@ import torch
 
 from ..config import RunConfig, ScheduleName
 from ..core.diffusion import q_sample
+from ..core.processes import make_process
 from ..core.schedules import NoiseSchedule, make_betas, make_schedule
 from ..data.readers import check_image_channels, decode_image, from_model_range, read_image_header, to_model_range
 from ..data.sources import load_dataset
@@ -32,6 +33,11 @@ def schedule_curves(cfg: RunConfig) -> dict[str, object]:
     T = d.timesteps
     t = np.unique(np.linspace(0, T - 1, min(T, CURVE_POINTS)).round().astype(int))
     curves = {}
+    if d.process != "vp":  # a continuous process at t = (i + 1) / T: its variance-preserving alpha_bar and SNR
+        a, s = make_process(cfg).alpha_sigma(torch.as_tensor((t + 1) / T, dtype=torch.float64))
+        ab = (a**2 / (a**2 + s**2)).numpy()
+        curves[d.process] = {"alpha_bar": ab.tolist(), "snr": (ab / (1 - ab)).tolist()}
+        return {"T": T, "t": t.tolist(), "schedule": d.process, "curves": curves}
     for name in SCHEDULE_NAMES:
         betas = make_betas(name, T, d.beta_start, d.beta_end) if name == d.schedule else make_betas(name, T)
         ab = np.cumprod(1 - betas.numpy())[t]  # float64: SNR reaches 1e-9
@@ -88,7 +94,11 @@ def forward_grid(cfg: RunConfig, x: torch.Tensor, t: int, seed: int = 0) -> np.n
         raise DdpmError(f"t must be in [0, {sched.T - 1}], got {t}")
     x0 = to_model_range(x)[None]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    xt = q_sample(sched, x0, torch.tensor([t]), noise)
+    if cfg.diffusion.process == "vp":
+        xt = q_sample(sched, x0, torch.tensor([t]), noise)
+    else:  # t = (i + 1) / T of the continuous process, shown at unit scale: x_t / sqrt(alpha^2 + sigma^2)
+        a, s = make_process(cfg).alpha_sigma(torch.tensor([(t + 1) / sched.T], dtype=torch.float64))
+        xt = ((a * x0.double() + s * noise.double()) / (a**2 + s**2).sqrt()).float()
     shown = torch.cat([x0, xt, noise.clamp(-1, 1)])
     return make_grid(from_model_range(shown), nrow=3)
 
