@@ -25,8 +25,8 @@ def rgb_classes(root: Path, size: int, n: int = 6, test: int = 2) -> Path:
     rng = np.random.default_rng(size)
     for part, count in (("", n), ("test", test)):
         for c in CLASSES:
-            (root / part / c).mkdir(parents=True, exist_ok=True)
             for i in range(count):
+                (root / part / c).mkdir(parents=True, exist_ok=True)
                 a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
                 a[..., CHANNEL[c]] += 150
                 a[size // 4: size // 2, size // 4 + i % 4: size // 2 + i % 4] = 255
@@ -218,3 +218,23 @@ def test_colour_run_measured_by_features_fitted_to_its_data(tmp_path: Path, caps
     capsys.readouterr()
     assert main(["eval", str(run), "--n", "8", "--features", str(tmp_path / "grey.safetensors")]) == 2
     one_error_line(capsys, "the feature net takes 1x28x28 images; ")
+
+
+def test_a_run_whose_data_has_no_test_split(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """eval --nll reads the run's own test split: none is one line, nothing written; a
+    --test-source given at training stands in."""
+    data = rgb_classes(tmp_path / "flat", 8, n=4, test=0)
+    cfg = write_config(tmp_path / "cfg.json", tiny_config(data, max_steps=1))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--channels", "3", "--out", str(run), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--nll", "--nll-steps", "2", "--n", "2", "--no-progress"]) == 2
+    one_error_line(capsys, "has no test split")
+    assert not (run / "nll.json").exists()
+    held_out = rgb_classes(tmp_path / "held-out", 8, n=1, test=0)
+    run2 = tmp_path / "run2"
+    assert main(["train", "--config", str(cfg), "--channels", "3", "--test-source", str(held_out), "--out", str(run2),
+                 "--no-progress", "--no-tensorboard"]) == 0
+    assert main(["eval", str(run2), "--nll", "--nll-steps", "2", "--n", "5", "--no-progress"]) == 0
+    assert json.loads((run2 / "nll.json").read_text())["n_images"] == 2  # all the held-out images
