@@ -105,7 +105,8 @@ def _fit(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
         return x.repeat(1, 3, 1, 1)
     if channels == 1 and x.shape[1] == 3:
         luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return (x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        return torch.cat([(c.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+                          for c in x.split(4096)])
     return x
 
 
@@ -458,7 +459,8 @@ def class_counts(source: str, data_dir: str | Path | None = None) -> tuple[int, 
                  if len(f.relative_to(root).parts) > 1]
         return tuple(found.count(n) for n in names)
     if kind == "npz":
-        y = _npz_labels(source, (a := _npz(source)), "labels", len(a["images"]))[0]
+        arrays = _npz(source)
+        y = _npz_labels(source, arrays, "labels", len(arrays["images"]))[0]
     else:
         d = _hf_split(_hf_splits(source), "train")
         y = torch.tensor(d[_hf_columns(source, d)[1]], dtype=torch.long)
