@@ -158,10 +158,26 @@ def test_colour_run_in_the_web_page(tmp_path: Path) -> None:
     assert last["type"] == "done", last
     got = np.load(io.BytesIO(client.get(f"/api/jobs/{r.json()['id']}/files/samples.npz").content))["images"]
     assert got.shape == (2, 3, 32, 32)
+    keep = np.ones((32, 32), np.uint8)
+    keep[:, 16:] = 0
+    common = {"run": "run32", "sampler": "ddim", "steps": 2, "n": 2, "image": {"index": 7}}
+    for extra in ({"mode": "inpaint", "keep": keep.ravel().tolist(), "jump_length": 1, "resample": 1},
+                  {"mode": "edit", "strength": 0.5}):
+        r = client.post("/api/edit", json={**common, **extra})
+        assert r.status_code == 201, r.text
+        with client.stream("GET", f"/api/jobs/{r.json()['id']}/events") as ev:
+            assert [json.loads(line[6:]) for line in ev.iter_lines() if line.startswith("data: ")][-1]["type"] == "done"
+        got = np.load(io.BytesIO(client.get(f"/api/jobs/{r.json()['id']}/files/samples.npz").content))["images"]
+        assert got.shape == (2, 3, 32, 32)
+        if extra["mode"] == "inpaint":  # the known half, every colour of it, is the input's
+            assert (got[:, :, :, :16] == src.transpose(2, 0, 1)[:, :, :16]).all()
     buf = io.BytesIO()
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(buf, "PNG")
     r = client.post("/api/upload?run=run32", content=buf.getvalue())
     assert r.status_code == 400 and "is grey" in r.json()["error"]
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, "PNG")
+    assert client.post("/api/upload?run=run32", content=buf.getvalue()).status_code == 201
 
 
 def test_bad_data_sources_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
