@@ -231,7 +231,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     from .pictures.forward import noise_figure
 
     path = noise_figure(args.image, out=args.out, ts=args.t, schedule=args.schedule, timesteps=args.timesteps,
-                        size=args.size, data_dir=args.data, seed=args.seed)
+                        size=args.size, data_dir=args.data, seed=args.seed, source=args.source)
     print(f"wrote {path}")
     return 0
 
@@ -363,8 +363,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .files import check_writable_dir
     from .data.sources import load_images_file
-    from .evaluation.evaluate import (default_floor, evaluate_images, inception_fid, real_images, report_name,
-                                      resolve_images)
+    from .data.sources import DEFAULT_REFERENCE
+    from .evaluation.evaluate import (Reference, default_floor, evaluate_images, inception_fid, real_images,
+                                      report_name, resolve_images)
     from .evaluation.features import default_feature_net, load_feature_net
 
     from .config import check_seed
@@ -384,17 +385,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_writable_dir(args.out or (Path(args.samples).parent if args.samples else Path(".")))
     net = load_feature_net(args.features) if args.features else default_feature_net()
     info: dict[str, Any] = {}
+    reference = args.reference or DEFAULT_REFERENCE  # files and real images: Fashion-MNIST's, unless told
+    floor = default_floor(reference)
     if args.samples:
         images, out, info["source"] = load_images_file(args.samples), Path(args.samples).parent, args.samples
     elif args.real:
-        pool, images = real_images(args.n, net, reference=args.reference, seed=args.seed, data_dir=args.data)
+        pool, images = real_images(args.n, net, reference=reference, seed=args.seed, data_dir=args.data)
         out, info["source"] = Path(args.out or "."), f"{pool} (real)"
     else:
-        images, out, info = _eval_samples(args)
+        images, out, info, plan = _eval_samples(args, net)
+        if isinstance(plan, Reference):
+            return _eval_inception_only(args, images, plan, out, info)
+        reference, floor = plan
     if args.inception_weights is not None:
-        ref = resolve_images(args.reference, net, args.data)[1]
+        ref = resolve_images(reference, net, args.data)[1]
         info["inception_fid"] = inception_fid(images, ref, args.inception_weights)
-    report = evaluate_images(images, feature_net=net, reference=args.reference, floor=default_floor(args.reference),
+    report = evaluate_images(images, feature_net=net, reference=reference, floor=floor,
                              data_dir=args.data, seed=args.seed)
     report = replace(report, **{k: v for k, v in info.items()
                                 if k in ("sampler", "steps", "nfe", "source", "arithmetic")})
@@ -425,7 +431,10 @@ def _write_report(path: Path, text: str) -> None:
         raise
 
 
-def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
+def _eval_samples(args: argparse.Namespace, net: Any) -> tuple[Any, Path, dict[str, Any], Any]:
+    """A run's samples, what they are compared with (a RunReference; a Reference: its own test
+    split at its size, for Inception FID alone where the shipped features do not fit it)."""
+    from .evaluation.evaluate import Reference, check_inception_weights, fits_features, run_reference, run_test_images
     from .sampling.generate import generate, load_model
 
     from .files import check_writable_dir
@@ -433,6 +442,13 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
     scfg = _sample_config(args)
     model, scfg = _load_for_sampling(args, scfg)
     scfg = _student_sampling(model, scfg, args)
+    d = model.config.data
+    if args.reference is None and args.inception_weights is not None and not fits_features(
+            net, d.source, args.data if args.data is not None else d.data_dir):
+        check_inception_weights(args.inception_weights)
+        plan: Any = Reference(f"{d.test_source or d.source} (test)", run_test_images(model.config, 1 << 62, args.data))
+    else:  # refused here, before minutes of sampling, when nothing fits the run's data
+        plan = run_reference(model.config, net, args.reference, args.data, what=str(args.run))
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     model = _engine(model, scfg, args)
     s = generate(model, scfg, progress=not args.no_progress)
@@ -442,7 +458,24 @@ def _eval_samples(args: argparse.Namespace) -> tuple[Any, Path, dict[str, Any]]:
             "autoguidance_interval": scfg.autoguidance_interval,
             "labels": "null" if s.labels is None and model.config.model.num_classes else
             None if s.labels is None else f"drawn{f'-cfg{scfg.guidance:g}' if scfg.guidance else ''}"}
-    return s.images, out, info
+    return s.images, out, info, plan
+
+
+def _eval_inception_only(args: argparse.Namespace, images: Any, ref: Any, out: Path, info: dict[str, Any]) -> int:
+    """Inception FID of a run whose data the shipped features do not fit, against its test split."""
+    from .evaluation.evaluate import inception_fid, report_name
+
+    fid = inception_fid(images, ref.images, args.inception_weights)
+    d = {"n_samples": len(images), "inception_fid": fid, "reference": ref.name, "n_reference": len(ref.images),
+         **{k: info.get(k) for k in ("sampler", "steps", "nfe", "source", "arithmetic")}}
+    text = json.dumps(d, indent=2)
+    print(text)
+    name = report_name(info.get("sampler"), info.get("steps"), info.get("arithmetic", "fp32"),
+                       info.get("autoguidance", 0.0), info.get("autoguidance_interval"), info.get("labels"))
+    path = Path(args.out) / name if args.out else out / name
+    _write_report(path, text + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 def cmd_eval_control(args: argparse.Namespace) -> int:
@@ -461,7 +494,7 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
     model, scfg = _load_for_sampling(args, scfg)
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
-    floor = default_floor(args.reference)
+    floor = default_floor(args.reference) if args.reference is not None else None  # None: the run's own
     model = _engine(model, scfg, args)
     rep = guidance_sweep(model, scfg, ws, feature_net=net, reference=args.reference, floor=floor,
                          data_dir=args.data, seed=args.seed)
@@ -478,7 +511,8 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
 def cmd_eval_inpaint(args: argparse.Namespace) -> int:
     """ddpm eval RUN --inpaint right|center --resample R: FD of RePaint's completions of test images."""
     from .evaluation.features import default_feature_net, load_feature_net
-    from .evaluation.inpainting import fmnist_test_images, inpainting_report
+    from .evaluation.evaluate import run_reference, run_test_images
+    from .evaluation.inpainting import inpainting_report
     from .files import check_writable_dir
     from .sampling.editing import MASK_SHAPES, RePaintConfig, check_repaint
     from .sampling.generate import check_sample_config, load_model
@@ -494,10 +528,11 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
     check_repaint(rp, check_sample_config(model, scfg))
     out = check_writable_dir(Path(args.out) if args.out else model.run_folder() / "samples")
     net = load_feature_net(args.features) if args.features else default_feature_net()
-    images = fmnist_test_images(model, scfg.n, args.data)
+    reference = run_reference(model.config, net, args.reference, args.data, what=str(args.run)).reference
+    images = run_test_images(model.config, scfg.n, args.data)
     model = _engine(model, scfg, args)
     rep = inpainting_report(model, scfg, rp, args.inpaint, images=images, feature_net=net,
-                            reference=args.reference, data_dir=args.data, seed=args.seed)
+                            reference=reference, data_dir=args.data, seed=args.seed)
     print(rep.summary())
     path = out / (f"eval-inpaint-{args.inpaint}-{scfg.sampler}-{rep.steps}-j{rp.jump_length}-r{rp.resample}"
                   f"{_engine_suffix(args)}.json")
@@ -507,7 +542,7 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_nll(args: argparse.Namespace) -> int:
-    from .data.readers import load_fashion_mnist
+    from .evaluation.evaluate import run_test_images
     from .files import check_writable_file
     from .evaluation.likelihood import check_has_bound, format_nll, nll_bits_per_dim
     from .sampling.generate import load_model
@@ -522,7 +557,7 @@ def cmd_eval_nll(args: argparse.Namespace) -> int:
     check_has_bound(model.config)
     out = Path(args.out) / "nll.json" if args.out else model.run_folder() / "nll.json"
     check_writable_file(out, "report")  # before minutes of work
-    images = load_fashion_mnist("test", args.data)[: args.n]
+    images = run_test_images(model.config, args.n, args.data)  # the run's own test split
     report = nll_bits_per_dim(model, images, timesteps=args.nll_steps, batch_size=args.batch_size,
                               seed=args.seed, variance=args.nll_variance, clip=args.clip,
                               progress=not args.no_progress)
@@ -547,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (a run folder under runs/)")
     t.add_argument("--preset", help="seed (the seed's recipe) | fast (small, for CPUs) | fast-cond "
-                                    "(fast, class-conditional on Fashion-MNIST)")
+                                    "(fast, class-conditional on Fashion-MNIST) | fast-rgb (fast at 32x32 RGB: "
+                                    "give --dataset)")
     t.add_argument("--config", help="a config.json to train from (e.g. RUN/config.json)")
     t.add_argument("--name", help="run name: the run lives in runs/NAME")
     t.add_argument("--out", help="run folder (instead of runs/NAME)")
@@ -569,7 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_sample)
 
     nz = sub.add_parser("noise", help="the forward process figure: one image noised at several t")
-    nz.add_argument("--image", help="PNG/JPEG (default: a Fashion-MNIST image)")
+    nz.add_argument("--image", help="PNG/JPEG (default: the first image of --source)")
+    nz.add_argument("--source", default="fashion-mnist",
+                    help="a data source, as a run's --dataset: fashion-mnist (default), an image folder, an .npz, "
+                         "a Hugging Face dataset")
     nz.add_argument("--t", type=_csv_ints, default=(0, 50, 100, 150, 199))
     nz.add_argument("--schedule", default="linear", help=names_help(SCHEDULES))
     nz.add_argument("--timesteps", type=int, default=200)
@@ -584,17 +623,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", help="evaluate the images of a samples.npz instead")
     ev.add_argument("--real", action="store_true", help="evaluate --n real training images (the floor)")
     _add_sample_flags(ev, n_default=1000)
-    ev.add_argument("--reference", default=DEFAULT_REFERENCE, help=f"{names_help(split_names())} | an image folder")
+    ev.add_argument("--reference", help=f"{names_help(split_names())} | an image folder | an .npz | a Hugging Face "
+                    f"dataset (default: a RUN's own test split; for --samples and --real, {DEFAULT_REFERENCE})")
     ev.add_argument("--features", help="a feature net saved by tools/fit_features.py (default: the shipped one)")
     ev.add_argument("--inception-weights", help="also Inception FID, with these weights (torchmetrics needed)")
     ev.add_argument("--data", help="folder holding the Fashion-MNIST IDX files")
     ev.add_argument("--out", help="folder for the JSON report (default: beside the samples)")
     g = ev.add_argument_group("likelihood (--nll)")
-    g.add_argument("--nll", action="store_true", help="the variational bound (DDPM Eq. 5) in bits/dim on the test set")
+    g.add_argument("--nll", action="store_true", help="the variational bound (DDPM Eq. 5) in bits/dim on the run's test split")
     g.add_argument("--nll-steps", type=int, help="KL terms per image: stratified, unbiased estimate (default all T)")
     g.add_argument("--nll-variance", help=f"{names_help(VARIANCES)} (default: learned for learn-sigma runs)")
     g = ev.add_argument_group("inpainting (--inpaint)")
-    g.add_argument("--inpaint", metavar="right|center", help="FD-FMNIST of the first --n test images "
+    g.add_argument("--inpaint", metavar="right|center", help="FD-FMNIST of the first --n images of the run's test split "
                    "completed by RePaint with this region unknown (the right half, or a centre square of half "
                    "the side), beside the originals' FD (the floor) and the hole left black")
     g.add_argument("--jump-length", type=int, default=10, help="RePaint's j (default 10)")

@@ -300,7 +300,7 @@ def test_eval_inpaint_on_a_tiny_fashion_mnist(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     fake_fashion(tmp_path / "fm", n_train=30, n_test=30)
     cfg = tiny_config(tmp_path)
-    cfg = replace(cfg, data=replace(cfg.data, image_size=28))
+    cfg = replace(cfg, data=replace(cfg.data, source="fashion-mnist", image_size=28))  # its test split, the run's own
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "run", config=cfg, step=1, model=UNet(cfg.model).state_dict(), ema=None, state={})
     out = tmp_path / "out"

@@ -230,6 +230,17 @@ def read_image_header(path: str | Path, what: str = "image") -> ImageHeader:
         raise DdpmError(f"cannot read {what} {path}: {e}") from None
 
 
+GREY_MODES = frozenset({"L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "1"})  # Pillow's one-channel modes
+
+
+def check_image_channels(header: ImageHeader, channels: int, what: str) -> None:
+    """A grey image given where colour is drawn is refused: its colours cannot be made up. A
+    colour image for a grey model is read as grey, as a data folder's files are."""
+    if channels == 3 and header.mode in GREY_MODES:
+        raise DdpmError(f"{what} is grey (one channel, mode {header.mode}); the model draws colour (3 channels): "
+                        f"give an RGB image")
+
+
 def _decode(source: Path | BinaryIO, size: int, channels: int, *, name: str | None = None,
             max_pixels: int = MAX_SOURCE_PIXELS) -> np.ndarray:
     """One image (a file, or bytes in a stream) -> uint8 (C, size, size): shorter side resized to
@@ -266,10 +277,12 @@ def decode_image(data: bytes, size: int, channels: int, *, name: str = "the imag
                                                          max_pixels=max_pixels)))
 
 
-def _image_files(root: Path) -> list[Path]:
+def _image_files(root: Path, skip: str | None = None) -> list[Path]:
+    """Every PNG/JPEG under ``root``, sorted; none under ``root/skip`` (a folder's test split)."""
     if not root.is_dir():
         raise DdpmError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and (skip is None or p.relative_to(root).parts[0] != skip))
     if not files:
         raise DdpmError(f"no PNG/JPEG images found under {root}")
     return files
@@ -290,23 +303,24 @@ def _decode_files(files: list[Path], root: Path, size: int, channels: int) -> tu
     return torch.from_numpy(np.stack(arrays)), kept
 
 
-def load_image_folder(path: str | Path, size: int, channels: int) -> torch.Tensor:
-    """Every PNG/JPEG under `path` (recursive, sorted) as uint8 (N, C, size, size); bad files are skipped."""
+def load_image_folder(path: str | Path, size: int, channels: int, *, skip: str | None = None) -> torch.Tensor:
+    """Every PNG/JPEG under `path` (recursive, sorted; none under `path/skip`) as uint8
+    (N, C, size, size); bad files are skipped."""
     _check_shape_args(size, channels)
     root = Path(path)
-    return _decode_files(_image_files(root), root, size, channels)[0]
+    return _decode_files(_image_files(root, skip), root, size, channels)[0]
 
 
-def folder_class_names(path: str | Path) -> tuple[str, ...]:
-    """The classes of an image folder: its first-level subfolders holding images, sorted."""
+def folder_class_names(path: str | Path, skip: str | None = None) -> tuple[str, ...]:
+    """The classes of an image folder: its first-level subfolders holding images (but ``skip``), sorted."""
     root = Path(path)
-    return tuple(sorted({f.relative_to(root).parts[0] for f in _image_files(root)
+    return tuple(sorted({f.relative_to(root).parts[0] for f in _image_files(root, skip)
                          if len(f.relative_to(root).parts) > 1}))
 
 
-def folder_classes(path: str | Path) -> tuple[str, ...]:
+def folder_classes(path: str | Path, skip: str | None = None) -> tuple[str, ...]:
     """An image folder's class names (:func:`folder_class_names`); an error when it has none."""
-    names = folder_class_names(path)
+    names = folder_class_names(path, skip)
     if not names:
         raise DdpmError(f"{path} has no class subfolders: a conditional run needs {path}/<class>/<image>")
     return names
@@ -320,15 +334,21 @@ class Labeled(NamedTuple):
     class_names: tuple[str, ...]
 
 
-def load_image_folder_labeled(path: str | Path, size: int, channels: int) -> Labeled:
-    """An image folder whose first-level subfolders are the classes (root/<class>/...)."""
+def load_image_folder_labeled(path: str | Path, size: int, channels: int, *, skip: str | None = None,
+                              names: tuple[str, ...] | None = None) -> Labeled:
+    """An image folder whose first-level subfolders are the classes (root/<class>/...), none
+    under ``root/skip``; ``names``: the classes to index by (a test split's are its training set's)."""
     _check_shape_args(size, channels)
     root = Path(path)
-    files = _image_files(root)
-    names = folder_classes(root)
+    files = _image_files(root, skip)
+    names = folder_classes(root, skip) if names is None else names
     stray = next((f for f in files if len(f.relative_to(root).parts) == 1), None)
     if stray is not None:
         raise DdpmError(f"{stray} is not inside a class subfolder: a conditional run needs {root}/<class>/<image>")
+    unknown = next((f for f in files if f.relative_to(root).parts[0] not in names), None)
+    if unknown is not None:
+        raise DdpmError(f"{unknown}: its class {unknown.relative_to(root).parts[0]!r} is not one of the "
+                        f"training classes ({', '.join(names)})")
     labels = torch.tensor([names.index(f.relative_to(root).parts[0]) for f in files], dtype=torch.long)
     images, kept = _decode_files(files, root, size, channels)
     return Labeled(images, labels[kept], names)

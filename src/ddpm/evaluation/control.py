@@ -20,7 +20,7 @@ from ..config import SampleConfig
 from ..errors import DdpmError
 from ..pictures.plots import COLOURS, Panel, Series, render
 from ..pictures.viz import save_png
-from .evaluate import EvalReport, evaluate_images
+from .evaluate import EvalReport, evaluate_images, run_reference
 from .features import FeatureNet, default_feature_net
 
 
@@ -79,15 +79,18 @@ class SweepReport:
 
 
 def guidance_sweep(model, cfg: SampleConfig, guidances: Sequence[float], *, feature_net: FeatureNet | None = None,
-                   reference: str | torch.Tensor = "fashion-mnist-test", floor: str | None = "fashion-mnist-train",
+                   reference: str | torch.Tensor | None = None, floor: str | None = None,
                    data_dir: str | Path | None = None, seed: int = 0) -> SweepReport:
-    """Draw ``cfg`` (its classes, e.g. 'all') at each guidance w and evaluate each set."""
+    """Draw ``cfg`` (its classes, e.g. 'all') at each guidance w and evaluate each set against
+    ``reference`` (default: the run's own test split, its training split the floor)."""
     from ..sampling.generate import check_sample_config, generate
     from ..sampling.guidance import is_null
 
     if cfg.classes is None or is_null(cfg.classes):
         raise DdpmError("a guidance sweep needs named classes (e.g. --class all)")
     net = feature_net if feature_net is not None else default_feature_net()
+    if reference is None:
+        reference, floor = run_reference(model.config, net, data_dir=data_dir, what=str(model.source))
     for w in guidances:  # every bad value refused before the first image is drawn
         check_sample_config(model, replace(cfg, guidance=w))
     names = model.config.data.class_names or tuple(map(str, range(model.config.model.num_classes)))

@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from ..files import atomic_write_bytes
-from ..data.sources import DEFAULT_REFERENCE, reference_images, split_names
+from ..data.sources import DEFAULT_FLOOR, DEFAULT_REFERENCE, describe, load_dataset, reference_images, split_names
 from ..errors import DdpmError
 from .features import FeatureNet, default_feature_net, weights_digest
 from .metrics import classifier_stats, frechet_distance, gaussian_stats, kid, precision_recall
@@ -141,12 +141,21 @@ def reference_stats(net: FeatureNet, images: torch.Tensor, *, cache: bool = True
     return stats
 
 
-def resolve_images(spec: str | torch.Tensor, net: FeatureNet, data_dir: str | Path | None = None
+class Reference(NamedTuple):
+    """Images to compare with, under the name a report gives them (a run's own test split)."""
+
+    name: str
+    images: torch.Tensor  # uint8 (N, C, H, W)
+
+
+def resolve_images(spec: str | torch.Tensor | Reference, net: FeatureNet, data_dir: str | Path | None = None
                    ) -> tuple[str, torch.Tensor]:
-    """A named split of a data source (``fashion-mnist-test``), an image folder, or a uint8
-    tensor -> (name, images) at the feature net's size."""
+    """A named split of a data source (``fashion-mnist-test``), an image folder, a uint8 tensor
+    or a :class:`Reference` -> (name, images) at the feature net's size."""
     if isinstance(spec, torch.Tensor):
         return "tensor", spec
+    if isinstance(spec, Reference):
+        return spec
     return spec, reference_images(spec, size=net.config.size, channels=net.config.channels, data_dir=data_dir)
 
 
@@ -156,6 +165,64 @@ def default_floor(reference: str | torch.Tensor) -> str | None:
     if isinstance(reference, str) and reference in named and named[reference][1] == "test":
         return f"{named[reference][0]}-train"
     return None
+
+
+def fits_features(net: FeatureNet, source: str, data_dir: str | Path | None = None) -> bool:
+    """Whether ``net`` measures images of ``source``: Fashion-MNIST features fit only a source whose
+    evaluation is FD-FMNIST; a net fitted elsewhere (``--features``) is the caller's choice."""
+    return not _is_fmnist(net) or describe(source, data_dir).evaluation == "fd-fmnist"
+
+
+def _is_fmnist(net: FeatureNet) -> bool:
+    return net.meta is None or net.meta.dataset == "fashion-mnist"
+
+
+def no_features_message(cfg, what: str) -> str:
+    """One line: why ``what`` (a run) cannot be measured by the shipped features, and what can."""
+    d = cfg.data
+    return (f"{what} draws {d.channels}x{d.image_size}x{d.image_size} images of {d.source}: the shipped FD-FMNIST "
+            f"features measure only Fashion-MNIST's 1x28x28 grey clothes (an FD of these with them would be a wrong "
+            f"number): give --features NET fitted to this data (tools/fit_features.py), or --inception-weights PATH "
+            f"for Inception FID alone")
+
+
+class RunReference(NamedTuple):
+    reference: str | Reference
+    floor: str | Reference | None
+
+
+def run_reference(cfg, net: FeatureNet, reference: str | None = None, data_dir: str | Path | None = None,
+                  what: str = "the run") -> RunReference:
+    """What a run's samples are compared with: ``reference`` when given (its source's training
+    split the floor), else the run's own test split (its training split the floor). Refused in
+    one line, before anything is sampled, when the features cannot measure the run's images."""
+    d = cfg.data
+    data_dir = data_dir if data_dir is not None else d.data_dir
+    c, s = net.config.channels, net.config.size
+    if (d.channels, d.image_size) != (c, s) or (reference is None and not fits_features(net, d.source, data_dir)):
+        if _is_fmnist(net):
+            raise DdpmError(no_features_message(cfg, what))
+        raise DdpmError(f"the feature net takes {c}x{s}x{s} images; {what} draws "
+                        f"{d.channels}x{d.image_size}x{d.image_size}")
+    if reference is not None:
+        return RunReference(reference, default_floor(reference))
+    name = d.source.lower()
+    if name in {n for n, _ in split_names().values()} and not d.test_source:
+        return RunReference(f"{name}-test", f"{name}-train")
+    test = load_dataset(d.source, size=s, channels=c, data_dir=data_dir, split="test", test_source=d.test_source)
+    train = load_dataset(d.source, size=s, channels=c, data_dir=data_dir)
+    return RunReference(Reference(f"{d.test_source or d.source} (test)", test), Reference(f"{d.source} (train)", train))
+
+
+def run_test_images(cfg, n: int, data_dir: str | Path | None = None) -> torch.Tensor:
+    """The first n images of a run's test split (its source's, or its data.test_source) at the
+    run's size and channels."""
+    if n < 1:
+        raise DdpmError(f"--n must be at least 1, got {n}")
+    d = cfg.data
+    return load_dataset(d.source, size=d.image_size, channels=d.channels,
+                        data_dir=data_dir if data_dir is not None else d.data_dir, split="test",
+                        test_source=d.test_source)[:n]
 
 
 def real_images(n: int, net: FeatureNet, *, reference: str = DEFAULT_REFERENCE, seed: int = 0,
@@ -209,11 +276,13 @@ def floor_fd(net: FeatureNet, pool: torch.Tensor, n: int, ref: ReferenceStats, *
 
 
 def evaluate_images(images: torch.Tensor, *, feature_net: FeatureNet | None = None,
-                    reference: str | torch.Tensor = "fashion-mnist-test",
-                    floor: str | torch.Tensor | None = "fashion-mnist-train",
+                    reference: str | torch.Tensor = DEFAULT_REFERENCE,
+                    floor: str | torch.Tensor | None = DEFAULT_FLOOR,
                     data_dir: str | Path | None = None, seed: int = 0, kid_subsets: int = 100,
                     kid_subset_size: int = 1000, pr_k: int = 3, cache: bool = True) -> EvalReport:
-    """FD, KID, precision/recall and class statistics of uint8 images against a reference set."""
+    """FD, KID, precision/recall and class statistics of uint8 images against a reference set
+    (images with no run to name their data: Fashion-MNIST's, unless told; a run's own test split
+    is :func:`run_reference`'s)."""
     t0 = time.perf_counter()
     net = feature_net if feature_net is not None else default_feature_net()
     net.check_images(images)
@@ -255,11 +324,16 @@ def _as_rgb(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
+def check_inception_weights(weights_path: str | Path | None) -> None:
+    """The Inception weights are on disk: checked before minutes of sampling, not after."""
+    if weights_path is None or not Path(weights_path).is_file():
+        raise DdpmError(_inception_help("none given" if weights_path is None else f"{weights_path} not found"))
+
+
 def inception_fid(images: torch.Tensor, ref_images: torch.Tensor, weights_path: str | Path | None,
                   *, batch_size: int = 100) -> float:
     """Classic FID on Inception-v3 pool3 features (Heusel et al. 2017) via torchmetrics, offline."""
-    if weights_path is None or not Path(weights_path).is_file():
-        raise DdpmError(_inception_help("none given" if weights_path is None else f"{weights_path} not found"))
+    check_inception_weights(weights_path)
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError:

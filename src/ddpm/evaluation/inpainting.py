@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from ..config import SampleConfig
-from ..data.sources import load_dataset
 from ..errors import DdpmError
 from ..sampling.editing import MaskShape, RePaintConfig, inpaint, region_mask
 from ..sampling.generate import LoadedModel
-from .evaluate import EvalReport, evaluate_images, reference_stats, resolve_images
+from .evaluate import EvalReport, evaluate_images, reference_stats, resolve_images, run_reference, run_test_images
 from .features import FeatureNet, default_feature_net
 from .metrics import frechet_distance, gaussian_stats
 
@@ -50,23 +49,16 @@ class InpaintReport:
                 f"{self.nfe} NFE per image, {self.seconds:.1f}s for {self.report.n_samples} images")
 
 
-def fmnist_test_images(model: LoadedModel, n: int, data_dir: str | Path | None = None) -> torch.Tensor:
-    """The first n Fashion-MNIST test images at the model's size and channels."""
-    if n < 1:
-        raise DdpmError(f"--n must be at least 1, got {n}")
-    d = model.config.data
-    return load_dataset("fashion-mnist", size=d.image_size, channels=model.config.model.channels,
-                        data_dir=data_dir, split="test")[:n]
-
-
 def inpainting_report(model: LoadedModel, cfg: SampleConfig, repaint_cfg: RePaintConfig, mask: MaskShape, *,
                       images: torch.Tensor | None = None, feature_net: FeatureNet | None = None,
-                      reference: str | torch.Tensor = "fashion-mnist-test", data_dir: str | Path | None = None,
+                      reference: str | torch.Tensor | None = None, data_dir: str | Path | None = None,
                       seed: int = 0) -> InpaintReport:
-    """Complete ``images`` (default: the first ``cfg.n`` test images) with ``mask`` unknown and
-    score the completions against ``reference``."""
+    """Complete ``images`` (default: the first ``cfg.n`` images of the run's test split) with
+    ``mask`` unknown and score the completions against ``reference`` (default: that test split)."""
     net = feature_net if feature_net is not None else default_feature_net()
-    originals = fmnist_test_images(model, cfg.n, data_dir) if images is None else images
+    if reference is None:
+        reference = run_reference(model.config, net, data_dir=data_dir, what=str(model.source)).reference
+    originals = run_test_images(model.config, cfg.n, data_dir) if images is None else images
     keep = region_mask(mask, originals.shape[-1])
     t0 = time.perf_counter()
     s = inpaint(model, originals, keep, cfg, repaint_cfg)

@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-from ..data.readers import from_model_range, load_fashion_mnist, load_image, read_image_header, to_model_range
+from ..data.readers import GREY_MODES, from_model_range, load_image, read_image_header, to_model_range
+from ..data.sources import first_image
 from ..core.diffusion import q_sample
 from ..errors import DdpmError
 from ..core.schedules import NoiseSchedule
@@ -21,8 +22,9 @@ MAX_TILES = 64
 
 def noise_figure(image: str | Path | None = None, *, out: str | Path = "noise.png", ts: Sequence[int] = (0, 50, 100, 150, 199),
                  schedule: str = "linear", timesteps: int = 200, size: int = 28, data_dir: str | None = None,
-                 seed: int = 0) -> Path:
-    """q_sample of one image at each t in ``ts``, side by side, written to ``out``."""
+                 seed: int = 0, source: str = "fashion-mnist") -> Path:
+    """q_sample of one image (default: the first of the data source ``source``) at each t in
+    ``ts``, side by side, written to ``out``."""
     if not 1 <= timesteps <= MAX_TIMESTEPS:
         raise DdpmError(f"--timesteps must be between 1 and {MAX_TIMESTEPS:,}, got {shorten(timesteps)}")
     if not 1 <= size <= MAX_SIZE:
@@ -35,10 +37,7 @@ def noise_figure(image: str | Path | None = None, *, out: str | Path = "noise.pn
     check_writable_file(out, "figure")  # before any data is read
     sched = NoiseSchedule.create(schedule, timesteps)
     if image is None:
-        x = load_fashion_mnist("train", data_dir)[0]
-        if size != x.shape[-1]:
-            x = torch.nn.functional.interpolate(x[None].float(), size=(size, size), mode="bilinear",
-                                                antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
+        x = first_image(source, size=size, data_dir=data_dir)
     else:
         x = load_image(image, size, 3 if _is_colour(image) else 1)
     x0 = to_model_range(x)[None].expand(len(ts), -1, -1, -1)
@@ -50,4 +49,4 @@ def noise_figure(image: str | Path | None = None, *, out: str | Path = "noise.pn
 
 
 def _is_colour(path: str | Path) -> bool:
-    return read_image_header(path).mode not in ("L", "LA", "I", "I;16", "1")
+    return read_image_header(path).mode not in GREY_MODES

@@ -26,7 +26,7 @@ from ..core.diffusion import Denoiser, Prediction, q_sample
 from ..core.objectives import coef
 from ..core.processes import Levels
 from ..core.schedules import NoiseSchedule
-from ..data.readers import from_model_range, load_image, read_image_header, to_model_range
+from ..data.readers import check_image_channels, from_model_range, load_image, read_image_header, to_model_range
 from ..errors import DdpmError
 from ..pictures.viz import make_grid
 from ..runtime.budget import check_steps
@@ -356,12 +356,16 @@ def comparison_grid(image: torch.Tensor, results: torch.Tensor, mask: torch.Tens
 # ---------------------------------------------------------------- files and masks
 
 def load_edit_image(model: LoadedModel, path: str | Path) -> torch.Tensor:
-    """An image file as the model draws them: uint8 (C, S, S), through the data folders' reader."""
+    """An image file as the model draws them: uint8 (C, S, S), through the data folders' reader;
+    a grey image for a colour model is refused in one line."""
+    check_image_channels(read_image_header(path), model.config.model.channels, f"the image {path}")
     return load_image(path, model.config.data.image_size, model.config.model.channels)
 
 
 def load_mask(path: str | Path, size: int) -> torch.Tensor:
     """A grey or black-and-white image -> bool (size, size), True (>= 50% grey, white) = keep.
+    One mask for every channel: a colour file is read as its grey (a mask keeps or repaints a
+    pixel, not a channel of it).
 
     The file must already be size x size: a resized mask would blur its edge."""
     w, h, _ = read_image_header(path, "mask")

@@ -643,6 +643,10 @@ def _load_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
         else:
             data = load_dataset(d.source, size=d.image_size, channels=d.channels, data_dir=d.data_dir)
             labels = None
+        if d.test_source:  # read only by evaluations, minutes later: a wrong path is said now
+            from ..data.sources import describe as describe_source
+
+            describe_source(d.test_source, d.data_dir)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return data, labels

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import math
 import typing
 from pathlib import Path
@@ -13,7 +14,8 @@ from ..config import RunConfig, ScheduleName
 from ..core.diffusion import q_sample
 from ..core.processes import make_process
 from ..core.schedules import NoiseSchedule, make_betas, make_schedule
-from ..data.readers import decode_image, from_model_range, load_fashion_mnist, load_image_folder, to_model_range
+from ..data.readers import check_image_channels, decode_image, from_model_range, read_image_header, to_model_range
+from ..data.sources import load_dataset
 from ..errors import DdpmError
 from ..pictures.viz import make_grid
 from ..training.runlog import read_log
@@ -43,30 +45,20 @@ def schedule_curves(cfg: RunConfig) -> dict[str, object]:
     return {"T": T, "t": t.tolist(), "schedule": d.schedule, "curves": curves}
 
 
-@functools.lru_cache(maxsize=2)
-def _fashion_mnist(data_dir: str | None) -> torch.Tensor:
-    return load_fashion_mnist("train", data_dir, download=False)
-
-
 @functools.lru_cache(maxsize=4)
-def _folder(source: str, size: int, channels: int) -> torch.Tensor:
-    return load_image_folder(source, size, channels)
+def _source(source: str, size: int, channels: int, data_dir: str | None) -> torch.Tensor:
+    # The page never downloads: a run trained here has its data here.
+    return load_dataset(source, size=size, channels=channels, data_dir=data_dir, download=False)
 
 
 def data_image(cfg: RunConfig, index: int) -> torch.Tensor:
-    """Image ``index`` (modulo the set's size) of the run's own data, uint8 (C, H, W) at its size."""
+    """Image ``index`` (modulo the set's size) of the run's own data, uint8 (C, H, W) at its size
+    and channels."""
     d = cfg.data
-    if d.source.lower() == "fashion-mnist":
-        x = _fashion_mnist(d.data_dir)
-    else:
-        x = _folder(d.source, d.image_size, d.channels)
+    x = _source(d.source, d.image_size, d.channels, d.data_dir)
     if len(x) == 0:
         raise DdpmError(f"the run's data {d.source} holds no images")
-    x = x[index % len(x)]
-    if x.shape[-1] != d.image_size:
-        x = torch.nn.functional.interpolate(x[None].float(), size=(d.image_size,) * 2, mode="bilinear",
-                                            antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
-    return x
+    return x[index % len(x)]
 
 
 class Upload(typing.NamedTuple):
@@ -81,6 +73,7 @@ class Upload(typing.NamedTuple):
 def decode_upload(data: bytes, cfg: RunConfig) -> Upload:
     """The image bytes, read like a data folder's files, at most MAX_UPLOAD_PIXELS in the file."""
     size, channels = cfg.data.image_size, cfg.data.channels
+    check_image_channels(read_image_header(io.BytesIO(data), "the uploaded image"), channels, "the uploaded image")
     image = decode_image(data, size, channels, name="the uploaded image", max_pixels=MAX_UPLOAD_PIXELS)
     return Upload(image, size, channels)
 
