@@ -237,3 +237,40 @@ def test_override_switches_the_network() -> None:
         override(dit, dim=8)
     with pytest.raises(DdpmError, match=r"^unknown arch 'mlp'; choose one of: unet, dit$"):
         override(dit, arch="mlp")
+
+
+# ---------------------------------------------------------------- the memory estimate and export
+
+
+def test_memory_estimate_traces_the_dit() -> None:
+    from ddpm.runtime.budget import network_peak, parameter_bytes
+
+    cfg = replace(TINY, num_classes=3)
+    assert parameter_bytes(cfg) == 4 * count_parameters(DiT(cfg))
+    one, eight = (network_peak(cfg, 8, b, train=True) for b in (1, 8))
+    assert 0 < one < eight and 0 < network_peak(cfg, 8, 8, train=False) < eight
+    assert network_peak(replace(cfg, grad_checkpoint=True), 8, 8, train=True) < eight
+
+
+def test_a_dit_run_exports_to_onnx(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from ddpm.export import export_onnx, run_onnx
+    from ddpm.sampling.generate import load_model
+    from ddpm.training.train import train
+    from helpers import labelled_folder, tiny_config
+
+    cfg = tiny_config(labelled_folder(tmp_path / "classes", n=4, size=8), max_steps=2)
+    cfg = replace(cfg, model=replace(TINY, num_classes=2))
+    train(cfg, tmp_path / "run", device="cpu", progress=False, tensorboard=False, log=lambda s: None)
+    res = export_onnx(tmp_path / "run", tmp_path / "dit.onnx")
+    assert res.inputs == ("x_t", "t", "cond") and res.max_abs_err <= res.tolerance
+    net = _perturbed(load_model(tmp_path / "run").net.float())  # a real output, not zeros matching zeros
+    from ddpm.export import to_onnx
+
+    data = to_onnx(net, cfg)
+    x, t, c = torch.randn(5, 1, 8, 8), torch.tensor([0.0, 3.0, 7.5, 11.0, 19.0]), torch.tensor([0, 1, 2, 1, 0])
+    with torch.no_grad():
+        want = net(x, t, c).numpy()
+    got = run_onnx(data, {"x_t": x.numpy(), "t": t.numpy(), "cond": c.numpy()})[0]
+    assert abs(want).max() > 0.05
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), atol=1e-4, rtol=1e-4)
