@@ -332,7 +332,7 @@ def _dit() -> RunConfig:
     """The fast recipe (its diffusion and training settings) with a small DiT in place of the
     U-Net, of about its parameter count. Patch 4 (7x7 tokens at 28x28) rather than 2: on two CPU
     cores a training step of 49 tokens is several times quicker than one of 196, which a run of
-    a few minutes needs more than the finer grid (the results page has the timing)."""
+    a few minutes needs more than the finer grid."""
     cfg = _fast()
     return replace(cfg, model=DiTConfig(patch_size=4, hidden=96, depth=4, heads=4), preset="dit")
 

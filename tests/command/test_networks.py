@@ -2,6 +2,7 @@
 refusals, and a tiny DiT trained by `ddpm train --preset dit` and sampled by `ddpm sample`."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def test_train_and_sample_a_dit(tmp_path: Path, capsys: pytest.CaptureFixture) -
         with np.load(out / "samples.npz") as z:
             assert z["images"].shape == (3, 1, 28, 28) and z["images"].dtype == np.uint8
             assert z["labels"].tolist() == [1, 1, 1]
+    if importlib.util.find_spec("openvino") is not None:  # the engines run the exported graph
+        assert main(["sample", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2", "--engine", "openvino",
+                     "--out", str(tmp_path / "ov")]) == 0
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "4", "--no-progress",
                  "--no-tensorboard"]) == 0
