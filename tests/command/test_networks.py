@@ -1,5 +1,6 @@
 """The command and the networks table: --arch and each network's own flags, the one-line
-refusals, and a tiny DiT trained by `ddpm train --preset dit` and sampled by `ddpm sample`."""
+refusals, and a tiny DiT trained by `ddpm train --preset dit-cond`, sampled by `ddpm sample`,
+distilled by `ddpm distill` and resumed."""
 from __future__ import annotations
 
 import importlib.util
@@ -76,6 +77,12 @@ def test_train_and_sample_a_dit(tmp_path: Path, capsys: pytest.CaptureFixture) -
     if importlib.util.find_spec("openvino") is not None:  # the engines run the exported graph
         assert main(["sample", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2", "--engine", "openvino",
                      "--out", str(tmp_path / "ov")]) == 0
+    for method in ("progressive", "consistency"):  # the teacher and student are built from the table too
+        student = tmp_path / method
+        assert main(["distill", str(run), "--out", str(student), "--method", method, "--teacher-steps", "4",
+                     "--student-steps", "2", "--steps-per-round", "2", "--batch-size", "4", "--no-progress"]) == 0
+        assert json.loads((student / "config.json").read_text())["model"]["arch"] == "dit"
+        assert main(["sample", str(student), "--n", "2", "--out", str(student / "s")]) == 0
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "4", "--no-progress",
                  "--no-tensorboard"]) == 0
