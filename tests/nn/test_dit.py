@@ -274,3 +274,16 @@ def test_a_dit_run_exports_to_onnx(tmp_path: Path) -> None:
     got = run_onnx(data, {"x_t": x.numpy(), "t": t.numpy(), "cond": c.numpy()})[0]
     assert abs(want).max() > 0.05
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), atol=1e-4, rtol=1e-4)
+
+
+def test_time_embedding_takes_real_times() -> None:
+    """The embedding both networks share: a long step and the same float agree, and a time
+    between steps or below zero is a finite, distinct embedding."""
+    from ddpm.nn.layers import SinusoidalTimeEmbedding
+
+    emb = SinusoidalTimeEmbedding(32)
+    assert torch.equal(emb(torch.tensor([0, 7, 499])), emb(torch.tensor([0.0, 7.0, 499.0])))
+    e = emb(torch.tensor([-0.75, 0.5, 1.0, 3.25], dtype=torch.float64))
+    assert e.dtype == torch.float32 and torch.isfinite(e).all() and torch.cdist(e, e).add(torch.eye(4)).min() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(emb(torch.tensor([-1.2, 0.3]))).all()
