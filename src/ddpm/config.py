@@ -57,6 +57,19 @@ class ModelConfig:
     num_classes: int = _f(0, "> 0: class-conditional (index num_classes: the null class of classifier-free guidance)")
     class_emb_std: float = _f(0.02, "conditional: std of the class embedding's initial weights (DiT: 0.02; ADM: 1)")
 
+    def check_sizes(self) -> None:
+        """Sizes it can be built from, in one line each (see check_model_sizes)."""
+        mults = self.dim_mults
+        if not (2 <= self.dim <= MAX_WIDTH and mults and len(mults) <= 16
+                and all(1 <= k <= MAX_WIDTH for k in mults) and self.dim * max(mults) <= MAX_WIDTH):
+            raise DdpmError(f"invalid U-Net size: dim={shorten(self.dim)}, dim_mults={shorten(mults)} (dim at least "
+                            f"2, 1 to 16 multipliers of at least 1, widths up to {MAX_WIDTH:,})")
+        for name in ("init_dim", "out_dim", "attn_heads", "attn_dim_head", "resnet_block_groups", "convnext_mult",
+                     "blocks_per_level"):
+            v = getattr(self, name)
+            if v is not None and not 1 <= v <= MAX_WIDTH:
+                raise DdpmError(f"model.{name} must be between 1 and {MAX_WIDTH:,}, got {shorten(v)}")
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -75,6 +88,21 @@ class DiTConfig:
     grad_checkpoint: bool = _f(False, "recompute block activations in backward to save memory")
     num_classes: int = _f(0, "> 0: class-conditional (index num_classes: the null class of classifier-free guidance)")
     class_emb_std: float = _f(0.02, "conditional: std of the class embedding's initial weights (DiT: 0.02; ADM: 1)")
+
+    def check_sizes(self) -> None:
+        """Sizes it can be built from, in one line each (see check_model_sizes)."""
+        for name, top in (("channels", MAX_WIDTH), ("patch_size", MAX_WIDTH), ("hidden", MAX_WIDTH),
+                          ("depth", MAX_DEPTH), ("heads", MAX_WIDTH)):
+            v = getattr(self, name)
+            if not 1 <= v <= top:
+                raise DdpmError(f"--{name.replace('_', '-')} must be between 1 and {top:,}, got {shorten(v)}")
+        if self.hidden % self.heads:
+            raise DdpmError(f"--hidden {self.hidden} must be a multiple of --heads {self.heads} "
+                            "(each head takes an equal share)")
+        ratio = self.mlp_ratio
+        if not (isinstance(ratio, (int, float)) and 0 < ratio and self.hidden * ratio <= MAX_WIDTH):
+            raise DdpmError(f"--mlp-ratio must be above 0 with --hidden times it at most {MAX_WIDTH:,}, "
+                            f"got {shorten(self.mlp_ratio)}")
 
 
 # The networks' configs, one per architecture, told apart by their ``arch`` (a config without one
@@ -203,6 +231,7 @@ def check_sample_config(cfg: SampleConfig) -> None:
     check_seed(cfg.seed)
 
 
+MAX_DEPTH = 1024  # transformer blocks: far above any DiT in use
 MAX_SEED = 2**62  # seeds are offset (seed + 1 for training's batches) and must stay inside int64
 MAX_WIDTH = 65_536  # channels of any layer: far above any U-Net in use; beyond, torch fails in C++
 
@@ -215,43 +244,9 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
 
 def check_model_sizes(m: AnyModelConfig) -> None:
     """Sizes its network can be built from, in one line each (torch would fail deep in C++ or allocate forever)."""
-    if m.arch not in SIZE_CHECKS:
-        raise DdpmError(f"unknown model.arch {shorten(m.arch)}; choose one of: {', '.join(SIZE_CHECKS)}")
-    SIZE_CHECKS[m.arch](m)
+    m.check_sizes()
     if not (isinstance(m.class_emb_std, (int, float)) and 0 <= m.class_emb_std < float("inf")):
         raise DdpmError(f"--class-emb-std must be a finite number >= 0, got {shorten(m.class_emb_std)}")
-
-
-def _check_unet_sizes(m: ModelConfig) -> None:
-    mults = m.dim_mults
-    if not (2 <= m.dim <= MAX_WIDTH and mults and len(mults) <= 16 and all(1 <= k <= MAX_WIDTH for k in mults)
-            and m.dim * max(mults) <= MAX_WIDTH):
-        raise DdpmError(f"invalid U-Net size: dim={shorten(m.dim)}, dim_mults={shorten(mults)} (dim at least 2, "
-                        f"1 to 16 multipliers of at least 1, widths up to {MAX_WIDTH:,})")
-    for name in ("init_dim", "out_dim", "attn_heads", "attn_dim_head", "resnet_block_groups", "convnext_mult",
-                 "blocks_per_level"):
-        v = getattr(m, name)
-        if v is not None and not 1 <= v <= MAX_WIDTH:
-            raise DdpmError(f"model.{name} must be between 1 and {MAX_WIDTH:,}, got {shorten(v)}")
-
-
-MAX_DEPTH = 1024  # transformer blocks: far above any DiT in use
-
-
-def _check_dit_sizes(m: DiTConfig) -> None:
-    for name, top in (("channels", MAX_WIDTH), ("patch_size", MAX_WIDTH), ("hidden", MAX_WIDTH), ("depth", MAX_DEPTH),
-                      ("heads", MAX_WIDTH)):
-        v = getattr(m, name)
-        if not 1 <= v <= top:
-            raise DdpmError(f"--{name.replace('_', '-')} must be between 1 and {top:,}, got {shorten(v)}")
-    if m.hidden % m.heads:
-        raise DdpmError(f"--hidden {m.hidden} must be a multiple of --heads {m.heads} (each head takes an equal share)")
-    if not (isinstance(m.mlp_ratio, (int, float)) and 0 < m.mlp_ratio and m.hidden * m.mlp_ratio <= MAX_WIDTH):
-        raise DdpmError(f"--mlp-ratio must be above 0 with --hidden times it at most {MAX_WIDTH:,}, "
-                        f"got {shorten(m.mlp_ratio)}")
-
-
-SIZE_CHECKS: dict[str, typing.Callable[[Any], None]] = {"unet": _check_unet_sizes, "dit": _check_dit_sizes}
 
 
 def check_model_config(m: AnyModelConfig) -> None:
