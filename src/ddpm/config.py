@@ -112,7 +112,7 @@ AnyModelConfig = typing.Union[ModelConfig, DiTConfig]
 
 def model_configs() -> dict[str, type]:
     """``arch`` -> its config class, read from :data:`AnyModelConfig`."""
-    return {get_args(typing.get_type_hints(c)["arch"])[0]: c for c in get_args(AnyModelConfig)}
+    return {c.arch: c for c in get_args(AnyModelConfig)}  # a field's default is its class's attribute
 
 
 @dataclass(frozen=True)
@@ -406,7 +406,7 @@ def _tagged_member(path: str, members: list[Any], value: Any) -> Any:
     first member (the U-Net: what every config saved before the choice existed describes)."""
     if not isinstance(value, dict):
         raise DdpmError(f"{path} must be an object, got {shorten(value)}")
-    by_arch = {get_args(typing.get_type_hints(m)["arch"])[0]: m for m in members}
+    by_arch = {m.arch: m for m in members}
     arch = value.get("arch", next(iter(by_arch)))
     if not isinstance(arch, str) or arch not in by_arch:
         raise DdpmError(f"unknown {path}.arch {shorten(arch)}; choose one of: {', '.join(by_arch)}")

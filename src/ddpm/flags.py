@@ -48,7 +48,7 @@ def section_fields(section: Any) -> dict[str, tuple[Any, str | None]]:
         for f in dataclasses.fields(cls):
             out.setdefault(f.name, (hints[f.name], f.metadata.get("help")))
     if "arch" in out and len(members(section)) > 1:
-        names = tuple(get_args(typing.get_type_hints(c)["arch"])[0] for c in members(section))
+        names = tuple(c.arch for c in members(section))  # each member's default: its one name
         out["arch"] = (Literal[names], out["arch"][1])  # type: ignore[valid-type]
     return out
 
@@ -109,8 +109,7 @@ def _groups(sec: str) -> dict[str, list[str]]:
     own = [{f.name for f in dataclasses.fields(c)} for c in classes]
     groups = {TITLES[sec]: [n for n in names if all(n in o for o in own)]}
     for cls, o in zip(classes, own):
-        arch = get_args(typing.get_type_hints(cls)["arch"])[0]
-        groups[f"{TITLES[sec]} (--arch {arch})"] = [n for n in names if n in o and n not in groups[TITLES[sec]]]
+        groups[f"{TITLES[sec]} (--arch {cls.arch})"] = [n for n in names if n in o and n not in groups[TITLES[sec]]]
     return groups
 
 
