@@ -37,7 +37,7 @@ def _f(default: Any, help: str) -> Any:
 class ModelConfig:
     """The U-Net: every constructor option of the seed's ``Unet``, plus a few of our own."""
 
-    arch: Literal["unet"] = _f("unet", "the network: a name of ddpm.nn.NETWORKS")
+    arch: Literal["unet"] = _f("unet", "the network (ddpm.nn.NETWORKS); each has its own flags, grouped below")
     dim: int = _f(28, "base channel width of the U-Net")
     init_dim: int | None = _f(None, "width of the first convolution (default, as the seed: dim // 3 * 2)")
     out_dim: int | None = _f(None, "output channels (default: channels, doubled with learn-sigma)")
@@ -77,7 +77,7 @@ class DiTConfig:
     The fields it shares with the U-Net (channels, learn_sigma, num_classes, class_emb_std,
     grad_checkpoint) have the same names and meanings, so that the rest of the code reads either."""
 
-    arch: Literal["dit"] = _f("dit", "the network: a name of ddpm.nn.NETWORKS")
+    arch: Literal["dit"] = _f("dit", "the network (ddpm.nn.NETWORKS); each has its own flags, grouped below")
     channels: int = _f(1, "image channels the network sees and outputs")
     patch_size: int = _f(2, "DiT: pixels a side of one token's patch (must divide the image size)")
     hidden: int = _f(192, "DiT: width of the tokens")
