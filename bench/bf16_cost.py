@@ -29,7 +29,7 @@ from throughput import machine, our_sampler
 
 from ddpm import preset
 from ddpm.data import load_fashion_mnist
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.runtime.precision import native_bf16
 from ddpm.training.train import Trainer
 
@@ -54,7 +54,7 @@ def bench_train(name: str, rounds: int, data: torch.Tensor, batch: int | None, w
 
 def bench_sample(name: str, rounds: int, iters: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    net = UNet(preset(name).model).to(memory_format=torch.channels_last)
+    net = build_network(preset(name).model).to(memory_format=torch.channels_last)
     runs = {p: our_sampler(net, iters, True, torch.device("cpu"), p) for p in ("fp32", "bf16")}
     times = interleave(runs, rounds=rounds, warmup=warmup)
     return {"n": 64, "timed_iterations": iters,

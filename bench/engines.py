@@ -54,7 +54,7 @@ from ddpm.core.diffusion import q_sample
 from ddpm.data import load_fashion_mnist
 from ddpm.data.readers import to_model_range
 from ddpm.export import to_onnx
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.sampling import make_schedule
 
 N = 64
@@ -241,7 +241,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    net = UNet(preset("seed").model).eval()
+    net = build_network(preset("seed").model).eval()
     fp32 = to_onnx(net, preset("seed"))
     net_cl = net.to(memory_format=torch.channels_last)
     feeds = calibration_inputs(preset("seed"), 10, 16)

@@ -30,7 +30,7 @@ from ddpm import engines as E
 from ddpm import preset
 from ddpm.config import SampleConfig
 from ddpm.export import to_onnx
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.sampling.generate import load_model
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     net = lm.net.float().to(memory_format=torch.contiguous_format).eval()
     held = calibration_inputs(lm.config, 30, 16)[8:]
     own = E.calibration_inputs(lm, SampleConfig(sampler="ddpm", steps=100, n=1000, clip="clip"))
-    seed_net = UNet(preset("seed").model).eval()
+    seed_net = build_network(preset("seed").model).eval()
     seed_cal = [[f["x_t"], f["t"]] for f in calibration_inputs(preset("seed"), 8, 16)]
     schemes = {"f32": None, "default": {}, "mixed": {"preset": nncf.QuantizationPreset.MIXED},
                "transformer": {"model_type": nncf.ModelType.TRANSFORMER},

@@ -37,7 +37,7 @@ from harness import ROOT, cpu_info, interleave, median, ratio, save
 
 from ddpm import preset
 from ddpm.data import load_fashion_mnist
-from ddpm.nn import UNet, layers
+from ddpm.nn import build_network, layers
 from ddpm.runtime.env import process_settings
 from ddpm.training.train import Trainer
 
@@ -78,7 +78,7 @@ def with_previous_attention(model: torch.nn.Module) -> torch.nn.Module:
 
 def seed_net(channels_last: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    net = UNet(preset("seed").model)
+    net = build_network(preset("seed").model)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
@@ -107,7 +107,7 @@ def lever_channels_last(rounds: int) -> dict:
     t = torch.randint(0, 200, (BATCH,))
     cfg = dataclasses.replace(preset("seed").model, channels=3)
     torch.manual_seed(0)
-    cf = UNet(cfg)
+    cf = build_network(cfg)
     cl = copy.deepcopy(cf).to(memory_format=torch.channels_last)
     times = interleave({"contiguous": fwd_bwd(cf, x, t),
                         "channels_last": fwd_bwd(cl, x.contiguous(memory_format=torch.channels_last), t)}, rounds)

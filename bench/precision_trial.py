@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import RESULTS, cpu_info, write_record  # noqa: E402
 
 from ddpm.config import preset  # noqa: E402
-from ddpm.nn import UNet  # noqa: E402
+from ddpm.nn import build_network  # noqa: E402
 from ddpm.runtime import precision as P  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     cfg = preset(a.preset)
     torch.manual_seed(0)
-    net = UNet(cfg.model)
+    net = build_network(cfg.model)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     size, c, k = cfg.data.image_size, cfg.model.channels, cfg.model.num_classes

@@ -51,7 +51,7 @@ from ddpm.checkpoint import GUIDE, resolve_checkpoint
 from ddpm.config import RunConfig, override, preset
 from ddpm.errors import DdpmError
 from ddpm.evaluation.evaluate import evaluate_images
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.sampling import LoadedModel, SampleConfig, generate, load_model, make_schedule
 from ddpm.training.train import train
 from ddpm.pictures.viz import save_grid
@@ -141,7 +141,7 @@ def load_contender(name: str, run: Path) -> LoadedModel:
     if name != "seed-reference":
         return load_model(run, device="cpu")
     cfg = preset("seed")
-    net = UNet(cfg.model)
+    net = build_network(cfg.model)
     src = list(torch.load(run / "seed_model.pt", map_location="cpu", weights_only=True).values())
     dst = net.state_dict()
     if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src, dst.values())):

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm import preset
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.nn.layers import Attention, LinearAttention
 from ddpm.runtime.env import keep_freed_memory
 
@@ -145,7 +145,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    net = UNet(preset("seed").model).eval().to(memory_format=torch.channels_last)
+    net = build_network(preset("seed").model).eval().to(memory_format=torch.channels_last)
     x = torch.randn(N, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 200, (N,))
     with FlopCounterMode(display=False) as fc, torch.inference_mode():

@@ -35,7 +35,7 @@ from harness import (
 )
 
 from ddpm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from ddpm.nn import UNet, count_parameters
+from ddpm.nn import build_network, count_parameters
 from ddpm.samplers import SamplerOptions, get_sampler
 from ddpm.sampling import LoadedModel, make_schedule
 from ddpm.core.schedules import space_timesteps
@@ -131,7 +131,7 @@ def bench_size(ref, s: Size, rounds: int, iters: int) -> dict:
         tr = Trainer(cfg, Path(tmp), fake_data(s), torch.device("cpu"))
         ref_step, ref_model = reference_train_step(ref, s)
         train = interleave({"ours": tr.train_step, "reference": ref_step}, rounds=rounds, warmup=1)
-    net = UNet(cfg.model)  # contiguous weights (`load_model` now gives channels-last)
+    net = build_network(cfg.model)  # contiguous weights (`load_model` now gives channels-last)
     sample = interleave({"ours": our_sampler(cfg, net, s, iters), "reference": reference_sampler(ref, ref_model, s, iters)},
                         rounds=rounds, warmup=1)
     T = ref.timesteps

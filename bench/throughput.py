@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm import preset
 from ddpm.data import load_fashion_mnist
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.runtime.precision import native_bf16
 from ddpm.runtime.env import process_settings
 from ddpm.samplers import SamplerOptions, get_sampler
@@ -225,8 +225,8 @@ def count_flops(step) -> int:
 def bench_sample(ref, rounds: int, iters: int, device: torch.device, bf16: bool) -> dict:
     torch.manual_seed(0)
     ref_model = ref.make_model().eval().to(device)
-    net = UNet(preset("seed").model).to(device)
-    net_cl = UNet(preset("seed").model).to(device, memory_format=torch.channels_last)
+    net = build_network(preset("seed").model).to(device)
+    net_cl = build_network(preset("seed").model).to(device, memory_format=torch.channels_last)
     runs = {
         "ours": synced(our_sampler(net, iters, False, device), device),  # contiguous weights
         "ours_channels_last": synced(our_sampler(net_cl, iters, True, device), device),

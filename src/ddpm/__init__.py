@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
-    "DataConfig": "config", "DiffusionConfig": "config", "ModelConfig": "config", "RunConfig": "config",
+    "DataConfig": "config", "DiffusionConfig": "config", "DiTConfig": "config", "ModelConfig": "config", "RunConfig": "config",
     "SampleConfig": "config", "TrainConfig": "config", "preset": "config",
     "load_dataset": "data", "load_fashion_mnist": "data", "load_image_folder": "data",
     "Denoiser": "core.diffusion", "q_sample": "core.diffusion", "training_losses": "core.diffusion",
     "NoiseSchedule": "core.schedules",
     "DdpmError": "errors",
-    "UNet": "nn",
+    "DiT": "nn", "NETWORKS": "nn", "UNet": "nn", "build_network": "nn",
     "generate": "sampling.generate", "load_model": "sampling.generate",
     "inpaint": "sampling.editing", "edit": "sampling.editing", "RePaintConfig": "sampling.editing",
     "train": "training.train",
@@ -49,12 +49,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-    from .config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig, preset
+    from .config import DataConfig, DiffusionConfig, DiTConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig, preset
     from .core.diffusion import Denoiser, q_sample, training_losses
     from .core.schedules import NoiseSchedule
     from .data import load_dataset, load_fashion_mnist, load_image_folder
     from .errors import DdpmError
-    from .nn import UNet
+    from .nn import NETWORKS, DiT, UNet, build_network
     from .pictures.forward import noise_figure
     from .pictures.viz import save_gif, save_grid
     from .sampling.generate import generate, load_model

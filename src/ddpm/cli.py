@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (a run folder under runs/)")
     t.add_argument("--preset", help="seed (the seed's recipe) | fast (small, for CPUs) | fast-cond "
                                     "(fast, class-conditional on Fashion-MNIST) | fast-rgb (fast at 32x32 RGB: "
-                                    "give --dataset)")
+                                    "give --dataset) | dit (fast's recipe with a small diffusion transformer) | "
+                                    "dit-cond (dit, class-conditional) | rf, rf-cond (rectified flow) | edm, edm-cond (EDM)")
     t.add_argument("--config", help="a config.json to train from (e.g. RUN/config.json)")
     t.add_argument("--name", help="run name: the run lives in runs/NAME")
     t.add_argument("--out", help="run folder (instead of runs/NAME)")

@@ -38,6 +38,7 @@ def _f(default: Any, help: str) -> Any:
 class ModelConfig:
     """The U-Net: every constructor option of the seed's ``Unet``, plus a few of our own."""
 
+    arch: Literal["unet"] = _f("unet", "the network (ddpm.nn.NETWORKS); each has its own flags, grouped below")
     dim: int = _f(28, "base channel width of the U-Net")
     init_dim: int | None = _f(None, "width of the first convolution (default, as the seed: dim // 3 * 2)")
     out_dim: int | None = _f(None, "output channels (default: channels, doubled with learn-sigma)")
@@ -56,6 +57,63 @@ class ModelConfig:
     blocks_per_level: int = _f(2, "blocks per resolution on the way down (the way up has as many), 2 as the seed")
     num_classes: int = _f(0, "> 0: class-conditional (index num_classes: the null class of classifier-free guidance)")
     class_emb_std: float = _f(0.02, "conditional: std of the class embedding's initial weights (DiT: 0.02; ADM: 1)")
+
+    def check_sizes(self) -> None:
+        """Sizes it can be built from, in one line each (see check_model_sizes)."""
+        mults = self.dim_mults
+        if not (2 <= self.dim <= MAX_WIDTH and mults and len(mults) <= 16
+                and all(1 <= k <= MAX_WIDTH for k in mults) and self.dim * max(mults) <= MAX_WIDTH):
+            raise DdpmError(f"invalid U-Net size: dim={shorten(self.dim)}, dim_mults={shorten(mults)} (dim at least "
+                            f"2, 1 to 16 multipliers of at least 1, widths up to {MAX_WIDTH:,})")
+        for name in ("init_dim", "out_dim", "attn_heads", "attn_dim_head", "resnet_block_groups", "convnext_mult",
+                     "blocks_per_level"):
+            v = getattr(self, name)
+            if v is not None and not 1 <= v <= MAX_WIDTH:
+                raise DdpmError(f"model.{name} must be between 1 and {MAX_WIDTH:,}, got {shorten(v)}")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """The diffusion transformer (Peebles & Xie 2023): patches, transformer blocks with adaLN-Zero.
+    The fields it shares with the U-Net (channels, learn_sigma, num_classes, class_emb_std,
+    grad_checkpoint) have the same names and meanings, so that the rest of the code reads either."""
+
+    arch: Literal["dit"] = _f("dit", "the network (ddpm.nn.NETWORKS); each has its own flags, grouped below")
+    channels: int = _f(1, "image channels the network sees and outputs")
+    patch_size: int = _f(2, "DiT: pixels a side of one token's patch (must divide the image size)")
+    hidden: int = _f(192, "DiT: width of the tokens")
+    depth: int = _f(6, "DiT: transformer blocks")
+    heads: int = _f(4, "DiT: attention heads (must divide --hidden)")
+    mlp_ratio: float = _f(4.0, "DiT: width of each block's MLP, in multiples of --hidden")
+    learn_sigma: bool = _f(False, "learn the reverse variances (improved DDPM hybrid loss)")
+    grad_checkpoint: bool = _f(False, "recompute block activations in backward to save memory")
+    num_classes: int = _f(0, "> 0: class-conditional (index num_classes: the null class of classifier-free guidance)")
+    class_emb_std: float = _f(0.02, "conditional: std of the class embedding's initial weights (DiT: 0.02; ADM: 1)")
+
+    def check_sizes(self) -> None:
+        """Sizes it can be built from, in one line each (see check_model_sizes)."""
+        for name, top in (("channels", MAX_WIDTH), ("patch_size", MAX_WIDTH), ("hidden", MAX_WIDTH),
+                          ("depth", MAX_DEPTH), ("heads", MAX_WIDTH)):
+            v = getattr(self, name)
+            if not 1 <= v <= top:
+                raise DdpmError(f"--{name.replace('_', '-')} must be between 1 and {top:,}, got {shorten(v)}")
+        if self.hidden % self.heads:
+            raise DdpmError(f"--hidden {self.hidden} must be a multiple of --heads {self.heads} "
+                            "(each head takes an equal share)")
+        ratio = self.mlp_ratio
+        if not (isinstance(ratio, (int, float)) and 0 < ratio and self.hidden * ratio <= MAX_WIDTH):
+            raise DdpmError(f"--mlp-ratio must be above 0 with --hidden times it at most {MAX_WIDTH:,}, "
+                            f"got {shorten(self.mlp_ratio)}")
+
+
+# The networks' configs, one per architecture, told apart by their ``arch`` (a config without one
+# is the U-Net's: every run saved before there was a choice). ddpm.nn.NETWORKS builds each.
+AnyModelConfig = typing.Union[ModelConfig, DiTConfig]
+
+
+def model_configs() -> dict[str, type]:
+    """``arch`` -> its config class, read from :data:`AnyModelConfig`."""
+    return {c.arch: c for c in get_args(AnyModelConfig)}  # a field's default is its class's attribute
 
 
 @dataclass(frozen=True)
@@ -187,6 +245,7 @@ def check_sample_config(cfg: SampleConfig) -> None:
     check_seed(cfg.seed)
 
 
+MAX_DEPTH = 1024  # transformer blocks: far above any DiT in use
 MAX_SEED = 2**62  # seeds are offset (seed + 1 for training's batches) and must stay inside int64
 MAX_WIDTH = 65_536  # channels of any layer: far above any U-Net in use; beyond, torch fails in C++
 
@@ -197,36 +256,36 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
         raise DdpmError(f"{flag} must be between 0 and 2**62, got {shorten(seed)}")
 
 
-def check_model_sizes(m: ModelConfig) -> None:
-    """Sizes a U-Net can be built from, in one line each (torch would fail deep in C++ or allocate forever)."""
-    mults = m.dim_mults
-    if not (2 <= m.dim <= MAX_WIDTH and mults and len(mults) <= 16 and all(1 <= k <= MAX_WIDTH for k in mults)
-            and m.dim * max(mults) <= MAX_WIDTH):
-        raise DdpmError(f"invalid U-Net size: dim={shorten(m.dim)}, dim_mults={shorten(mults)} (dim at least 2, "
-                        f"1 to 16 multipliers of at least 1, widths up to {MAX_WIDTH:,})")
-    for name in ("init_dim", "out_dim", "attn_heads", "attn_dim_head", "resnet_block_groups", "convnext_mult",
-                 "blocks_per_level"):
-        v = getattr(m, name)
-        if v is not None and not 1 <= v <= MAX_WIDTH:
-            raise DdpmError(f"model.{name} must be between 1 and {MAX_WIDTH:,}, got {shorten(v)}")
+def check_model_sizes(m: AnyModelConfig) -> None:
+    """Sizes its network can be built from, in one line each (torch would fail deep in C++ or allocate forever)."""
+    m.check_sizes()
     if not (isinstance(m.class_emb_std, (int, float)) and 0 <= m.class_emb_std < float("inf")):
         raise DdpmError(f"--class-emb-std must be a finite number >= 0, got {shorten(m.class_emb_std)}")
 
 
-def check_model_config(m: ModelConfig) -> None:
-    """A U-Net that a diffusion run can train and then sample: its sizes, and an output of the
+def check_model_config(m: AnyModelConfig) -> None:
+    """A network that a diffusion run can train and then sample: its sizes, and an output of the
     image's channels (the network predicts eps, x0 or v of the image; doubled by learn_sigma)."""
     check_model_sizes(m)
-    if m.out_dim is not None and m.out_dim != m.channels:
+    out_dim = getattr(m, "out_dim", None)  # the U-Net's alone; the DiT's output is always the image's
+    if out_dim is not None and out_dim != m.channels:
         raise DdpmError(f"model.out_dim must be {m.channels} (the image channels; learn_sigma doubles it itself), "
-                        f"got {shorten(m.out_dim)}: a network with other outputs can never be sampled")
+                        f"got {shorten(out_dim)}: a network with other outputs can never be sampled")
+
+
+def check_patch_size(m: DiTConfig, size: int) -> None:
+    """The DiT cuts the image into whole patches."""
+    if size % m.patch_size:
+        fits = [p for p in (1, 2, 4, 8) if size % p == 0]
+        raise DdpmError(f"--patch-size {m.patch_size} does not divide the image size {size} "
+                        f"(try --patch-size {max(fits)} or an --image-size that is a multiple of {m.patch_size})")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; saved as ``config.json`` in the run folder."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: AnyModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -307,6 +366,20 @@ def _edm(cond: bool = False) -> RunConfig:
     d = replace(cfg.diffusion, process="edm", objective="edm", loss="l2", loss_weighting="uniform",
                 t_sampling="lognormal", lognormal_mean=-1.2, lognormal_std=1.2, timesteps=1000)
     return replace(cfg, diffusion=d, preset="edm-cond" if cond else "edm")
+def _dit() -> RunConfig:
+    """The fast recipe (its diffusion and training settings) with a small DiT in place of the
+    U-Net, of about its parameter count. Patch 4 (7x7 tokens at 28x28) rather than 2: on two CPU
+    cores a training step of 49 tokens is several times quicker than one of 196, which a run of
+    a few minutes needs more than the finer grid."""
+    cfg = _fast()
+    return replace(cfg, model=DiTConfig(patch_size=4, hidden=96, depth=4, heads=4), preset="dit")
+
+
+def _dit_cond() -> RunConfig:
+    """The DiT recipe, class-conditional on ten classes, as fast-cond is to fast (the class
+    embedding at fast-cond's std 1)."""
+    cfg = _dit()
+    return replace(cfg, model=replace(cfg.model, num_classes=10, class_emb_std=1.0), preset="dit-cond")
 
 
 PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
@@ -319,6 +392,8 @@ PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
     "rf-cond": lambda: _rf(cond=True),
     "edm": _edm,
     "edm-cond": lambda: _edm(cond=True),
+    "dit": _dit,
+    "dit-cond": _dit_cond,
 }
 
 
@@ -345,6 +420,8 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1 and all(dataclasses.is_dataclass(a) for a in inner):
+            return _check_value(path, _tagged_member(path, inner, value), value)
         return _check_value(path, inner[0], value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -372,6 +449,18 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
     return value
 
 
+def _tagged_member(path: str, members: list[Any], value: Any) -> Any:
+    """The member of a union of configs that ``value`` names by its ``arch``; without one, the
+    first member (the U-Net: what every config saved before the choice existed describes)."""
+    if not isinstance(value, dict):
+        raise DdpmError(f"{path} must be an object, got {shorten(value)}")
+    by_arch = {m.arch: m for m in members}
+    arch = value.get("arch", next(iter(by_arch)))
+    if not isinstance(arch, str) or arch not in by_arch:
+        raise DdpmError(f"unknown {path}.arch {shorten(arch)}; choose one of: {', '.join(by_arch)}")
+    return by_arch[arch]
+
+
 def _from_dict(cls: type[T], d: dict[str, Any], prefix: str) -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
@@ -391,7 +480,32 @@ def from_dict(cls: type[T], d: dict[str, Any]) -> T:
 
 
 def override(cfg: T, **changes: Any) -> T:
-    """``dataclasses.replace`` that checks the new values' types and choices first."""
+    """``dataclasses.replace`` that checks the new values' types and choices first. On a model
+    config, ``arch`` picks the network: another one starts from its own defaults, keeping the
+    fields the two share (channels, classes ...), and a field it lacks is refused in one line."""
+    if type(cfg) in get_args(AnyModelConfig):
+        return _override_model(cfg, **changes)
+    return _override_fields(cfg, **changes)
+
+
+def _override_model(m: Any, **changes: Any) -> Any:
+    configs = model_configs()
+    arch = changes.pop("arch", m.arch)
+    if arch not in configs:
+        raise DdpmError(f"unknown arch {shorten(arch)}; choose one of: {', '.join(configs)}")
+    cls = configs[arch]
+    names = {f.name for f in fields(cls)}
+    if cls is not type(m):
+        m = cls(**{f.name: getattr(m, f.name) for f in fields(m) if f.name in names and f.name != "arch"})
+    alien = sorted(k for k in changes if k not in names)
+    if alien:
+        flag = alien[0].replace("_", "-")
+        raise DdpmError(f"--{flag} is not an option of the {arch} network (--arch {arch}); "
+                        f"ddpm train --help lists each network's options")
+    return _override_fields(m, **changes)
+
+
+def _override_fields(cfg: T, **changes: Any) -> T:
     hints = typing.get_type_hints(type(cfg))
     checked = {k: _check_value(k.replace("_", "-"), hints[k], v) for k, v in changes.items()}
     return replace(cfg, **checked)

@@ -148,10 +148,10 @@ OLD_TRAIN_FLAGS: dict[str, tuple[str, str, list[str], object]] = {  # flag -> (s
 BUDGET = ("epochs", "max_steps", "minutes")
 
 
-def _parse_train(*flags: str) -> RunConfig:
+def _parse_train(*flags: str, preset: str = "seed") -> RunConfig:
     from ddpm.cli import build_config, build_parser
 
-    args = build_parser().parse_args(["train", "--preset", "seed", *flags])
+    args = build_parser().parse_args(["train", "--preset", preset, *flags])
     args.run_dir = None
     return build_config(args)
 
@@ -202,27 +202,36 @@ def _other_value(tp: object, default: object) -> tuple[list[str], object]:
     return {int: (["7"], 7), float: (["0.25"], 0.25), str: (["elsewhere"], "elsewhere")}[tp]
 
 
+# a preset of each network: the base the model section's flags are tried on
+NETWORK_PRESETS = {"unet": "seed", "dit": "dit"}
+
+
 def test_every_config_field_has_a_flag_with_help() -> None:
-    """One flag per field of the four run sections: it sets exactly that field, typed."""
+    """One flag per field of the four run sections (the model: of each network's config, on a
+    preset of that network): it sets exactly that field, typed. ``arch`` picks the network."""
     import dataclasses
     import typing
 
     from ddpm.config import preset
-    from ddpm.flags import SECTIONS, flag_names
+    from ddpm.flags import SECTIONS, flag_names, members
 
     names = flag_names()
-    base = preset("seed")
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            assert f.metadata.get("help"), f"{section}.{f.name} has no help"
-            default = getattr(getattr(base, section), f.name)
-            argv, value = _other_value(hints[f.name], default)
-            flag = names[f"{section}.{f.name}"]
-            if hints[f.name] is bool:
-                flag = flag if value else "no-" + flag
-            got = _parse_train(f"--{flag}", *argv)
-            assert got == _with(base, section, **{f.name: value}), flag
+    for section, tp in SECTIONS.items():
+        for cls in members(tp):
+            hints = typing.get_type_hints(cls)
+            name = NETWORK_PRESETS[cls.arch] if section == "model" else "seed"
+            base = preset(name)
+            for f in dataclasses.fields(cls):
+                assert f.metadata.get("help"), f"{section}.{f.name} has no help"
+                if f.name == "arch":
+                    continue
+                default = getattr(getattr(base, section), f.name)
+                argv, value = _other_value(hints[f.name], default)
+                flag = names[f"{section}.{f.name}"]
+                if hints[f.name] is bool:
+                    flag = flag if value else "no-" + flag
+                got = _parse_train(f"--{flag}", *argv, preset=name)
+                assert got == _with(base, section, **{f.name: value}), flag
     assert set(SECTIONS) == {f.name for f in dataclasses.fields(RunConfig)} - {"preset"}
 
 

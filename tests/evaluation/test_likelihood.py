@@ -25,7 +25,7 @@ from ddpm.errors import DdpmError
 from ddpm.evaluation.likelihood import (
     NllReport, format_nll, kl_strata, nll_bits_per_dim, stratified_timesteps, term_bins, variational_bound,
 )
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.sampling import LoadedModel
 from ddpm.core.schedules import NoiseSchedule
 
@@ -160,7 +160,7 @@ def tiny_model(learn_sigma: bool, T: int = 10) -> LoadedModel:
                                       learn_sigma=learn_sigma),
                     diffusion=DiffusionConfig(timesteps=T, schedule="cosine"),
                     data=DataConfig(image_size=8))
-    net = UNet(cfg.model).eval()
+    net = build_network(cfg.model).eval()
     return LoadedModel(net, NoiseSchedule.create("cosine", T), cfg, 0, Path("nowhere"))
 
 

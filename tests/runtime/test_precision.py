@@ -14,7 +14,7 @@ from ddpm import cli
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import override
 from ddpm.errors import DdpmError
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.runtime.precision import autocast_dtype, fast_cuda_math, native_bf16, under_autocast
 from ddpm.sampling import SampleConfig, generate, load_model
 from ddpm.training.train import train
@@ -66,7 +66,7 @@ def test_native_bf16_honours_kernel_caps(env, capability, native, monkeypatch: p
 
 def test_bf16_network_is_close_to_fp32_and_returns_fp32(image_dir: Path) -> None:
     torch.manual_seed(0)
-    net = UNet(tiny_config(image_dir).model).eval()
+    net = build_network(tiny_config(image_dir).model).eval()
     x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 5, 10, 19])
     with torch.no_grad():
         exact = net(x, t)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddpm.config import SampleConfig
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.runtime.progress import BudgetBar, StepBar, chain_hooks
 from ddpm.core.schedules import make_schedule
 from ddpm.sampling import LoadedModel, generate
@@ -42,7 +42,7 @@ def on_terminal() -> Iterator[Terminal]:
 def model(tmp_path: Path) -> LoadedModel:
     cfg = tiny_config(tmp_path)
     torch.manual_seed(0)
-    return LoadedModel(UNet(cfg.model).eval(), make_schedule(cfg), cfg, 0, tmp_path)
+    return LoadedModel(build_network(cfg.model).eval(), make_schedule(cfg), cfg, 0, tmp_path)
 
 
 def test_sampling_bar_counts_every_step_with_the_time_left(model: LoadedModel) -> None:

@@ -23,7 +23,7 @@ from ddpm.core.schedules import NoiseSchedule
 from ddpm.data import FASHION_MNIST_CLASSES, class_names, load_labeled_dataset
 from ddpm.errors import DdpmError
 from ddpm.evaluation.control import class_agreement
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.samplers import SAMPLERS, SamplerOptions, sample
 from ddpm.samplers.base import ImageGenerators, _splitmix64, image_seed
 from ddpm.sampling.generate import LoadedModel, generate
@@ -295,11 +295,11 @@ def test_class_agreement_counts_the_asked_class() -> None:
 def test_unconditional_unet_unchanged_and_conditional_embedding() -> None:
     cfg = ModelConfig(dim=8, dim_mults=(1, 2), attn_heads=1, attn_dim_head=8)
     torch.manual_seed(0)
-    plain = UNet(cfg)
+    plain = build_network(cfg)
     assert not any("class_emb" in k for k in plain.state_dict())  # old checkpoints load as they were
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
     assert torch.equal(plain(x, t), plain(x, t, torch.tensor([1, 0])))
-    cond = UNet(replace(cfg, num_classes=4))
+    cond = build_network(replace(cfg, num_classes=4))
     assert cond.class_emb.num_embeddings == 5  # four classes and the null class
     with torch.no_grad():
         cond.class_emb.weight.normal_()

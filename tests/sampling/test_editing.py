@@ -18,7 +18,7 @@ from ddpm.cli import main
 from ddpm.config import SampleConfig
 from ddpm.core.schedules import NoiseSchedule
 from ddpm.errors import DdpmError
-from ddpm.nn import UNet
+from ddpm.nn import build_network
 from ddpm.samplers import SAMPLERS
 from ddpm.sampling.editing import (RePaintConfig, comparison_grid, edit, inpaint, jump_schedule, load_mask,
                                    region_mask, repaint_steps, strength_timestep)
@@ -224,7 +224,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
                                        replace(cfg.data, class_names=("shirt", "shoe")))):
         c = replace(cfg, model=model_cfg, data=data_cfg)
         torch.manual_seed(0)
-        save_checkpoint(d / name, config=c, step=1, model=UNet(c.model).state_dict(), ema=None, state={})
+        save_checkpoint(d / name, config=c, step=1, model=build_network(c.model).state_dict(), ema=None, state={})
         runs.append(d / name)
     a = np.zeros((16, 16), np.uint8)
     a[4:12, 4:12] = 220
@@ -302,7 +302,7 @@ def test_eval_inpaint_on_a_tiny_fashion_mnist(tmp_path: Path, monkeypatch: pytes
     cfg = tiny_config(tmp_path)
     cfg = replace(cfg, data=replace(cfg.data, source="fashion-mnist", image_size=28))  # its test split, the run's own
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "run", config=cfg, step=1, model=UNet(cfg.model).state_dict(), ema=None, state={})
+    save_checkpoint(tmp_path / "run", config=cfg, step=1, model=build_network(cfg.model).state_dict(), ema=None, state={})
     out = tmp_path / "out"
     argv = ["eval", str(tmp_path / "run"), "--n", "12", "--sampler", "ddim", "--steps", "4", "--jump-length", "2",
             "--data", str(tmp_path / "fm"), "--out", str(out)]

@@ -21,6 +21,7 @@ class SinusoidalTimeEmbedding(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, dim)
+        # t: integer steps or real-valued times of either sign (a continuous process's own scale)
         args = t.float()[:, None] * self.freqs[None, :]
         return torch.cat([args.sin(), args.cos()], dim=-1)
 

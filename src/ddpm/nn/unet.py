@@ -27,7 +27,7 @@ def resolved_out_channels(cfg: ModelConfig) -> int:
     return out * 2 if cfg.learn_sigma else out
 
 
-def check_image_size(cfg: ModelConfig, size: int) -> None:
+def check_unet_image_size(cfg: ModelConfig, size: int) -> None:
     """Raise a one-line DdpmError when the down-sampling cannot take ``size``."""
     factor = 2 ** (len(cfg.dim_mults) - 1)
     if size < factor or size % factor:

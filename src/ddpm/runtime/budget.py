@@ -1,7 +1,7 @@
 """Every request is bounded: the memory and work it needs, estimated before it starts, against
 what this machine has; what cannot fit is refused in one line that says the estimate and the limit.
 
-The network's peak is traced, not guessed: the U-Net runs on PyTorch's ``meta`` device (shapes
+The network's peak is traced, not guessed: the network runs on PyTorch's ``meta`` device (shapes
 only, nothing allocated) under a dispatch mode that adds up every tensor while it is alive, the
 tensors autograd keeps for the backward pass included. The estimate is ``MARGIN`` times that
 trace, for the allocator and the convolutions' workspaces: a real CPU forward or training step
@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..config import ModelConfig, RunConfig
+from ..config import AnyModelConfig, RunConfig
 from ..errors import DdpmError
 
 ENV = "DDPM_MEMORY_LIMIT"  # bytes (or 512M, 4G, 1.5GiB) this process may use; overrides what the machine says
@@ -127,19 +127,19 @@ class _LivePeak(TorchDispatchMode):
 
 
 @functools.lru_cache(maxsize=64)
-def network_peak(model: ModelConfig, image_size: int, batch: int, *, train: bool) -> int:
-    """Bytes the U-Net's activations (training: and its gradients) hold at their peak, for one
+def network_peak(model: AnyModelConfig, image_size: int, batch: int, *, train: bool) -> int:
+    """Bytes the network's activations (training: and its gradients) hold at their peak, for one
     forward (training: forward and backward) of ``batch`` images; traced on the meta device.
-    0 where the config describes no U-Net that runs at that size (a caller's own network, e.g. a
+    0 where the config describes no network that runs at that size (a caller's own network, e.g. a
     test's closed-form one, sampled under a stand-in config): the other parts are still checked."""
-    from ..nn.unet import UNet
+    from ..nn import build_network
 
     x = torch.empty(batch, model.channels, image_size, image_size, device="meta")
     t = torch.zeros(batch, dtype=torch.long, device="meta")
     cond = torch.zeros(batch, dtype=torch.long, device="meta") if model.num_classes else None
     try:
         with torch.device("meta"):
-            net = UNet(model).train(train)
+            net = build_network(model).train(train)
         with _LivePeak() as mode:
             if train:
                 net(x, t, cond).float().square().mean().backward()
@@ -151,13 +151,13 @@ def network_peak(model: ModelConfig, image_size: int, batch: int, *, train: bool
     return mode.peak
 
 
-def parameter_bytes(model: ModelConfig) -> int:
-    """fp32 bytes of the U-Net's weights."""
-    from ..nn.unet import UNet
+def parameter_bytes(model: AnyModelConfig) -> int:
+    """fp32 bytes of the network's weights."""
+    from ..nn import build_network
 
     try:
         with torch.device("meta"):
-            return sum(p.numel() for p in UNet(model).parameters()) * 4
+            return sum(p.numel() for p in build_network(model).parameters()) * 4
     except (RuntimeError, ValueError, DdpmError):
         return 0
 

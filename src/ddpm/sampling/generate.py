@@ -15,7 +15,7 @@ from ..config import RunConfig, SampleConfig, check_sample_config as check_confi
 from ..data.readers import from_model_range
 from ..core.diffusion import Denoiser
 from ..errors import DdpmError
-from ..nn import UNet
+from ..nn import build_network
 from ..runtime.device import resolve_device
 from ..runtime.precision import Trial, autocast_dtype, describe, resolve_precision, under_autocast
 from ..runtime.budget import MARGIN, Need, available_memory, check_fits, check_steps, network_peak, smaller_batch
@@ -34,7 +34,7 @@ from .pretrained import output_root, resolve_run
 class LoadedModel:
     """A trained network with its schedule and config, ready to sample."""
 
-    net: UNet
+    net: torch.nn.Module
     schedule: NoiseSchedule
     config: RunConfig
     step: int
@@ -112,7 +112,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", use_ema:
     network (EMA weights by default) in eval mode."""
     ck = load_checkpoint(resolve_run(path))
     dev = resolve_device(device) if isinstance(device, str) else device
-    net = UNet(ck.config.model)
+    net = build_network(ck.config.model)
     load_into(net, ck.sampling_weights(use_ema), ck.path)
     net = net.to(dev).eval()
     if ck.config.train.channels_last:  # the layout it trained in: faster convolutions

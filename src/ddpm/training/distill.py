@@ -43,7 +43,7 @@ from ..core.processes import Levels
 from ..core.schedules import space_timesteps
 from ..errors import DdpmError
 from ..files import LOCK_NAME, atomic_write_text, check_unlocked, run_lock, run_of
-from ..nn import UNet
+from ..nn import build_network
 from ..runtime.budget import check_training_memory
 from .train import StepOut, Skipped, Trainer
 
@@ -137,7 +137,7 @@ class Distiller(Trainer):
         super().__init__(cfg, run_dir, data, device, labels=labels)
         self.d = d
         load_into(self.model, teacher_weights, Path(d.teacher))
-        self.teacher = UNet(cfg.model).to(device).eval().requires_grad_(False)
+        self.teacher = build_network(cfg.model).to(device).eval().requires_grad_(False)
         if cfg.train.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.teacher.load_state_dict(self.model.state_dict())

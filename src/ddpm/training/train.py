@@ -35,7 +35,7 @@ from ..core.objectives import get_objective
 from ..core.processes import make_process
 from ..runtime.distributed import Dist, from_env, shutdown
 from ..errors import DdpmError
-from ..nn import UNet, check_image_size, count_parameters
+from ..nn import build_network, check_image_size, count_parameters
 from ..runtime.precision import (Trial, autocast_dtype, cuda_math_state, describe, fast_cuda_math, resolve_precision,
                                  restore_cuda_math,
                                  under_autocast)
@@ -212,13 +212,9 @@ def _validate_model(cfg: RunConfig) -> None:
     check_image_size(cfg.model, cfg.data.image_size)
 
 
-def build_model(cfg: RunConfig) -> UNet:
-    """The U-Net, with torch's complaints about impossible sizes (e.g. a --dim the group norm
-    cannot split) turned into one line."""
-    try:
-        return UNet(cfg.model)
-    except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as e:
-        raise DdpmError(f"cannot build the U-Net from this model config: {e}") from None
+def build_model(cfg: RunConfig) -> nn.Module:
+    """The run's network (ddpm.nn.build_network: impossible sizes are one line)."""
+    return build_network(cfg.model)
 
 
 def with_class_names(cfg: RunConfig) -> RunConfig:
@@ -553,9 +549,9 @@ def dry_run(tr: Trainer, data: torch.Tensor) -> None:
         with torch.no_grad():
             got = tuple(tr.model(x, t).shape)
     except (RuntimeError, ValueError, IndexError) as e:
-        raise DdpmError(f"the U-Net of this config cannot run on these images: {shorten(str(e))}") from None
+        raise DdpmError(f"the network of this config cannot run on these images: {shorten(str(e))}") from None
     if got != want:
-        raise DdpmError(f"the U-Net of this config outputs {got} for an input {tuple(x.shape)}; sampling needs {want}")
+        raise DdpmError(f"the network of this config outputs {got} for an input {tuple(x.shape)}; sampling needs {want}")
 
 
 def check_resume_config(ck: Checkpoint, cfg: RunConfig) -> None:
