@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from .core.noise_levels import NOISE_LEVELS
+from .core.objectives import OBJECTIVES
+from .core.processes import PROCESSES
 from .core.schedules import SCHEDULES, Spacing as SpacingName
 from .errors import DdpmError
 from .files import shorten
@@ -21,10 +24,10 @@ from .files import shorten
 # these checks and the plots read it. Schedules and spacings are tables of core.schedules.
 ScheduleName = Literal[tuple(SCHEDULES)]  # type: ignore[valid-type]  # the keys of core.schedules.SCHEDULES
 LossType = Literal["l1", "l2", "huber"]
-Objective = Literal["eps", "x0", "v", "velocity", "edm"]  # the keys of core.objectives.OBJECTIVES
-ProcessName = Literal["vp", "edm", "rectified-flow"]  # the keys of core.processes.PROCESSES
+Objective = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]  # the keys of core.objectives.OBJECTIVES
+ProcessName = Literal[tuple(PROCESSES)]  # type: ignore[valid-type]  # the keys of core.processes.PROCESSES
 LossWeighting = Literal["uniform", "min_snr", "edm"]
-TimestepSampling = Literal["uniform", "lognormal", "logit-normal"]  # the keys of core.noise_levels.NOISE_LEVELS
+TimestepSampling = Literal[tuple(NOISE_LEVELS)]  # type: ignore[valid-type]  # the keys of core.noise_levels.NOISE_LEVELS
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # see ddpm.runtime.precision
 
