@@ -19,7 +19,7 @@ Sweep: every sampler defined on the process (vp: ddpm, ddim, dpm++2m, heun; edm 
 dpm++2m, heun) at the largest step count whose network evaluations per image (with guidance:
 both passes) are at most each of ``--nfe`` (1, 2, 4, 8, 16, 32, 64); n images (seed 0, x0 clipped),
 FD-FMNIST against the test set with ``evaluate_images``. Conditional runs: labels drawn in the
-training set's proportions, guidance w picked first from ``--guidances`` at 16 evaluations with
+training set's proportions, guidance w picked first from ``--guidances`` at 8 steps with
 each process's best unconditional sampler, then swept. The best setting of each process is
 confirmed at ``--confirm-n``.
 
@@ -120,7 +120,7 @@ def fd_of(name: str, sampler: str, steps: int, n: int, guidance: float, cond: bo
     model = load_model(run, device="cpu")
     eta = 0.0 if sampler == "ddim" else None
     sc = SampleConfig(sampler=sampler, steps=steps, n=n, batch_size=250, seed=0, eta=eta, clip="clip",
-                      guidance=guidance if cond else 0.0, classes=None if cond else None)
+                      guidance=guidance if cond else 0.0)
     t0 = time.perf_counter()
     s = generate(model, sc)
     dt = time.perf_counter() - t0
@@ -168,8 +168,10 @@ def sweep(table: dict[str, str], n: int, cond: bool, guidances: list[float], bes
     for pname, name in table.items():
         proc = make_process(preset(name))
         w = chosen_w.get(pname, 0.0)
-        for sampler in samplers_for(pname):
-            for budget in NFE:
+        # conditional runs: the process's best unconditional sampler only, up to 32 evaluations
+        samplers = [best_uncond[pname]["sampler"]] if cond and best_uncond else samplers_for(pname)
+        for sampler in samplers:
+            for budget in NFE if not cond else [b for b in NFE if b <= 32]:
                 st = steps_for(sampler, proc, budget, cond and w > 0)
                 if st is not None:
                     jobs.append((name, sampler, st, n, w, cond))
@@ -217,7 +219,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6000, help="optimiser steps per run (equal compute)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--confirm-n", type=int, default=10000)
-    ap.add_argument("--guidances", default="0,0.5,1,2")
+    ap.add_argument("--guidances", default="0,1,2")
+    ap.add_argument("--confirm-max-nfe", type=int, default=16,
+                    help="confirm each process's best setting within this many evaluations")
     ap.add_argument("--train-one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--no-confirm", action="store_true")
@@ -236,20 +240,25 @@ def main() -> None:
         prev = _read(results_dir() / "processes.json")
         best_uncond = None if prev is None else prev.get("best")
     res = sweep(table, a.n, a.cond, [float(w) for w in a.guidances.split(",")], best_uncond)
-    best = {}
+    best, best_within = {}, {}
     for pname, by_sampler in res["rows"].items():
         allpts = [r for pts in by_sampler.values() for r in pts]
-        b = min(allpts, key=lambda r: r["fd"])
-        best[pname] = {"sampler": b["sampler"], "steps": b["steps"], "nfe": b["nfe"], "fd": b["fd"],
-                       "guidance": b["guidance"]}
+        for into, pts in ((best, allpts), (best_within, [r for r in allpts if r["nfe"] <= a.confirm_max_nfe])):
+            b = min(pts, key=lambda r: r["fd"])
+            into[pname] = {"sampler": b["sampler"], "steps": b["steps"], "nfe": b["nfe"], "fd": b["fd"],
+                           "guidance": b["guidance"]}
     if not a.no_confirm:
+        best = best_within  # the confirmed settings: the best within --confirm-max-nfe
         jobs = [(table[p], b["sampler"], b["steps"], a.confirm_n, b["guidance"], a.cond) for p, b in best.items()]
         for p, r in zip(best, run_jobs(jobs)):
             best[p][f"fd_n{a.confirm_n}"] = r["fd"]
     name = "processes-cond" if a.cond else "processes"
     out = results_dir() / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"train": marks, "n": a.n, "nfe_budgets": list(NFE), **res, "best": best, "cpu": cpu_info()}
+    record = {"train": marks, "n": a.n, "nfe_budgets": list(NFE), **res, "best": best,
+              "best_overall": {p: min((r for pts in by.values() for r in pts), key=lambda r: r["fd"])
+                               for p, by in res["rows"].items()},
+              "confirm_max_nfe": None if a.no_confirm else a.confirm_max_nfe, "cpu": cpu_info()}
     write_record(out, stamp(record))
     plot(res, out.with_suffix(".png"), a.n)
     print(json.dumps(best, indent=2))
