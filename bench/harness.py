@@ -42,7 +42,7 @@ SUITE_OF = {
     "inpaint": "editing", "distill_quality": "distillation", "distill_step_cost": "distillation",
     "quality": "quality", "nfe_sweep": "quality", "ablate": "quality", "demo_autoguidance": "quality",
     "learned_variance": "quality", "processes": "quality", "eval_floor": "shipped", "ship_model": "shipped", "fit_features": "shipped",
-    "dit_steps": "speed", "core_overhead": "speed",
+    "dit_steps": "speed", "core_overhead": "speed", "dit_vs_unet": "quality",
 }
 
 
