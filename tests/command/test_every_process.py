@@ -129,7 +129,9 @@ def test_the_web_page(trained) -> None:
     _, run, tmp = trained
     client = TestClient(create_app(RunIndex([run], tmp / "none")), base_url="http://127.0.0.1:8000",
                         headers={"X-DDPM-Token": ""})
-    name = client.get("/api/runs").json()["runs"][0]["name"]
+    info = client.get("/api/runs").json()["runs"][0]
+    name = info["name"]
+    assert info["process"] == trained[0]
     assert client.get(f"/api/runs/{name}/forward.png?t=3").status_code == 200
     r = client.post("/api/sample", json={"run": name, "sampler": "heun", "steps": 3, "n": 2, "classes": "dark",
                                          "guidance": 1})

@@ -71,6 +71,7 @@ def _run_summary(run: Run) -> dict[str, Any]:
                             "training": training_now(run, cfg)}
     if cfg is not None:
         info |= {"T": cfg.diffusion.timesteps, "schedule": cfg.diffusion.schedule, "preset": cfg.preset,
+                 "process": cfg.diffusion.process,
                  "image_size": cfg.data.image_size, "channels": cfg.data.channels,
                  "objective": cfg.diffusion.objective, "learn_sigma": cfg.model.learn_sigma,
                  "num_classes": getattr(cfg.model, "num_classes", 0),

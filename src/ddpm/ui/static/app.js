@@ -86,7 +86,8 @@ async function refreshRuns() {
 
 function showRunInfo(r) {
   $("#run-info").textContent = r && r.config
-    ? `${r.preset}: ${r.image_size}x${r.image_size}, T=${r.T}, ${r.schedule} schedule, ${r.objective}` +
+    ? `${r.preset}: ${r.image_size}x${r.image_size}, ` +
+      (r.process === "vp" ? `T=${r.T}, ${r.schedule} schedule` : `${r.process} process`) + `, ${r.objective}` +
       (r.checkpoint ? `, ${r.checkpoint}` : ", no checkpoint yet") + (r.training ? " · training now" : "") : "";
 }
 
