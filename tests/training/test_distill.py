@@ -260,3 +260,17 @@ def test_a_student_stopped_before_its_first_checkpoint_leaves_nothing(teacher: P
     with pytest.raises(KeyboardInterrupt):
         distill(d, tmp_path / "new" / "student", device="cpu", progress=False, log=lambda s: None)
     assert not (tmp_path / "new").exists()
+
+
+def test_distillation_builds_on_the_public_training_api() -> None:
+    """One training API: distill.py imports no private name of the training modules (their fixes
+    reach it through run_training)."""
+    import ast
+
+    import ddpm.training.distill as distill_mod
+
+    tree = ast.parse(Path(distill_mod.__file__).read_text())
+    private = [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               for a in n.names if a.name.startswith("_")]
+    assert private == []
+    assert "run_training" in {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}

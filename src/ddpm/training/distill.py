@@ -136,8 +136,9 @@ class Distiller(Trainer):
     Under ``torchrun`` every process draws the whole batch, its levels and noise, as training
     does, and keeps its own slice, so a job takes the steps of one process at any world size."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device, dist: Dist = Dist(),
-                 labels: torch.Tensor | None = None, *, d: DistillConfig, teacher_weights: dict[str, torch.Tensor]):
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device,
+                 d: DistillConfig, teacher_weights: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
+                 dist: Dist = Dist()):
         super().__init__(cfg, run_dir, data, device, dist, labels)
         self.d = d
         load_into(self.model, teacher_weights, Path(d.teacher))
@@ -243,9 +244,10 @@ class ConsistencyDistiller(Distiller):
 
     ema_everywhere = True  # the step reads the target network: every process of a job keeps it
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device, dist: Dist = Dist(),
-                 labels: torch.Tensor | None = None, *, d: DistillConfig, teacher_weights: dict[str, torch.Tensor]):
-        super().__init__(cfg, run_dir, data, device, dist, labels, d=d, teacher_weights=teacher_weights)
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device,
+                 d: DistillConfig, teacher_weights: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
+                 dist: Dist = Dist()):
+        super().__init__(cfg, run_dir, data, device, d, teacher_weights, labels, dist)
         if self.ema is not None:  # made from the initial weights: the target starts at the teacher too
             self.ema.model.load_state_dict(self.model.state_dict())
         self.grid = torch.tensor(space_timesteps(self.lv.K, d.teacher_steps, "trailing"), device=device)
@@ -321,7 +323,7 @@ def distiller(d: DistillConfig, teacher_weights: dict[str, torch.Tensor]) -> Mak
 
     def make(cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device, dist: Dist,
              labels: torch.Tensor | None) -> Trainer:
-        return kind(cfg, run_dir, data, device, dist, labels, d=d, teacher_weights=teacher_weights)
+        return kind(cfg, run_dir, data, device, d, teacher_weights, labels, dist)
     return make
 
 
