@@ -23,7 +23,7 @@ _EXPORTS: dict[str, str] = {
     "DiT": "nn", "NETWORKS": "nn", "UNet": "nn", "build_network": "nn",
     "generate": "sampling.generate", "load_model": "sampling.generate",
     "inpaint": "sampling.editing", "edit": "sampling.editing", "RePaintConfig": "sampling.editing",
-    "train": "training.train",
+    "train": "training.train", "run_training": "training.run", "Trainer": "training.trainer",
     "noise_figure": "pictures.forward", "save_gif": "pictures.viz", "save_grid": "pictures.viz",
 }
 __all__ = sorted(_EXPORTS)
@@ -58,4 +58,6 @@ if TYPE_CHECKING:
     from .pictures.forward import noise_figure
     from .pictures.viz import save_gif, save_grid
     from .sampling.generate import generate, load_model
+    from .training.run import run_training
     from .training.train import train
+    from .training.trainer import Trainer

@@ -283,6 +283,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         steps = {"steps_per_round": DEFAULT_STEPS.get(method, DEFAULT_STEPS["consistency"])}
         d = DistillConfig(teacher, **{**steps, **{k: v for k, v in given.items() if v is not None}})
     res = distill(d, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    if not res.main:  # the other processes of a torchrun job: the main one reports
+        return 0
     print(f"done: step {res.step}; checkpoint {res.checkpoint}")
     print(f"sample with: ddpm sample {args.out} --steps {d.student_steps}")
     return 0

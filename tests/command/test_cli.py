@@ -337,9 +337,10 @@ def test_load_model_leaves_cuda_settings_alone(tmp_path: Path, image_dir: Path,
             load_model(tmp_path / "run", device=torch.device("cpu"))
         assert flags() == (False, False, False)
         # train.tf32 holds during the call, not after it (switched as on CUDA, on any build)
+        import ddpm.training.run as R
         import ddpm.training.train as T
 
-        monkeypatch.setattr(T, "fast_cuda_math", lambda on: set_flags(on, on, True))
+        monkeypatch.setattr(R, "fast_cuda_math", lambda on: set_flags(on, on, True))
         T.train(tiny_config(image_dir, max_steps=1), tmp_path / "run2", device="cpu", progress=False,
                 tensorboard=False, log=lambda _: None)
         assert flags() == (False, False, False)

@@ -36,6 +36,8 @@ from helpers import tiny_config as tiny
 from helpers import write_config
 
 train_mod = importlib.import_module("ddpm.training.train")  # ddpm.train is also the function
+trainer_mod = importlib.import_module("ddpm.training.trainer")  # where the step looks up training_losses
+run_mod = importlib.import_module("ddpm.training.run")  # where the run looks up its loaders
 runlog_mod = importlib.import_module("ddpm.training.runlog")
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -173,7 +175,7 @@ def test_second_signal_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def nan_losses(monkeypatch: pytest.MonkeyPatch, bad: Any) -> None:
     """Make training_losses return NaN on the calls for which bad(call_number) is true."""
-    real = train_mod.training_losses
+    real = trainer_mod.training_losses
     calls = [0]
 
     def losses(*args: Any, **kwargs: Any) -> LossTerms:
@@ -183,7 +185,7 @@ def nan_losses(monkeypatch: pytest.MonkeyPatch, bad: Any) -> None:
             return terms._replace(loss=terms.loss * float("nan"))
         return terms
 
-    monkeypatch.setattr(train_mod, "training_losses", losses)
+    monkeypatch.setattr(trainer_mod, "training_losses", losses)
 
 
 def test_nonfinite_steps_are_skipped_and_logged(tmp_path: Path, image_dir: Path,
@@ -913,18 +915,18 @@ def test_sigterm_while_sampling_writes_nothing(existing_run: Path, tmp_path: Pat
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("phase", ["_load_data", "load_checkpoint"])
+@pytest.mark.parametrize("phase", ["load_data", "load_checkpoint"])
 def test_sigterm_before_training_starts(phase: str, existing_run: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """SIGTERM while the data loads (a new run) or the checkpoint loads (--resume): exit 143, and
     neither an empty run folder nor a changed file is left."""
-    real = getattr(train_mod, phase)
+    real = getattr(run_mod, phase)
 
     def stopped(*args: Any, **kwargs: Any) -> Any:
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, phase, stopped)
+    monkeypatch.setattr(run_mod, phase, stopped)
     run = make_run_copy(existing_run, tmp_path) if phase == "load_checkpoint" else tmp_path / "new" / "run"
     before = files_of(run) if run.exists() else {}
     src = ["--resume", "--max-steps", "6"] if run.exists() else ["--config", str(existing_run.parent / "cfg.json")]

@@ -67,12 +67,12 @@ def test_the_suggested_batch_size_fits(small_machine: None, tmp_path: Path, caps
 
 def test_train_batch_refused_before_the_data_loads(small_machine: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
-    import ddpm.training.train as train_module
+    import ddpm.training.run as run_module
 
     def no_loading(cfg: object) -> None:
         raise AssertionError("the data was loaded before the batch was checked")
 
-    monkeypatch.setattr(train_module, "_load_data", no_loading)
+    monkeypatch.setattr(run_module, "load_data", no_loading)
     out = tmp_path / "run"
     assert main(["train", "--preset", "fast", "--max-steps", "1", "--batch-size", "60000", "--out", str(out)]) == 2
     _one_refusal(capsys, "a training step at batch size 60000", "4.0 GiB", "try --batch-size ")

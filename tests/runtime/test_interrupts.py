@@ -142,7 +142,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_none_of_its_files(
         tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from ddpm.cli import main
 
-    _signal_at(monkeypatch, "ddpm.training.train", "reset_log", signal.SIGTERM)
+    _signal_at(monkeypatch, "ddpm.training.run", "reset_log", signal.SIGTERM)
     cfg = write_config(tmp_path / "cfg.json", tiny(image_dir))
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "new" / "run"), "--no-progress"]) == 143
     assert capsys.readouterr().err.strip().endswith("interrupted: stopped by SIGTERM")
@@ -155,9 +155,9 @@ def test_a_student_stopped_before_its_first_checkpoint_leaves_none_of_its_files(
 
     (tmp_path / "t").mkdir()
     teacher = tiny_run(tmp_path / "t", image_dir)
-    _signal_at(monkeypatch, "ddpm.training.runlog", "reset_log", signal.SIGINT)
-    student = tmp_path / "s"
+    _signal_at(monkeypatch, "ddpm.training.run", "reset_log", signal.SIGINT)
+    student = tmp_path / "new" / "s"
     assert main(["distill", str(teacher), "--out", str(student), "--teacher-steps", "4", "--student-steps", "2",
                  "--steps-per-round", "2", "--device", "cpu", "--no-progress"]) == 130
     assert capsys.readouterr().err.strip().endswith("interrupted: stopped by SIGINT")
-    assert not student.exists() or not list(student.iterdir())
+    assert not (tmp_path / "new").exists()  # the folders made for it too, as training's

@@ -29,6 +29,7 @@ from ddpm.samplers.base import ImageGenerators, _splitmix64, image_seed
 from ddpm.sampling.generate import LoadedModel, generate
 from ddpm.sampling.guidance import class_labels, resolve_classes
 from ddpm.training import train as train_mod
+from ddpm.training import trainer as trainer_mod
 from helpers import labelled_folder, tiny_config, write_config
 
 K, D, SD = 3, 4, 0.3
@@ -327,13 +328,13 @@ def test_label_dropout_rate_measured_on_batches(tmp_path: Path, monkeypatch: pyt
     """The labels the loss sees: the image's own class, or the null class at rate --cond-drop."""
     root = labelled_folder(tmp_path / "data", n=16, size=8)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = train_mod.training_losses
+    real = trainer_mod.training_losses
 
     def spy(net, s, cfg, x0, t, noise, **kw):
         seen.append((x0.mean((1, 2, 3)), kw["cond"].clone()))
         return real(net, s, cfg, x0, t, noise, **kw)
 
-    monkeypatch.setattr(train_mod, "training_losses", spy)
+    monkeypatch.setattr(trainer_mod, "training_losses", spy)
     cfg = tiny_config(root, max_steps=25, batch_size=32, checkpoint_every=0, cond_drop=0.25)
     cfg = replace(cfg, model=replace(cfg.model, num_classes=2))
     train_mod.train(cfg, tmp_path / "run", progress=False, log=lambda _: None, tensorboard=False)

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import main
+from ddpm.errors import DdpmError
 from ddpm.sampling.generate import load_model
 from ddpm.samplers import SamplerOptions, get_sampler
 from ddpm.core.schedules import space_timesteps
@@ -201,3 +203,74 @@ def test_cond_drop_bad_input(teacher: Path, tmp_path: Path, capsys: pytest.Captu
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (argv, err)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("bad", [
+    torch.zeros(4, 1, 8, 8),  # float, not uint8
+    torch.zeros(4, 3, 8, 8, dtype=torch.uint8),  # the teacher takes one channel
+    torch.zeros(4, 1, 6, 6, dtype=torch.uint8),  # and 8 x 8 images
+])
+def test_distill_refuses_bad_data_as_training_does(teacher: Path, tmp_path: Path, bad: torch.Tensor) -> None:
+    """Distillation checks its data with training's own checks: the same one line for the same
+    data, before any file is written (not even the student's folder)."""
+    cfg = load_checkpoint(teacher).config
+    with pytest.raises(DdpmError) as trained:
+        train(replace(cfg, train=replace(cfg.train, max_steps=1)), tmp_path / "new" / "run", data=bad, device="cpu",
+              progress=False, log=lambda s: None)
+    d = DistillConfig(str(teacher), teacher_steps=4, student_steps=2, steps_per_round=2)
+    with pytest.raises(DdpmError) as distilled:
+        distill(d, tmp_path / "new" / "student", data=bad, device="cpu", progress=False, log=lambda s: None)
+    assert str(distilled.value) == str(trained.value) and str(trained.value).startswith("data must be uint8")
+    assert not (tmp_path / "new").exists()
+
+
+def test_distill_refuses_labels_outside_the_teachers_classes(tmp_path: Path) -> None:
+    """A conditional teacher's labels are checked as training checks them, not met as an index
+    error in the class embedding at the first step."""
+    from helpers import labelled_folder
+
+    root = labelled_folder(tmp_path / "data", n=8, size=8)
+    cfg = tiny_config(root, max_steps=1, checkpoint_every=1)
+    cfg = replace(cfg, model=replace(cfg.model, num_classes=2))
+    train(cfg, tmp_path / "teacher", device="cpu", progress=False, tensorboard=False, log=lambda s: None)
+    data = torch.zeros(8, 1, 8, 8, dtype=torch.uint8)
+    d = DistillConfig(str(tmp_path / "teacher"), teacher_steps=4, student_steps=2, steps_per_round=2)
+    for labels, msg in [(torch.full((8,), 5), r"labels must lie in \[0, 1\], got 5..5"),
+                        (torch.zeros(8), "int64 labels, one per image")]:
+        with pytest.raises(DdpmError, match=msg):
+            distill(d, tmp_path / "new" / "student", data=data, labels=labels, device="cpu", progress=False,
+                    log=lambda s: None)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_a_student_stopped_before_its_first_checkpoint_leaves_nothing(teacher: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      method: str) -> None:
+    """Ctrl-C as the student's log starts, after its config.json and distill.json are written:
+    a student that could never be sampled or resumed is removed, with the folders made for it."""
+    import ddpm.training.run as run_mod
+
+    def ctrl_c(*args: object) -> None:
+        assert (tmp_path / "new" / "student" / "distill.json").is_file()  # written, then removed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "reset_log", ctrl_c)
+    d = DistillConfig(str(teacher), method=method, teacher_steps=4, student_steps=2, steps_per_round=2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(d, tmp_path / "new" / "student", device="cpu", progress=False, log=lambda s: None)
+    assert not (tmp_path / "new").exists()
+
+
+def test_distillation_builds_on_the_public_training_api() -> None:
+    """One training API: distill.py imports no private name of the training modules (their fixes
+    reach it through run_training)."""
+    import ast
+
+    import ddpm.training.distill as distill_mod
+
+    tree = ast.parse(Path(distill_mod.__file__).read_text())
+    private = [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               for a in n.names if a.name.startswith("_")]
+    assert private == []
+    assert "run_training" in {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}

@@ -112,3 +112,30 @@ def test_time_budget_stops_every_process_at_the_same_step(tmp_path: Path, image_
     for k, v in r0["weights"].items():
         assert torch.equal(v, r1["weights"][k]), k
     assert load_checkpoint(tmp_path / "run").step == r0["step"]
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_two_processes_distil_like_one(tmp_path: Path, image_dir: Path, method: str) -> None:
+    """Distillation under torchrun is training's: each process its slice of the same global
+    batch, levels and noise, the gradients averaged, one writer; a consistency student's target
+    network (the EMA) kept in every process, as its step reads it."""
+    from ddpm.training.distill import DistillConfig, distill
+
+    teacher = tmp_path / "teacher"
+    train(tiny_config(image_dir, max_steps=2, checkpoint_every=2), teacher, device="cpu", progress=False,
+          tensorboard=False, log=lambda s: None)
+    steps = 8 if method == "progressive" else 4  # progressive: two rounds, the teacher handed on between
+    flags = ["--method", method, "--teacher-steps", str(steps), "--student-steps", "2", "--steps-per-round", "2"]
+    p = _torchrun(["-m", "ddpm.cli", "distill", str(teacher), "--out", str(tmp_path / "two"), *flags, "--device",
+                   "cpu", "--no-progress"], tmp_path)
+    assert p.stdout.count("done: ") == 1  # the main process reports
+    d = DistillConfig(str(teacher), method=method, teacher_steps=steps, student_steps=2, steps_per_round=2)
+    one = distill(d, tmp_path / "one", device="cpu", progress=False, log=lambda s: None)
+    two = load_checkpoint(tmp_path / "two")
+    assert two.step == one.step and one.model is not None
+    _close(two.model, one.model.state_dict())
+    if method == "consistency":
+        a = load_checkpoint(tmp_path / "one").ema
+        assert a is not None and two.ema is not None
+        _close(two.ema, a)
+    assert [r["step"] for r in read_log(tmp_path / "two" / "log.jsonl")] == list(range(1, one.step + 1))

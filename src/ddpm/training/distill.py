@@ -39,13 +39,14 @@ from ..checkpoint import Checkpoint, load_checkpoint, load_into
 from ..config import RunConfig
 from ..core.diffusion import Denoiser
 from ..core.objectives import coef
-from ..core.processes import Levels
 from ..core.schedules import space_timesteps
 from ..errors import DdpmError
-from ..files import LOCK_NAME, atomic_write_text, check_unlocked, run_lock, run_of
+from ..files import run_of
 from ..nn import build_network
-from ..runtime.budget import check_training_memory
-from .train import StepOut, Skipped, Trainer
+from ..runtime.distributed import Dist
+from .loop import TrainResult
+from .run import MakeTrainer, run_training
+from .trainer import Skipped, StepOut, Trainer, drop_labels
 
 DISTILL_NAME = "distill.json"
 
@@ -130,11 +131,15 @@ def _bcast(v: torch.Tensor) -> torch.Tensor:
 
 
 class Distiller(Trainer):
-    """A Trainer whose step is Algorithm 2's, with the round's teacher beside the student."""
+    """A Trainer whose step is Algorithm 2's, with the round's teacher beside the student.
+
+    Under ``torchrun`` every process draws the whole batch, its levels and noise, as training
+    does, and keeps its own slice, so a job takes the steps of one process at any world size."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device,
-                 d: DistillConfig, teacher_weights: dict[str, torch.Tensor], labels: torch.Tensor | None = None):
-        super().__init__(cfg, run_dir, data, device, labels=labels)
+                 d: DistillConfig, teacher_weights: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
+                 dist: Dist = Dist()):
+        super().__init__(cfg, run_dir, data, device, dist, labels)
         self.d = d
         load_into(self.model, teacher_weights, Path(d.teacher))
         self.teacher = build_network(cfg.model).to(device).eval().requires_grad_(False)
@@ -164,12 +169,13 @@ class Distiller(Trainer):
         lv = self.lv
         student, teacher = round_grids(lv.K, self.student_steps(self.round))
         j = torch.randint(0, len(student), (x0.shape[0],), generator=self.gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        x0, y, j, noise = self._part(x0, y, j, noise)
         t, t_mid = teacher.to(self.device)[2 * j + 1], teacher.to(self.device)[2 * j]
         t_prev = torch.where(j > 0, teacher.to(self.device)[(2 * j - 1).clamp(min=0)], -1)
         a_t, s_t = lv.alpha[t], lv.sigma[t]  # float64: coefficients are cast at use
         a_prev = torch.where(t_prev >= 0, lv.alpha[t_prev.clamp(min=0)], torch.ones_like(a_t))
         s_prev = torch.where(t_prev >= 0, lv.sigma[t_prev.clamp(min=0)], torch.zeros_like(s_t))
-        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
         x_t = coef(a_t, x0) * x0 + coef(s_t, x0) * noise
         with torch.no_grad():
             x_prev = self._teacher_two_steps(x_t, t, t_mid, (lv.alpha[t_mid], lv.sigma[t_mid]), (a_prev, s_prev), y)
@@ -178,6 +184,13 @@ class Distiller(Trainer):
         weight = (a_t**2 / s_t**2).clamp(min=1).float()  # truncated SNR weighting, max(SNR, 1)
         per_sample = weight * (pred.x0 - target).square().flatten(1).mean(1)
         return self.optimize(per_sample.mean(), per_sample.detach(), t)
+
+    def _part(self, *xs: torch.Tensor | None) -> tuple[Any, ...]:
+        """This process's slice of each of the global batch's tensors (None stays None)."""
+        if not self.dist.active:
+            return xs
+        part = self.dist.shard(xs[0].shape[0])
+        return tuple(None if x is None else x[part] for x in xs)
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A batch of images (channels-last as the student) and its labels, dropped to the null
@@ -194,7 +207,6 @@ class Distiller(Trainer):
         return den.conditioned(y) if y is not None else den
 
     def _drop(self, y: torch.Tensor) -> torch.Tensor:
-        from .train import drop_labels
         return drop_labels(y, self.cfg.train.cond_drop, self.cfg.model.num_classes, self.gen)
 
     def _teacher_two_steps(self, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor,
@@ -205,6 +217,14 @@ class Distiller(Trainer):
         x_mid = ddim_to(p.x0, p.eps, *mid)
         p = den(x_mid, t_mid)
         return ddim_to(p.x0, p.eps, *prev)
+
+    def start_line(self, images: int) -> str:
+        d = self.d
+        return (f"distilling {d.teacher} ({d.teacher_steps} DDIM steps) into {d.student_steps} in {d.rounds} rounds "
+                f"of {d.steps_per_round} steps, run folder {self.run_dir}")
+
+    def resumed_line(self) -> str:
+        return f"{super().resumed_line()} (round {self.round + 1} of {self.d.rounds})"
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "round": self.round, "teacher": self.teacher.state_dict()}
@@ -222,9 +242,12 @@ class ConsistencyDistiller(Distiller):
     """A Trainer whose step is consistency distillation's (Song et al. 2023, Algorithm 2), the
     teacher fixed, the target network the run's EMA (decay ``target_decay``, no warm-up)."""
 
+    ema_everywhere = True  # the step reads the target network: every process of a job keeps it
+
     def __init__(self, cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device,
-                 d: DistillConfig, teacher_weights: dict[str, torch.Tensor], labels: torch.Tensor | None = None):
-        super().__init__(cfg, run_dir, data, device, d, teacher_weights, labels)
+                 d: DistillConfig, teacher_weights: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
+                 dist: Dist = Dist()):
+        super().__init__(cfg, run_dir, data, device, d, teacher_weights, labels, dist)
         if self.ema is not None:  # made from the initial weights: the target starts at the teacher too
             self.ema.model.load_state_dict(self.model.state_dict())
         self.grid = torch.tensor(space_timesteps(self.lv.K, d.teacher_steps, "trailing"), device=device)
@@ -235,12 +258,13 @@ class ConsistencyDistiller(Distiller):
         x0, y = self._batch()
         lv = self.lv
         n = torch.randint(0, len(self.grid), (x0.shape[0],), generator=self.gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        x0, y, n, noise = self._part(x0, y, n, noise)
         t = self.grid[n]
         t_prev = self.grid[(n - 1).clamp(min=0)]
         lowest = n == 0  # the step goes to the clean end, where f is the identity
         a_prev = torch.where(lowest, 1.0, lv.alpha[t_prev])
         s_prev = torch.where(lowest, 0.0, lv.sigma[t_prev])
-        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
         x_t = coef(lv.alpha[t], x0) * x0 + coef(lv.sigma[t], x0) * noise
         with torch.no_grad():
             p = self._denoiser(self.teacher, y)(x_t, t)
@@ -253,6 +277,11 @@ class ConsistencyDistiller(Distiller):
         c = 0.00054 * math.sqrt(x0[0].numel())  # Song & Dhariwal 2023's pseudo-Huber constant
         per_sample = (d2 + c * c).sqrt() - c
         return self.optimize(per_sample.mean(), per_sample.detach(), t)
+
+    def start_line(self, images: int) -> str:
+        d = self.d
+        return (f"consistency distillation of {d.teacher} (its DDIM ODE on {d.teacher_steps} levels), "
+                f"{d.steps_per_round} steps, target decay {d.target_decay}, run folder {self.run_dir}")
 
 
 def student_config(teacher: RunConfig, d: DistillConfig) -> RunConfig:
@@ -269,13 +298,11 @@ def student_config(teacher: RunConfig, d: DistillConfig) -> RunConfig:
 
 def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: str = "auto", progress: bool = True,
             data: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-            log: Callable[[str], None] = print) -> Any:
-    """Distil ``d.teacher`` into a student run at ``out`` (Salimans & Ho 2022); returns the
-    training result of the student's run."""
-    from ..sampling.generate import resolve_device
-    from .runlog import LOG_NAME
-    from .train import _check_data, _load_data, forget_unused_run, prepare_run_dir, validate
-
+            log: Callable[[str], None] = print) -> TrainResult:
+    """Distil ``d.teacher`` into a student run at ``out`` (Salimans & Ho 2022; Song et al. 2023)
+    through :func:`~ddpm.training.run.run_training`, with everything training has (the checks of
+    the config, folder and data, ``torchrun``, the lock, the cleanup of a student stopped before
+    its first checkpoint); returns the training result of the student's run."""
     run_dir = Path(out)
     if resume:
         d = load_distill_config(run_dir)
@@ -283,49 +310,21 @@ def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: 
     check_distill_config(d, tck.config.diffusion.timesteps)
     if d.cond_drop is not None and not tck.config.model.num_classes:
         raise DdpmError(f"--cond-drop needs a class-conditional teacher; {d.teacher} has no labels")
-    cfg = student_config(tck.config, d)
-    validate(cfg)
-    dev = resolve_device(device)
-    check_training_memory(cfg, dev, frozen_nets=2)  # the teacher and the target beside the student
-    check_unlocked(run_dir)  # another command writing this student: refused before any work
-    prepare_run_dir(run_dir, cfg, resume)
-    ck = load_checkpoint(run_dir, with_state=True) if resume else None
-    if data is None:
-        data, labels = _load_data(cfg)
-    _check_data(cfg, data)
+    return run_training(student_config(tck.config, d), run_dir, distiller(d, tck.sampling_weights(True)),
+                        resume=resume, device=device, progress=progress, data=data, labels=labels, log=log,
+                        tensorboard=False, frozen_nets=2,  # the teacher and the target beside the student
+                        extra_files={DISTILL_NAME: json.dumps(asdict(d), indent=2)})
+
+
+def distiller(d: DistillConfig, teacher_weights: dict[str, torch.Tensor]) -> MakeTrainer:
+    """The factory of ``d.method``'s Trainer (a :class:`ConsistencyDistiller` or a progressive
+    :class:`Distiller`), starting from ``teacher_weights``, for :func:`run_training`."""
     kind = ConsistencyDistiller if d.method == "consistency" else Distiller
-    tr = kind(cfg, run_dir, data, dev, d, tck.sampling_weights(True), labels)
-    if ck is not None:
-        tr.restore(ck)
-        log(f"resumed {run_dir} at step {tr.step} (round {tr.round + 1} of {d.rounds})")
-    new_files = [] if ck is not None else [p for p in (run_dir / "config.json", run_dir / DISTILL_NAME,
-                                                       run_dir / LOG_NAME, run_dir / LOCK_NAME) if not p.exists()]
-    try:
-        with run_lock(run_dir):  # from the first write on, the student is this command's
-            return _start(tr, d, cfg, progress, log, fresh=ck is None)
-    except KeyboardInterrupt:  # before the first checkpoint: no student that could never be used
-        forget_unused_run(run_dir, new_files)
-        raise
 
-
-def _start(tr: Distiller, d: DistillConfig, cfg: RunConfig, progress: bool, log: Callable[[str], None],
-           fresh: bool) -> Any:
-    """A student's first files (a new run), then the training loop."""
-    from .runlog import LOG_NAME, TensorBoard, reset_log
-    from .train import _loop
-
-    run_dir = tr.run_dir
-    if fresh:
-        atomic_write_text(run_dir / "config.json", cfg.to_json())
-        atomic_write_text(run_dir / DISTILL_NAME, json.dumps(asdict(d), indent=2))
-    if d.method == "consistency":
-        log(f"consistency distillation of {d.teacher} (its DDIM ODE on {d.teacher_steps} levels), {d.steps_per_round} "
-            f"steps, target decay {d.target_decay}, run folder {run_dir}")
-    else:
-        log(f"distilling {d.teacher} ({d.teacher_steps} DDIM steps) into {d.student_steps} in {d.rounds} rounds "
-            f"of {d.steps_per_round} steps, run folder {run_dir}")
-    reset_log(run_dir / LOG_NAME, tr.step)
-    return _loop(tr, progress, TensorBoard(run_dir / "tb", tr.step + 1, False))
+    def make(cfg: RunConfig, run_dir: Path, data: torch.Tensor, device: torch.device, dist: Dist,
+             labels: torch.Tensor | None) -> Trainer:
+        return kind(cfg, run_dir, data, device, d, teacher_weights, labels, dist)
+    return make
 
 
 def load_distill_config(run_dir: Path) -> DistillConfig:
