@@ -21,7 +21,8 @@ both passes) are at most each of ``--nfe`` (1, 2, 4, 8, 16, 32, 64); n images (s
 FD-FMNIST against the test set with ``evaluate_images``. Conditional runs: labels drawn in the
 training set's proportions, guidance w picked first from ``--guidances`` at 8 steps with
 each process's best unconditional sampler, then swept. The best setting of each process is
-confirmed at ``--confirm-n``.
+confirmed at ``--confirm-n``: the best within ``--confirm-max-nfe`` (16) evaluations of the
+``--confirm-top`` (2) leading processes.
 
 Resumable: each setting's result is kept in its run folder (bench/out/processes/NAME). Writes
 RESULTS/processes[-cond].json and .png (FD against NFE, one line per process and sampler).
@@ -222,6 +223,7 @@ def main() -> None:
     ap.add_argument("--guidances", default="0,1,2")
     ap.add_argument("--confirm-max-nfe", type=int, default=16,
                     help="confirm each process's best setting within this many evaluations")
+    ap.add_argument("--confirm-top", type=int, default=2, help="confirm the best settings of this many processes")
     ap.add_argument("--train-one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--no-confirm", action="store_true")
@@ -249,8 +251,10 @@ def main() -> None:
                            "guidance": b["guidance"]}
     if not a.no_confirm:
         best = best_within  # the confirmed settings: the best within --confirm-max-nfe
-        jobs = [(table[p], b["sampler"], b["steps"], a.confirm_n, b["guidance"], a.cond) for p, b in best.items()]
-        for p, r in zip(best, run_jobs(jobs)):
+        top = sorted(best, key=lambda p: best[p]["fd"])[: a.confirm_top]  # the leading processes
+        jobs = [(table[p], best[p]["sampler"], best[p]["steps"], a.confirm_n, best[p]["guidance"], a.cond)
+                for p in top]
+        for p, r in zip(top, run_jobs(jobs)):
             best[p][f"fd_n{a.confirm_n}"] = r["fd"]
     name = "processes-cond" if a.cond else "processes"
     out = results_dir() / f"{name}.json"
@@ -258,7 +262,8 @@ def main() -> None:
     record = {"train": marks, "n": a.n, "nfe_budgets": list(NFE), **res, "best": best,
               "best_overall": {p: min((r for pts in by.values() for r in pts), key=lambda r: r["fd"])
                                for p, by in res["rows"].items()},
-              "confirm_max_nfe": None if a.no_confirm else a.confirm_max_nfe, "cpu": cpu_info()}
+              "confirm_max_nfe": None if a.no_confirm else a.confirm_max_nfe,
+              "confirm_top": None if a.no_confirm else a.confirm_top, "cpu": cpu_info()}
     write_record(out, stamp(record))
     plot(res, out.with_suffix(".png"), a.n)
     print(json.dumps(best, indent=2))
