@@ -88,7 +88,7 @@ def interpret(levels: Levels | NoiseSchedule, out: torch.Tensor, x_t: torch.Tens
         var_frac = (v + 1) / 2
     alpha, sigma = lv.alpha[t], lv.sigma[t]
     x0 = obj.x0(out, x_t, alpha, sigma)
-    eps = out if obj.name == "eps" and clip == "none" else None  # the prediction itself, not a round trip
+    eps = obj.eps(out, x_t, alpha, sigma) if clip == "none" else None  # the prediction itself, not a round trip
     if clip != "none":
         x0 = x0.clamp(-1, 1) if clip == "clip" else dynamic_threshold(x0)
     if eps is None:

@@ -11,7 +11,7 @@ pairs it with (``DiffusionConfig.loss_weighting``; the presets use these pairs).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
@@ -23,38 +23,50 @@ if TYPE_CHECKING:
 T_MIN = 1e-5  # continuous draws stay off t = 0, where sigma = 0 and eps is not defined
 
 
+def _uniform_t(p: Process, n: int, device, g) -> torch.Tensor:
+    return T_MIN + (1 - T_MIN) * torch.rand(n, device=device, generator=g, dtype=torch.float64)
+
+
+def _uniform_index(p: VP, n: int, device, g) -> torch.Tensor:
+    return torch.randint(0, p.T, (n,), device=device, generator=g)  # exactly as runs always drew it
+
+
+def _log_sigma(p: Process, n: int, device, g) -> torch.Tensor:
+    z = torch.randn(n, device=device, generator=g, dtype=torch.float64)
+    return p.cfg.lognormal_mean + p.cfg.lognormal_std * z
+
+
+def _lognormal_t(p: Process, n: int, device, g) -> torch.Tensor:
+    return p.t_of_sigma_ve(torch.exp(_log_sigma(p, n, device, g))).clamp(T_MIN, 1.0)
+
+
+def _lognormal_index(p: VP, n: int, device, g) -> torch.Tensor:
+    return p.nearest_step(_log_sigma(p, n, device, g))
+
+
+def _logit_t(p: Process, n: int, device, g) -> torch.Tensor:
+    z = torch.randn(n, device=device, generator=g, dtype=torch.float64)
+    return torch.sigmoid(p.cfg.logit_mean + p.cfg.logit_std * z).clamp(T_MIN, 1.0)
+
+
+def _logit_index(p: VP, n: int, device, g) -> torch.Tensor:
+    return (_logit_t(p, n, device, g) * p.T).long().clamp(0, p.T - 1)
+
+
+Draws = Callable[..., torch.Tensor]  # (process, n, device, generator) -> (n,) draws
+
+
 class NoiseLevels(NamedTuple):
-    name: str
+    draw_t: Draws  # float64 t of a continuous process
+    draw_index: Draws  # long steps of the discrete chain
     paper_weighting: str  # the loss weighting of the paper that uses it
     summary: str
 
-    def draw_t(self, p: Process, n: int, device: torch.device | str, g: torch.Generator | None) -> torch.Tensor:
-        """(n,) float64 t of a continuous process."""
-        c = p.cfg
-        if self.name == "uniform":
-            u = torch.rand(n, device=device, generator=g, dtype=torch.float64)
-            return T_MIN + (1 - T_MIN) * u
-        z = torch.randn(n, device=device, generator=g, dtype=torch.float64)
-        if self.name == "lognormal":
-            return p.t_of_sigma_ve(torch.exp(c.lognormal_mean + c.lognormal_std * z)).clamp(T_MIN, 1.0)
-        return torch.sigmoid(c.logit_mean + c.logit_std * z).clamp(T_MIN, 1.0)
-
-    def draw_index(self, p: VP, n: int, device: torch.device | str, g: torch.Generator | None) -> torch.Tensor:
-        """(n,) long steps of the discrete chain (uniform draws exactly as runs always have)."""
-        c = p.cfg
-        if self.name == "uniform":
-            return torch.randint(0, p.T, (n,), device=device, generator=g)
-        z = torch.randn(n, device=device, generator=g, dtype=torch.float64)
-        if self.name == "lognormal":
-            return p.nearest_step(c.lognormal_mean + c.lognormal_std * z)
-        u = torch.sigmoid(c.logit_mean + c.logit_std * z)
-        return (u * p.T).long().clamp(0, p.T - 1)
-
 
 NOISE_LEVELS: dict[str, NoiseLevels] = {
-    "uniform": NoiseLevels("uniform", "uniform", "DDPM: t uniform"),
-    "lognormal": NoiseLevels("lognormal", "edm", "EDM: ln sigma ~ N(P_mean, P_std^2)"),
-    "logit-normal": NoiseLevels("logit-normal", "uniform", "SD3: t = sigmoid(N(m, s^2))"),
+    "uniform": NoiseLevels(_uniform_t, _uniform_index, "uniform", "DDPM: t uniform"),
+    "lognormal": NoiseLevels(_lognormal_t, _lognormal_index, "edm", "EDM: ln sigma ~ N(P_mean, P_std^2)"),
+    "logit-normal": NoiseLevels(_logit_t, _logit_index, "uniform", "SD3: t = sigmoid(N(m, s^2))"),
 }
 
 

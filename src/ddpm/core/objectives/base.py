@@ -31,6 +31,12 @@ class Objective:
     def x0(self, out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def eps(self, out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+            ) -> torch.Tensor | None:
+        """eps read off the output directly, where the output is it (None: derived from x0, as
+        eps = (x_t - alpha x0) / sigma); keeps an eps prediction exactly as the network made it."""
+        return None
+
     def out_per_x0(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """|d output / d x0| at fixed x_t, float64 (B,): an error of e in x0 is one of this times e here."""
         raise NotImplementedError

@@ -17,5 +17,8 @@ class Eps(Objective):
     def x0(self, out, x_t, alpha, sigma):
         return coef(1 / alpha, x_t) * x_t - coef(sigma / alpha, x_t) * out
 
+    def eps(self, out, x_t, alpha, sigma):
+        return out
+
     def out_per_x0(self, alpha, sigma):
         return alpha / sigma
