@@ -367,7 +367,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data.sources import load_images_file
     from .data.sources import DEFAULT_REFERENCE
     from .evaluation.evaluate import (Reference, default_floor, evaluate_images, inception_fid, real_images,
-                                      report_name, resolve_images)
+                                      resolve_images)
     from .evaluation.features import default_feature_net, load_feature_net
 
     from .config import check_seed
@@ -412,6 +412,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "autoguidance_interval": info["autoguidance_interval"]}
     if info.get("labels"):
         d["labels"] = info["labels"]  # a conditional model's default draw, or its null class
+    return _print_and_write(args, d, out, info)
+
+
+def _print_and_write(args: argparse.Namespace, d: dict[str, Any], out: Path, info: dict[str, Any]) -> int:
+    """The evaluation's report on stdout and in OUT/eval-....json, named by its settings."""
+    from .evaluation.evaluate import report_name
+
     text = json.dumps(d, indent=2)
     print(text)
     name = report_name(info.get("sampler"), info.get("steps"), info.get("arithmetic", "fp32"),
@@ -465,19 +472,12 @@ def _eval_samples(args: argparse.Namespace, net: Any) -> tuple[Any, Path, dict[s
 
 def _eval_inception_only(args: argparse.Namespace, images: Any, ref: Any, out: Path, info: dict[str, Any]) -> int:
     """Inception FID of a run whose data the shipped features do not fit, against its test split."""
-    from .evaluation.evaluate import inception_fid, report_name
+    from .evaluation.evaluate import inception_fid
 
     fid = inception_fid(images, ref.images, args.inception_weights)
     d = {"n_samples": len(images), "inception_fid": fid, "reference": ref.name, "n_reference": len(ref.images),
          **{k: info.get(k) for k in ("sampler", "steps", "nfe", "source", "arithmetic")}}
-    text = json.dumps(d, indent=2)
-    print(text)
-    name = report_name(info.get("sampler"), info.get("steps"), info.get("arithmetic", "fp32"),
-                       info.get("autoguidance", 0.0), info.get("autoguidance_interval"), info.get("labels"))
-    path = Path(args.out) / name if args.out else out / name
-    _write_report(path, text + "\n")
-    print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return _print_and_write(args, d, out, info)
 
 
 def cmd_eval_control(args: argparse.Namespace) -> int:
