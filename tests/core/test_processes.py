@@ -284,3 +284,34 @@ def test_ddim_eta_one_is_a_sampler_of_the_data_on_every_process(pname: str) -> N
     x, _ = run(pname, "ddim", FITTING[pname][-1], 200, options=SamplerOptions(eta=1.0))
     assert abs(x.double().mean().item() - MU) < 4 * SE_MEAN + 0.003
     assert abs(x.double().std().item() - SD) < 0.016
+
+
+@pytest.mark.parametrize("pname", list(PROCESSES))
+def test_generate_starts_from_the_process_prior(pname: str) -> None:
+    """Through ``generate`` (x_T drawn there, at the top level's sqrt(alpha^2 + sigma^2): EDM's
+    sigma_max, 1 elsewhere), the oracle's uint8 images have the spread of N(MU, SD^2) quantised
+    as images are; x_T drawn at unit scale on EDM collapses every image onto the mean."""
+    from pathlib import Path
+
+    from ddpm.config import DataConfig, ModelConfig, RunConfig
+    from ddpm.core.schedules import make_schedule
+    from ddpm.data.readers import from_model_range
+    from ddpm.sampling.generate import LoadedModel, SampleConfig, generate
+
+    obj = {"vp": "eps", "edm": "edm", "rectified-flow": "velocity"}[pname]
+    d = DiffusionConfig(**{**CONFIGS[pname].__dict__, "objective": obj})
+    cfg = RunConfig(model=ModelConfig(channels=1), diffusion=d, data=DataConfig(image_size=4, channels=1))
+    p = make_process(d)
+    net = oracle(p, obj)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t):
+            return net(x, t)
+
+    lm = LoadedModel(Oracle(), make_schedule(cfg), cfg, 0, Path("."))
+    sampler = "ddim" if pname == "vp" else "heun"
+    images = generate(lm, SampleConfig(sampler=sampler, steps=64 if pname == "vp" else 32, n=2000, batch_size=500,
+                                       clip="none")).images.double()
+    want = from_model_range(MU + SD * torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(5))).double()
+    assert abs(images.mean().item() - want.mean().item()) < 1.5, (images.mean(), want.mean())
+    assert abs(images.std().item() - want.std().item()) < 0.04 * want.std().item(), (images.std(), want.std())

@@ -52,6 +52,12 @@ class Levels:
     def device(self) -> torch.device:
         return self.alpha.device
 
+    def prior_scale(self, i: int) -> torch.Tensor:
+        """The std a sampler's start at level i is drawn with: sqrt(alpha^2 + sigma^2), the marginal
+        std there of data of unit variance (1 on a variance-preserving process and at rectified
+        flow's t = 1; EDM's sigma_max, to 1e-4, at its top)."""
+        return (self.alpha[i] ** 2 + self.sigma[i] ** 2).sqrt()
+
     @property
     def sigma_ve(self) -> torch.Tensor:
         """EDM's noise level sigma / alpha of each level (the variance-exploding view; inf where alpha = 0)."""

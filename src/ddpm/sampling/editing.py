@@ -291,7 +291,8 @@ def inpaint(model: LoadedModel, image: torch.Tensor, mask: torch.Tensor, cfg: Sa
         run.denoiser = KnownRegion(run.denoiser, x0, m, gens)
         record_fn = _recorder(frames, m, x0, max(1, steps // max_frames)) if record else None
         run.on_step = req.hook(start, steps, on_step, record_fn)
-        x = repaint(run, req.plan.levels, gens.randn(x0.shape, device=req.device), repaint_cfg, gens)
+        x_T = gens.randn(x0.shape, device=req.device) * req.plan.levels.prior_scale(req.timesteps[-1]).float()
+        x = repaint(run, req.plan.levels, x_T, repaint_cfg, gens)
         out.append(torch.where(m.cpu(), req.images[start:start + len(x0)], from_model_range(x).cpu()))
         nfe = run.denoiser.calls + _extra_passes(run.denoiser.inner)
     return req.samples(out, nfe, req.steps, frames)

@@ -251,7 +251,7 @@ def generate(model: LoadedModel, cfg: SampleConfig, *, frames: Literal["none", "
     for start in range(0, n, cfg.batch_size):
         b = min(cfg.batch_size, n - start)
         gen = ImageGenerators.for_images(cfg.seed, start, b, dev)  # image i: (seed, i) only, whatever the batch
-        x_T = gen.randn((b, *shape), device=dev)
+        x_T = gen.randn((b, *shape), device=dev) * plan.levels.prior_scale(timesteps[-1]).float()
         den = denoiser if labels is None else denoiser.conditioned(
             labels[start:start + b].to(dev), cfg.guidance, cfg.guidance_interval)
         den = den.autoguided(guide, cfg.autoguidance, cfg.autoguidance_interval)
