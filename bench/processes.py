@@ -115,6 +115,9 @@ def fd_of(name: str, sampler: str, steps: int, n: int, guidance: float, cond: bo
 
     run = RUNS / name
     key = run / f"bench-fd-{sampler}-{steps}-n{n}-w{guidance:g}.json"
+    if "/" in name:  # a checkpoint folder of a run: its cache beside the runs, not among its files
+        key = RUNS / "fd-cache" / f"{name.replace('/', '_')}-{sampler}-{steps}-n{n}-w{guidance:g}.json"
+        key.parent.mkdir(exist_ok=True)
     hit = _read(key)
     if hit is not None:
         return hit
@@ -169,10 +172,10 @@ def sweep(table: dict[str, str], n: int, cond: bool, guidances: list[float], bes
     for pname, name in table.items():
         proc = make_process(preset(name))
         w = chosen_w.get(pname, 0.0)
-        # conditional runs: the process's best unconditional sampler only, up to 32 evaluations
+        # conditional runs: the process's best unconditional sampler only, 4 to 32 evaluations
         samplers = [best_uncond[pname]["sampler"]] if cond and best_uncond else samplers_for(pname)
         for sampler in samplers:
-            for budget in NFE if not cond else [b for b in NFE if b <= 32]:
+            for budget in NFE if not cond else [b for b in NFE if 4 <= b <= 32]:
                 st = steps_for(sampler, proc, budget, cond and w > 0)
                 if st is not None:
                     jobs.append((name, sampler, st, n, w, cond))
