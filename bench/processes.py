@@ -152,7 +152,8 @@ def samplers_for(process_name: str) -> list[str]:
     return [n for n, s in SAMPLERS.items() if n != "consistency" and (s.processes is None or process_name in s.processes)]
 
 
-def sweep(table: dict[str, str], n: int, cond: bool, guidances: list[float], best_uncond: dict | None) -> dict:
+def sweep(table: dict[str, str], n: int, cond: bool, guidances: list[float], best_uncond: dict | None,
+          budgets: tuple[int, ...] = NFE) -> dict:
     from ddpm.config import preset
     from ddpm.core.processes import make_process
 
@@ -175,7 +176,7 @@ def sweep(table: dict[str, str], n: int, cond: bool, guidances: list[float], bes
         # conditional runs: the process's best unconditional sampler only, 4 to 32 evaluations
         samplers = [best_uncond[pname]["sampler"]] if cond and best_uncond else samplers_for(pname)
         for sampler in samplers:
-            for budget in NFE if not cond else [b for b in NFE if 4 <= b <= 32]:
+            for budget in budgets:
                 st = steps_for(sampler, proc, budget, cond and w > 0)
                 if st is not None:
                     jobs.append((name, sampler, st, n, w, cond))
@@ -224,6 +225,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--confirm-n", type=int, default=10000)
     ap.add_argument("--guidances", default="0,1,2")
+    ap.add_argument("--nfe", default=",".join(map(str, NFE)), help="the evaluation budgets swept")
     ap.add_argument("--confirm-max-nfe", type=int, default=16,
                     help="confirm each process's best setting within this many evaluations")
     ap.add_argument("--confirm-top", type=int, default=2, help="confirm the best settings of this many processes")
@@ -244,7 +246,8 @@ def main() -> None:
     if a.cond:
         prev = _read(results_dir() / "processes.json")
         best_uncond = None if prev is None else prev.get("best")
-    res = sweep(table, a.n, a.cond, [float(w) for w in a.guidances.split(",")], best_uncond)
+    budgets = tuple(int(b) for b in a.nfe.split(","))
+    res = sweep(table, a.n, a.cond, [float(w) for w in a.guidances.split(",")], best_uncond, budgets)
     best, best_within = {}, {}
     for pname, by_sampler in res["rows"].items():
         allpts = [r for pts in by_sampler.values() for r in pts]
@@ -262,7 +265,7 @@ def main() -> None:
     name = "processes-cond" if a.cond else "processes"
     out = results_dir() / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"train": marks, "n": a.n, "nfe_budgets": list(NFE), **res, "best": best,
+    record = {"train": marks, "n": a.n, "nfe_budgets": list(budgets), **res, "best": best,
               "best_overall": {p: min((r for pts in by.values() for r in pts), key=lambda r: r["fd"])
                                for p, by in res["rows"].items()},
               "confirm_max_nfe": None if a.no_confirm else a.confirm_max_nfe,
