@@ -324,10 +324,7 @@ def sample_timesteps(cfg: DiffusionConfig, s: NoiseSchedule, n: int, *, device: 
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """(n,) training steps t of the discrete chain ``s`` (``core.noise_levels``'s draws)."""
     from .processes import VP
-    vp = VP.__new__(VP)
-    vp.cfg, vp.schedule = cfg, s
-    vp.table = Levels.of_schedule(s)
-    return vp.draw(n, cfg.t_sampling, device=device, generator=generator).index
+    return VP(cfg, s).draw(n, cfg.t_sampling, device=device, generator=generator).index
 
 
 def training_losses(net: Network, s: NoiseSchedule | Levels | None, cfg: DiffusionConfig, x0: torch.Tensor,

@@ -173,9 +173,9 @@ class VP(Process):
     default_sampler = "ddpm"  # DDPM's Algorithm 2, as every run before this table
     summary = "DDPM's discrete variance-preserving chain: T steps of a beta schedule (Ho et al. 2020)"
 
-    def __init__(self, cfg: DiffusionConfig):
+    def __init__(self, cfg: DiffusionConfig, schedule: NoiseSchedule | None = None):
         super().__init__(cfg)
-        self.schedule = make_schedule(cfg)
+        self.schedule = make_schedule(cfg) if schedule is None else schedule
         self.table = Levels.of_schedule(self.schedule)
 
     @property
@@ -183,16 +183,11 @@ class VP(Process):
         return self.schedule.T
 
     def to(self, device: torch.device | str) -> VP:
-        p = VP.__new__(VP)
-        p.cfg, p.schedule = self.cfg, self.schedule.to(device)
-        p.table = Levels.of_schedule(p.schedule)
-        return p
+        return VP(self.cfg, self.schedule.to(device))
 
     def plan(self, steps: int, spacing: str, *, t_max: float = 1.0) -> Plan:
-        ts = space_timesteps(self.T, steps, spacing)
-        if t_max < 1.0:
-            raise DdpmError("internal: the discrete chain starts SDEdit by step index")
-        return Plan(self.table, ts)
+        """``steps`` of the T steps (SDEdit starts the chain by step index, not by ``t_max``)."""
+        return Plan(self.table, space_timesteps(self.T, steps, spacing))
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """At t in [0, 1]: the chain's step round(t T) - 1 (t = 0: the clean image)."""

@@ -23,7 +23,7 @@ from ..runtime.progress import StepBar, chain_hooks
 from ..samplers.base import ImageGenerators
 from ..samplers import SamplerOptions, StepCallback, check_options, check_process, default_steps, get_sampler, plan_for
 from ..core.objectives import get_objective
-from ..core.processes import VP, Levels, Process, make_process
+from ..core.processes import VP, Process, make_process
 from ..core.schedules import NoiseSchedule, make_schedule
 from ..pictures.viz import make_grid
 from .guidance import check_guidance, has_labels, request_labels
@@ -101,9 +101,7 @@ class LoadedModel:
 def process_of(config: RunConfig, schedule: NoiseSchedule) -> Process:
     """The run's process; the discrete chain on ``schedule`` (and its device) for vp runs."""
     if config.diffusion.process == "vp" and schedule is not None:
-        p = VP.__new__(VP)
-        p.cfg, p.schedule, p.table = config.diffusion, schedule, Levels.of_schedule(schedule)
-        return p
+        return VP(config.diffusion, schedule)
     return make_process(config)
 
 
