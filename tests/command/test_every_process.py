@@ -66,9 +66,12 @@ def test_every_sampler_guided_and_autoguided(trained, sampler) -> None:
     assert main([*args, "--out", str(out)]) == 0
     imgs = npz(out)
     assert imgs.shape == (3, 1, 8, 8) and imgs.dtype == np.uint8 and imgs.std() > 0
-    # per-image seeds: image i depends on (seed, i) only, not on the batch
+    # per-image seeds: image i depends on (seed, i) only, not on the batch. A batch of one runs
+    # the convolutions in another order, so a pixel within float rounding of a grey-level
+    # boundary may land one level over: at most one level, on at most 2% of the pixels.
     assert main([*args, "--out", str(tmp / f"b-{sampler}"), "--batch-size", "1"]) == 0
-    np.testing.assert_array_equal(npz(tmp / f"b-{sampler}"), imgs)
+    diff = np.abs(npz(tmp / f"b-{sampler}").astype(int) - imgs.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.02, (diff.max(), (diff > 0).mean())
 
 
 def test_ddim_eta_is_the_stochastic_sampler(trained) -> None:
