@@ -39,6 +39,7 @@ from .files import atomic_write_text, fsync_dir, reason, shorten, write_new
 FORMAT_VERSION = 1
 LATEST = "latest"
 STEP_NAME = re.compile(r"step-\d{8,}")  # the only names `latest` may give: this run's own checkpoints
+PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder (read by ddpm.pipelines)
 KNOWN_FILES = ("model.safetensors", "ema.safetensors", "config.json", "state.pt")
 
 
@@ -196,11 +197,12 @@ def _prune(ck_root: Path, keep: int, newest: Path) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder (its latest checkpoint) or a checkpoint folder -> the checkpoint folder."""
+    """A run folder (its latest checkpoint), a checkpoint folder or a diffusers pipeline folder
+    (its model_index.json) -> the checkpoint folder."""
     p = Path(path)
     if not p.exists():
         raise DdpmError(f"no run or checkpoint at {p}")
-    if (p / "meta.json").is_file():
+    if (p / "meta.json").is_file() or (p / PIPELINE_INDEX).is_file():
         return p
     named = _read_latest(p)
     if named is not None and (p / "checkpoints" / named / "meta.json").is_file():
@@ -276,8 +278,15 @@ def _load_weights(f: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path, *, with_state: bool = False) -> Checkpoint:
-    """Load and verify a checkpoint (or a run's latest one)."""
+    """Load and verify a checkpoint (or a run's latest one, or a diffusers pipeline folder:
+    :mod:`ddpm.pipelines`)."""
     ck = resolve_checkpoint(path)
+    if (ck / PIPELINE_INDEX).is_file() and not (ck / "meta.json").is_file():
+        from .pipelines import load_pipeline
+
+        if with_state:
+            raise DdpmError(f"{ck} is a diffusers pipeline: it has no training state to resume")
+        return load_pipeline(ck)
     listed, step = _verify(ck, with_state)
     config = RunConfig.load(ck / "config.json")
     state = None

@@ -258,10 +258,15 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from .export import export_diffusers, export_onnx
 
-    if not args.onnx:
-        raise DdpmError("choose a format: --onnx (the only one so far)")
+    if bool(args.onnx) == bool(args.diffusers):
+        raise DdpmError("choose one format: --onnx or --diffusers DIR")
+    if args.diffusers:
+        if args.out:
+            raise DdpmError("--out is for --onnx; --diffusers DIR names the folder itself")
+        print(export_diffusers(args.run, args.diffusers, use_ema=not args.no_ema).summary())
+        return 0
     print(export_onnx(args.run, args.out, use_ema=not args.no_ema, opset=args.opset).summary())
     return 0
 
@@ -668,9 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(fn=cmd_schedules)
 
     ex = sub.add_parser("export", help="the network as an ONNX graph (x_t, t[, cond]) -> out, checked "
-                        "against PyTorch (needs ddpm[export])")
+                        "against PyTorch (needs ddpm[export]), or a run as a diffusers pipeline (ddpm[diffusers])")
     ex.add_argument("run", help="run folder or checkpoint folder")
     ex.add_argument("--onnx", action="store_true", help="write ONNX (dynamic batch)")
+    ex.add_argument("--diffusers", metavar="DIR", help="write a DDPMPipeline folder (unet/, scheduler/, "
+                    "model_index.json): a vp run of --arch diffusers-unet; DIR must be new or empty")
     ex.add_argument("--out", help="file to write (default RUN/model.onnx)")
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")

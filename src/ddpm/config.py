@@ -109,9 +109,81 @@ class DiTConfig:
                             f"got {shorten(self.mlp_ratio)}")
 
 
+# diffusers' UNet2DModel block names (diffusers.models.unets.unet_2d_blocks) a DiffusersUNetConfig may use
+DIFFUSERS_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnSkipDownBlock2D",
+                         "SkipDownBlock2D")
+DIFFUSERS_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D")
+
+
+@dataclass(frozen=True)
+class DiffusersUNetConfig:
+    """diffusers' ``UNet2DModel``: its own constructor options under their own names (in_channels,
+    out_channels and num_class_embeds come from channels, learn_sigma and num_classes, the fields
+    every network shares). Needs ``pip install 'ddpm[diffusers]'``."""
+
+    arch: Literal["diffusers-unet"] = _f("diffusers-unet", "the network (ddpm.nn.NETWORKS); each has its own flags, "
+                                                           "grouped below")
+    channels: int = _f(1, "image channels the network sees and outputs")
+    block_out_channels: tuple[int, ...] = _f((32, 64, 64), "diffusers: width of each resolution's blocks")
+    layers_per_block: int = _f(1, "diffusers: ResNet layers per down block (the up blocks have one more)")
+    down_block_types: tuple[str, ...] = _f(("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                                           f"diffusers: one per resolution, of {', '.join(DIFFUSERS_DOWN_BLOCKS)}")
+    up_block_types: tuple[str, ...] = _f(("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                                         f"diffusers: one per resolution, of {', '.join(DIFFUSERS_UP_BLOCKS)}")
+    mid_block_type: str | None = _f("UNetMidBlock2D", "diffusers: UNetMidBlock2D or none")
+    add_attention: bool = _f(True, "diffusers: attention in the middle block")
+    attention_head_dim: int | None = _f(8, "diffusers: channels per attention head (none: one head)")
+    norm_num_groups: int = _f(8, "diffusers: GroupNorm groups (must divide every width)")
+    attn_norm_num_groups: int | None = _f(None, "diffusers: GroupNorm groups of the middle attention (none: as above)")
+    norm_eps: float = _f(1e-5, "diffusers: GroupNorm epsilon")
+    act_fn: str = _f("silu", "diffusers: activation (silu, mish, gelu, relu)")
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = _f(
+        "default", "diffusers: time embedding added (default) or as FiLM scale/shift")
+    time_embedding_dim: int | None = _f(None, "diffusers: time embedding width (none: 4 x the first width)")
+    flip_sin_to_cos: bool = _f(True, "diffusers: cos before sin in the timestep embedding")
+    freq_shift: int = _f(0, "diffusers: frequency shift of the timestep embedding")
+    center_input_sample: bool = _f(False, "diffusers: x -> 2 x - 1 before the first convolution")
+    mid_block_scale_factor: float = _f(1.0, "diffusers: the middle block's output scale")
+    downsample_padding: int = _f(1, "diffusers: padding of the down-sampling convolution")
+    downsample_type: Literal["conv", "resnet"] = _f("conv", "diffusers: how ResnetDownsampleBlock2D and "
+                                                            "AttnDownBlock2D down-sample")
+    upsample_type: Literal["conv", "resnet"] = _f("conv", "diffusers: how ResnetUpsampleBlock2D and AttnUpBlock2D "
+                                                          "up-sample")
+    dropout: float = _f(0.0, "diffusers: dropout in the ResNet blocks")
+    learn_sigma: bool = _f(False, "learn the reverse variances (improved DDPM hybrid loss; diffusers' learned_range)")
+    grad_checkpoint: bool = _f(False, "recompute block activations in backward to save memory")
+    num_classes: int = _f(0, "> 0: class-conditional (index num_classes: the null class of classifier-free guidance; "
+                             "diffusers' num_class_embeds = num_classes + 1)")
+    class_emb_std: float = _f(0.02, "conditional: std of the class embedding's initial weights (DiT: 0.02; ADM: 1)")
+
+    def check_sizes(self) -> None:
+        """Sizes and names it can be built from, in one line each (see check_model_sizes)."""
+        widths, n = self.block_out_channels, len(self.block_out_channels)
+        if not (1 <= n <= 16 and all(1 <= w <= MAX_WIDTH for w in widths)):
+            raise DdpmError(f"--block-out-channels must be 1 to 16 widths between 1 and {MAX_WIDTH:,}, "
+                            f"got {shorten(widths)}")
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise DdpmError(f"--down-block-types and --up-block-types need one block per width ({n}), got "
+                            f"{len(self.down_block_types)} and {len(self.up_block_types)}")
+        for flag, names, known in (("down-block-types", self.down_block_types, DIFFUSERS_DOWN_BLOCKS),
+                                   ("up-block-types", self.up_block_types, DIFFUSERS_UP_BLOCKS)):
+            bad = [b for b in names if b not in known]
+            if bad:
+                raise DdpmError(f"--{flag}: unknown block {shorten(bad[0])}; choose among: {', '.join(known)}")
+        if self.mid_block_type not in (None, "UNetMidBlock2D"):
+            raise DdpmError(f"--mid-block-type must be UNetMidBlock2D or none, got {shorten(self.mid_block_type)}")
+        groups = self.norm_num_groups
+        if not 1 <= groups <= MAX_WIDTH or any(w % groups for w in widths):
+            raise DdpmError(f"--norm-num-groups {shorten(groups)} must divide every width {shorten(widths)}")
+        for name in ("layers_per_block", "attention_head_dim", "attn_norm_num_groups", "time_embedding_dim"):
+            v = getattr(self, name)
+            if v is not None and not 1 <= v <= MAX_WIDTH:
+                raise DdpmError(f"--{name.replace('_', '-')} must be between 1 and {MAX_WIDTH:,}, got {shorten(v)}")
+
+
 # The networks' configs, one per architecture, told apart by their ``arch`` (a config without one
 # is the U-Net's: every run saved before there was a choice). ddpm.nn.NETWORKS builds each.
-AnyModelConfig = typing.Union[ModelConfig, DiTConfig]
+AnyModelConfig = typing.Union[ModelConfig, DiTConfig, DiffusersUNetConfig]
 
 
 def model_configs() -> dict[str, type]:
@@ -127,6 +199,8 @@ class DiffusionConfig:
                                     "rectified-flow (x_t = (1 - t) x0 + t eps)")
     timesteps: int = _f(200, "T, the number of diffusion steps")
     schedule: ScheduleName = _f("linear", "the beta schedule")
+    betas: tuple[float, ...] | None = _f(None, "vp: the T betas themselves, in place of a named schedule (e.g. a "
+                                               "diffusers scheduler's)")
     beta_start: float = _f(1e-4, "beta_1 of the linear, quadratic and sigmoid schedules")
     beta_end: float = _f(0.02, "beta_T of the linear, quadratic and sigmoid schedules")
     loss: LossType = _f("huber", "the distance between the target and the prediction")
@@ -385,6 +459,16 @@ def _dit_cond() -> RunConfig:
     return replace(cfg, model=replace(cfg.model, num_classes=10, class_emb_std=1.0), preset="dit-cond")
 
 
+def _diffusers_unet(cond: bool = False) -> RunConfig:
+    """The fast recipe's diffusion and training with diffusers' UNet2DModel in place of ddpm's U-Net:
+    three resolutions (28, 14, 7) of widths 32, 64, 64, attention at 14x14 and in the middle, one
+    ResNet layer per down block; small enough to train on two CPU cores. Exports to diffusers
+    (``ddpm export RUN --diffusers DIR``)."""
+    cfg = _fast_cond() if cond else _fast()
+    model = DiffusersUNetConfig(num_classes=10, class_emb_std=1.0) if cond else DiffusersUNetConfig()
+    return replace(cfg, model=model, preset="diffusers-unet-cond" if cond else "diffusers-unet")
+
+
 PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
     # The seed's recipe exactly: T=200 linear, huber, eps, Adam 1e-3, batch 128, 6 epochs.
     "seed": lambda: RunConfig(preset="seed"),
@@ -397,6 +481,8 @@ PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
     "edm-cond": lambda: _edm(cond=True),
     "dit": _dit,
     "dit-cond": _dit_cond,
+    "diffusers-unet": _diffusers_unet,
+    "diffusers-unet-cond": lambda: _diffusers_unet(cond=True),
 }
 
 

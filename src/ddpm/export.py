@@ -174,3 +174,51 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, use_ema: bool
                         f"nothing written")
     atomic_write_bytes(path, data)
     return ExportResult(path, opset, input_names(model.config), err, tolerance, engine, model.step)
+
+
+@dataclass(frozen=True)
+class DiffusersExport:
+    """A run written as a diffusers pipeline, and how closely diffusers' loaded UNet matches ddpm's network."""
+
+    path: Path
+    step: int
+    max_abs_err: float
+    tolerance: float
+
+    def summary(self) -> str:
+        return (f"exported step {self.step} to {self.path} (DDPMPipeline: unet/, scheduler/, model_index.json); "
+                f"max |diffusers - ddpm| = {self.max_abs_err:.2e} on random inputs (tolerance {self.tolerance:.0e})")
+
+
+DIFFUSERS_TOLERANCE = 1e-5  # max |diffusers - ddpm| of the reloaded UNet, relative to max(1, max |ddpm|)
+
+
+@torch.inference_mode()
+def export_diffusers(run: str | Path, out: str | Path, *, use_ema: bool = True,
+                     tolerance: float = DIFFUSERS_TOLERANCE) -> DiffusersExport:
+    """Write ``run`` (a vp run of the diffusers-unet network; EMA weights by default) as a folder
+    ``DDPMPipeline.from_pretrained`` loads, after checking the reloaded UNet against ddpm's network."""
+    from .checkpoint import load_checkpoint
+    from .nn.diffusers_unet import import_diffusers
+    from .pipelines import check_exportable, check_pipeline_out, write_pipeline
+    from .sampling.generate import load_model
+
+    out = Path(out)
+    diffusers = import_diffusers("export --diffusers")
+    check_exportable(load_checkpoint(run).config)  # one line, before the weights are built
+    check_pipeline_out(out)
+    model = load_model(run, device="cpu", use_ema=use_ema)
+    net = model.net.float().to(memory_format=torch.contiguous_format).eval()
+    write_pipeline(out, model.config, net, model.schedule.betas)
+    unet = diffusers.UNet2DModel.from_pretrained(str(out / "unet")).eval()
+    args = random_inputs(model.config, 3, torch.Generator().manual_seed(0))
+    ref = net(*args)
+    got = unet(args[0], args[1], class_labels=args[2] if len(args) == 3 else None).sample
+    err = float((got - ref).abs().max())
+    if not err <= tolerance * max(1.0, float(ref.abs().max())):
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        raise DdpmError(f"the exported UNet differs from ddpm's network by {err:.2e} (tolerance {tolerance:.0e}); "
+                        "nothing kept")
+    return DiffusersExport(out, model.step, err, tolerance)

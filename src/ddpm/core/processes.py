@@ -215,7 +215,8 @@ class VP(Process):
         return Draw(tab.alpha[i], tab.sigma[i], tab.net_t[i], i)
 
     def describe(self) -> str:
-        return f"vp, {self.cfg.schedule} schedule, T={self.T}"
+        kind = "explicit betas" if getattr(self.cfg, "betas", None) is not None else f"{self.cfg.schedule} schedule"
+        return f"vp, {kind}, T={self.T}"
 
 
 class EDM(Process):

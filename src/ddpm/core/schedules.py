@@ -171,6 +171,13 @@ def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> list[int]:
 
 
 def make_schedule(cfg: RunConfig | DiffusionConfig) -> NoiseSchedule:
-    """The schedule a run's diffusion config describes."""
+    """The schedule a run's diffusion config describes: its explicit ``betas``, else the named schedule."""
     d = getattr(cfg, "diffusion", cfg)
-    return NoiseSchedule.create(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+    betas = getattr(d, "betas", None)
+    if betas is None:
+        return NoiseSchedule.create(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+    b = torch.tensor(betas, dtype=torch.float64)
+    if len(b) != d.timesteps or not bool(((b > 0) & (b < 1)).all()):
+        raise DdpmError(f"diffusion.betas must be {d.timesteps} numbers (one per timestep) in (0, 1), "
+                        f"got {len(b)} from {float(b.min()) if len(b) else 0:g} to {float(b.max()) if len(b) else 0:g}")
+    return NoiseSchedule.from_betas(b)

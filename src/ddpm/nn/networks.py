@@ -10,9 +10,10 @@ from typing import Any, Callable, NamedTuple
 
 from torch import nn
 
-from ..config import DiTConfig, ModelConfig, check_patch_size
+from ..config import DiffusersUNetConfig, DiTConfig, ModelConfig, check_patch_size
 from ..errors import DdpmError
 from ..files import shorten
+from .diffusers_unet import DiffusersUNet, check_diffusers_image_size
 from .dit import DiT
 from .unet import UNet, check_unet_image_size
 
@@ -30,6 +31,9 @@ NETWORKS: dict[str, NetworkSpec] = {
                         "the seed's U-Net: ResNet or ConvNeXt blocks, linear attention, full attention in the middle"),
     "dit": NetworkSpec(DiTConfig, DiT, check_patch_size, "DiT",
                        "a diffusion transformer (Peebles & Xie 2023): patches, adaLN-Zero transformer blocks"),
+    "diffusers-unet": NetworkSpec(DiffusersUNetConfig, DiffusersUNet, check_diffusers_image_size, "diffusers UNet2DModel",
+                                  "diffusers' UNet2DModel itself (pip install 'ddpm[diffusers]'); exports to a "
+                                  "diffusers pipeline"),
 }
 
 

@@ -125,6 +125,7 @@ def check_guide(config: RunConfig, guide: RunConfig, where: Path) -> None:
              "process": (m.diffusion.process, g.diffusion.process),
              "timesteps": (m.diffusion.timesteps, g.diffusion.timesteps),
              "schedule": (m.diffusion.schedule, g.diffusion.schedule),
+             "explicit betas": ("these", "these" if m.diffusion.betas == g.diffusion.betas else "others"),
              "objective": (m.diffusion.objective, g.diffusion.objective),
              "learned variances": (m.model.learn_sigma, g.model.learn_sigma),
              "classes": (m.model.num_classes, g.model.num_classes)}

@@ -38,11 +38,13 @@ def schedule_curves(cfg: RunConfig) -> dict[str, object]:
         ab = (a**2 / (a**2 + s**2)).numpy()
         curves[d.process] = {"alpha_bar": ab.tolist(), "snr": (ab / (1 - ab)).tolist()}
         return {"T": T, "t": t.tolist(), "schedule": d.process, "curves": curves}
-    for name in SCHEDULE_NAMES:
-        betas = make_betas(name, T, d.beta_start, d.beta_end) if name == d.schedule else make_betas(name, T)
+    own = "explicit betas" if d.betas is not None else d.schedule
+    for name in (own, *SCHEDULE_NAMES) if d.betas is not None else SCHEDULE_NAMES:
+        betas = (torch.tensor(d.betas, dtype=torch.float64) if name == own and d.betas is not None
+                 else make_betas(name, T, d.beta_start, d.beta_end) if name == d.schedule else make_betas(name, T))
         ab = np.cumprod(1 - betas.numpy())[t]  # float64: SNR reaches 1e-9
         curves[name] = {"alpha_bar": ab.tolist(), "snr": (ab / (1 - ab)).tolist()}
-    return {"T": T, "t": t.tolist(), "schedule": d.schedule, "curves": curves}
+    return {"T": T, "t": t.tolist(), "schedule": own, "curves": curves}
 
 
 @functools.lru_cache(maxsize=4)

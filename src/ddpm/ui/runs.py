@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import _step_of, resolve_checkpoint
+from ..checkpoint import PIPELINE_INDEX, _step_of, resolve_checkpoint
 from ..config import RunConfig
 from ..errors import DdpmError
 from ..sampling.generate import LoadedModel, load_model
@@ -31,8 +31,8 @@ class Run:
 
 
 def is_run_folder(p: Path) -> bool:
-    """A folder written by `ddpm train` (a config, or checkpoints, or a log)."""
-    return p.is_dir() and any((p / f).exists() for f in ("config.json", "checkpoints", "log.jsonl"))
+    """A folder written by `ddpm train` (a config, or checkpoints, or a log), or a diffusers pipeline."""
+    return p.is_dir() and any((p / f).exists() for f in ("config.json", "checkpoints", "log.jsonl", PIPELINE_INDEX))
 
 
 class RunIndex:
@@ -43,7 +43,7 @@ class RunIndex:
         for r in runs:
             p = resolve_run(r)  # a path, or the name of a shipped model
             if not is_run_folder(p):
-                raise DdpmError(f"{p} is not a run folder (expected one written by `ddpm train`)")
+                raise DdpmError(f"{p} is not a run folder (expected one written by `ddpm train`, or a diffusers pipeline)")
             self.given.append(p.resolve())
         self.runs_dir = Path(runs_dir).resolve() if runs_dir is not None else None
 
@@ -90,8 +90,11 @@ def inside(run: Run, relative: str) -> Path:
 
 
 def run_config(run: Run) -> RunConfig | None:
-    """The run's config.json, or None while it has none (or an unreadable one)."""
+    """The run's config.json (a pipeline's: its mapped config), or None while it has none (or an unreadable one)."""
     try:
+        if (run.path / PIPELINE_INDEX).is_file() and not (run.path / "config.json").is_file():
+            from ..pipelines import pipeline_config
+            return pipeline_config(inside(run, PIPELINE_INDEX).parent)
         return RunConfig.load(inside(run, "config.json"))
     except (NotFound, DdpmError):
         return None
