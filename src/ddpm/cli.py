@@ -276,7 +276,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .training.distill import DEFAULT_STEPS, DistillConfig, check_resume_flags, distill, load_distill_config
 
     given = {k: getattr(args, k) for k in ("method", "teacher_steps", "student_steps", "steps_per_round",
-                                           "batch_size", "lr", "cond_drop", "target_decay")}
+                                           "batch_size", "lr", "cond_drop", "target_decay", "dataset")}
     teacher = str(resolve_run(args.teacher))
     if args.resume:  # the run's own settings; a flag that would change one is refused
         d = load_distill_config(Path(args.out))
@@ -702,6 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--target-decay", type=float,
                     help="consistency: moving-average decay of the target network (default 0.95)")
     di.add_argument("--batch-size", type=int, help="default: the teacher's")
+    di.add_argument("--dataset", help="the student's training images (default: the teacher's data source; "
+                    "give one for a diffusers pipeline teacher)")
     di.add_argument("--lr", type=float, help="default 1e-4")
     di.add_argument("--cond-drop", type=float,
                     help="conditional teachers: the share of the student's batches whose labels become the null "

@@ -67,6 +67,8 @@ class DistillConfig:
     target_decay: float = 0.95  # consistency: the target network's moving average (Song et al.'s mu)
     cond_drop: float | None = None  # conditional teachers: P(label -> null class) in the student's batches;
     # None: the teacher's own training rate
+    dataset: str | None = None  # the student's training images; None: the teacher's data source (a diffusers
+    # pipeline's is unknown unless its images are 1x28x28 grey)
 
     @property
     def rounds(self) -> int:
@@ -293,7 +295,9 @@ def student_config(teacher: RunConfig, d: DistillConfig) -> RunConfig:
                  max_steps=d.rounds * d.steps_per_round, ema_decay=ema, ema_warmup=False, sample_every=0,
                  checkpoint_every=d.steps_per_round, batch_size=d.batch_size or teacher.train.batch_size,
                  guide_at=0.0, cond_drop=teacher.train.cond_drop if d.cond_drop is None else d.cond_drop)
-    return replace(teacher, train=tc, preset="distilled")
+    data = teacher.data if d.dataset is None else replace(teacher.data, source=d.dataset, test_source=None,
+                                                          class_names=(), class_counts=())
+    return replace(teacher, train=tc, data=data, preset="distilled")
 
 
 def distill(d: DistillConfig, out: str | Path, *, resume: bool = False, device: str = "auto", progress: bool = True,
