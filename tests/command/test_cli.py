@@ -195,7 +195,7 @@ def _other_value(tp: object, default: object) -> tuple[list[str], object]:
         v = next(c for c in typing.get_args(tp) if c != default)
         return [v], v
     if origin is tuple:
-        v = (3, 5) if typing.get_args(tp)[0] is int else ("a", "b")
+        v = {int: (3, 5), float: (0.25, 0.5)}.get(typing.get_args(tp)[0], ("a", "b"))
         return [",".join(map(str, v))], v
     if tp is bool:
         return [], not default
@@ -203,7 +203,7 @@ def _other_value(tp: object, default: object) -> tuple[list[str], object]:
 
 
 # a preset of each network: the base the model section's flags are tried on
-NETWORK_PRESETS = {"unet": "seed", "dit": "dit"}
+NETWORK_PRESETS = {"unet": "seed", "dit": "dit", "diffusers-unet": "diffusers-unet"}
 
 
 def test_every_config_field_has_a_flag_with_help() -> None:

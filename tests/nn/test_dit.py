@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ddpm
-from ddpm.config import DiTConfig, ModelConfig, RunConfig, model_configs, override, preset
+from ddpm.config import DiffusersUNetConfig, DiTConfig, ModelConfig, RunConfig, model_configs, override, preset
 from ddpm.errors import DdpmError
 from ddpm.nn import NETWORKS, DiT, UNet, build_network, check_image_size, count_parameters
 from ddpm.nn.dit import sincos_2d
@@ -39,7 +39,8 @@ def _perturbed(net: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
 
 
 def test_networks_table_matches_the_configs() -> None:
-    assert {k: s.config for k, s in NETWORKS.items()} == model_configs() == {"unet": ModelConfig, "dit": DiTConfig}
+    assert {k: s.config for k, s in NETWORKS.items()} == model_configs() == {"unet": ModelConfig, "dit": DiTConfig,
+                                                                        "diffusers-unet": DiffusersUNetConfig}
     assert all(s.summary and "\n" not in s.summary for s in NETWORKS.values())
     assert type(build_network(ModelConfig(dim=8, attn_heads=1, attn_dim_head=8))) is UNet
     assert type(build_network(TINY)) is DiT
@@ -49,7 +50,7 @@ def test_unknown_network_is_one_line() -> None:
     class Other:
         arch = "mlp"
 
-    with pytest.raises(DdpmError, match=r"^unknown network 'mlp'; choose one of: unet, dit$"):
+    with pytest.raises(DdpmError, match=r"^unknown network 'mlp'; choose one of: unet, dit, diffusers-unet$"):
         build_network(Other())
 
 
@@ -220,7 +221,7 @@ def test_a_config_without_arch_is_the_unet() -> None:
 
 def test_unknown_arch_and_alien_keys_are_one_line() -> None:
     d = preset("dit").to_dict()
-    with pytest.raises(DdpmError, match=r"^unknown model\.arch 'mlp'; choose one of: unet, dit$"):
+    with pytest.raises(DdpmError, match=r"^unknown model\.arch 'mlp'; choose one of: unet, dit, diffusers-unet$"):
         RunConfig.from_dict({**d, "model": {**d["model"], "arch": "mlp"}})
     with pytest.raises(DdpmError, match=r"^unknown config key model\.dim$"):
         RunConfig.from_dict({**d, "model": {**d["model"], "dim": 8}})  # a U-Net key in a DiT config
@@ -235,7 +236,7 @@ def test_override_switches_the_network() -> None:
     assert override(dit, arch="unet") == ModelConfig(num_classes=10, class_emb_std=1.0)
     with pytest.raises(DdpmError, match=r"^--dim is not an option of the dit network \(--arch dit\)"):
         override(dit, dim=8)
-    with pytest.raises(DdpmError, match=r"^unknown arch 'mlp'; choose one of: unet, dit$"):
+    with pytest.raises(DdpmError, match=r"^unknown arch 'mlp'; choose one of: unet, dit, diffusers-unet$"):
         override(dit, arch="mlp")
 
 
