@@ -124,7 +124,7 @@ class DiffusersUNetConfig:
     arch: Literal["diffusers-unet"] = _f("diffusers-unet", "the network (ddpm.nn.NETWORKS); each has its own flags, "
                                                            "grouped below")
     channels: int = _f(1, "image channels the network sees and outputs")
-    block_out_channels: tuple[int, ...] = _f((32, 64, 64), "diffusers: width of each resolution's blocks")
+    block_out_channels: tuple[int, ...] = _f((16, 32, 64), "diffusers: width of each resolution's blocks")
     layers_per_block: int = _f(1, "diffusers: ResNet layers per down block (the up blocks have one more)")
     down_block_types: tuple[str, ...] = _f(("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
                                            f"diffusers: one per resolution, of {', '.join(DIFFUSERS_DOWN_BLOCKS)}")
@@ -461,7 +461,7 @@ def _dit_cond() -> RunConfig:
 
 def _diffusers_unet(cond: bool = False) -> RunConfig:
     """The fast recipe's diffusion and training with diffusers' UNet2DModel in place of ddpm's U-Net:
-    three resolutions (28, 14, 7) of widths 32, 64, 64, attention at 14x14 and in the middle, one
+    three resolutions (28, 14, 7) of widths 16, 32, 64, attention at 14x14 and in the middle, one
     ResNet layer per down block; small enough to train on two CPU cores. Exports to diffusers
     (``ddpm export RUN --diffusers DIR``)."""
     cfg = _fast_cond() if cond else _fast()

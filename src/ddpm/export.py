@@ -210,7 +210,7 @@ def export_diffusers(run: str | Path, out: str | Path, *, use_ema: bool = True,
     model = load_model(run, device="cpu", use_ema=use_ema)
     net = model.net.float().to(memory_format=torch.contiguous_format).eval()
     write_pipeline(out, model.config, net, model.schedule.betas)
-    unet = diffusers.UNet2DModel.from_pretrained(str(out / "unet")).eval()
+    unet = diffusers.UNet2DModel.from_pretrained(str(out / "unet"), low_cpu_mem_usage=False).eval()
     args = random_inputs(model.config, 3, torch.Generator().manual_seed(0))
     ref = net(*args)
     got = unet(args[0], args[1], class_labels=args[2] if len(args) == 3 else None).sample
