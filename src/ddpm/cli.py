@@ -261,7 +261,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_diffusers, export_onnx
 
     if bool(args.onnx) == bool(args.diffusers):
-        raise DdpmError("choose one format: --onnx or --diffusers DIR")
+        raise DdpmError("choose a format: --onnx or --diffusers DIR (one of them)")
     if args.diffusers:
         if args.out:
             raise DdpmError("--out is for --onnx; --diffusers DIR names the folder itself")
