@@ -23,12 +23,13 @@ KERNEL = "ddpm-notebook-tests"
 
 # The sizes each notebook reads from its first code cell, small enough for a test run.
 SMALL = {
-    "DDPM_NOTEBOOK_STEPS": "3",
-    "DDPM_NOTEBOOK_TRAIN_IMAGES": "256",
-    "DDPM_NOTEBOOK_IMAGES": "4",
-    "DDPM_NOTEBOOK_SAMPLE_STEPS": "4",
+    "DDPM_NOTEBOOK_STEPS": "2",
+    "DDPM_NOTEBOOK_TRAIN_IMAGES": "64",
+    "DDPM_NOTEBOOK_IMAGES": "2",
+    "DDPM_NOTEBOOK_SAMPLE_STEPS": "2",
     "DDPM_NOTEBOOK_RESAMPLE": "2",
-    "DDPM_NOTEBOOK_NFE": "3",
+    "DDPM_NOTEBOOK_NFE": "2",
+    "DDPM_NOTEBOOK_EVAL_IMAGES": "8",
 }
 
 # The pictures each notebook must show, at least this many of each kind.
