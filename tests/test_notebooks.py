@@ -35,7 +35,7 @@ SMALL = {
 # The pictures each notebook must show, at least this many of each kind.
 PICTURES = {
     "01_annotated_diffusion.ipynb": {"image/png": 7, "image/gif": 1},
-    "02_control.ipynb": {"image/png": 6},
+    "02_control.ipynb": {"image/png": 5},
     "03_ddpm_edm_flow.ipynb": {"image/png": 3},
 }
 
