@@ -62,7 +62,8 @@ def execute(name: str, cwd: Path, sizes: dict[str, str] = SMALL, timeout: int = 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     (cwd / ".tmp").mkdir()
     client = nbclient.NotebookClient(nb, km=kernel_manager(cwd / ".kernels"), timeout=timeout,
-                                     resources={"metadata": {"path": str(cwd)}})
+                                     resources={"metadata": {"path": str(cwd)}},
+                                     extra_arguments=["--HistoryManager.hist_file=:memory:"])  # no ~/.ipython history
     client.execute(env=kernel_env(sizes, cwd / ".tmp"))
     return nb
 
