@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -214,9 +214,11 @@ def check_pipeline_out(out: Path) -> None:
         raise DdpmError(f"cannot write {out}: its folder {out.parent} does not exist")
 
 
-def write_pipeline(out: str | Path, cfg: RunConfig, net: torch.nn.Module, betas: torch.Tensor) -> Path:
+def write_pipeline(out: str | Path, cfg: RunConfig, net: torch.nn.Module, betas: torch.Tensor,
+                   check: Callable[[Path], None] | None = None) -> Path:
     """Write ``net`` (a DiffusersUNet) and the run's chain as a DDPMPipeline folder: into a hidden
-    folder beside ``out``, then one rename (never a half-written pipeline)."""
+    folder beside ``out``, ``check``-ed there (it raises to keep nothing), then one rename (never a
+    half-written or unchecked pipeline)."""
     diffusers = import_diffusers("export --diffusers")
     out = Path(out)
     check_exportable(cfg)
@@ -228,6 +230,8 @@ def write_pipeline(out: str | Path, cfg: RunConfig, net: torch.nn.Module, betas:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pipe.save_pretrained(str(tmp))
+        if check is not None:
+            check(tmp)
         fsync_dir(tmp)
         if out.is_dir():
             out.rmdir()  # empty (checked): a folder cannot be renamed over a full one

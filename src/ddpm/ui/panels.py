@@ -39,9 +39,9 @@ def schedule_curves(cfg: RunConfig) -> dict[str, object]:
         curves[d.process] = {"alpha_bar": ab.tolist(), "snr": (ab / (1 - ab)).tolist()}
         return {"T": T, "t": t.tolist(), "schedule": d.process, "curves": curves}
     own = "explicit betas" if d.betas is not None else d.schedule
-    for name in (own, *SCHEDULE_NAMES) if d.betas is not None else SCHEDULE_NAMES:
-        betas = (torch.tensor(d.betas, dtype=torch.float64) if name == own and d.betas is not None
-                 else make_betas(name, T, d.beta_start, d.beta_end) if name == d.schedule else make_betas(name, T))
+    names = SCHEDULE_NAMES if d.betas is None else (own, *SCHEDULE_NAMES)
+    for name in names:  # the run's own betas (its beta_start, beta_end or explicit list), the others at defaults
+        betas = make_schedule(d).betas if name == own else make_betas(name, T)
         ab = np.cumprod(1 - betas.numpy())[t]  # float64: SNR reaches 1e-9
         curves[name] = {"alpha_bar": ab.tolist(), "snr": (ab / (1 - ab)).tolist()}
     return {"T": T, "t": t.tolist(), "schedule": own, "curves": curves}
